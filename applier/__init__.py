@@ -1,0 +1,1 @@
+"""applier: apply CRIU checkpoint images into an already running process."""

@@ -1,0 +1,1 @@
+"""Read and write CRIU checkpoint image directories (CRIU 3.x and 4.2 formats)."""
