@@ -1,0 +1,179 @@
+"""Plain values the planner works on: the image side and the live side of one task.
+
+Both sides are reduced to the same vocabulary (``Region``: an address range with a kind, a
+protection and, for file mappings, a path and offset) so that the planner is a pure function
+that a test can feed with hand-made values.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "PROT_EXEC",
+    "PROT_READ",
+    "PROT_WRITE",
+    "ImageTask",
+    "Kind",
+    "LiveTask",
+    "Region",
+    "SavedPages",
+    "format_prot",
+    "merge_regions",
+]
+
+PROT_READ = 1
+PROT_WRITE = 2
+PROT_EXEC = 4
+
+# vma_entry.status bits (criu/include/image.h)
+VMA_AREA_REGULAR = 0x1
+VMA_AREA_VSYSCALL = 0x4
+VMA_AREA_VDSO = 0x8
+VMA_AREA_HEAP = 0x20
+VMA_FILE_PRIVATE = 0x40
+VMA_FILE_SHARED = 0x80
+VMA_ANON_SHARED = 0x100
+VMA_ANON_PRIVATE = 0x200
+VMA_AREA_SYSVIPC = 0x400
+VMA_AREA_SOCKET = 0x800
+VMA_AREA_VVAR = 0x1000
+VMA_AREA_AIORING = 0x2000
+VMA_AREA_MEMFD = 0x4000
+VMA_AREA_SHSTK = 0x8000
+VMA_AREA_GUARD = 0x10000
+VMA_AREA_UPROBES = 0x20000
+VMA_EXT_PLUGIN = 0x08000000
+
+MAP_SHARED = 0x1
+MAP_PRIVATE = 0x2
+MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x100
+
+
+class Kind(enum.Enum):
+    """What backs a range of addresses, as far as applying is concerned."""
+
+    ANON = "anon"  # private anonymous (heap, stack, malloc arenas, thread stacks)
+    FILE = "file"  # private file mapping (text, data, relro, bss-on-file)
+    SHARED_FILE = "shared-file"  # never written: that would change files on disk
+    SHARED_ANON = "shared-anon"  # shared anonymous / memfd / SysV
+    SPECIAL = "special"  # vdso, vvar, vsyscall, uprobes: left alone
+    OTHER = "other"  # AIO rings, sockets, plugin/device mappings: cannot be re-created
+
+    @property
+    def private(self) -> bool:
+        return self in (Kind.ANON, Kind.FILE)
+
+
+@attrs.frozen
+class Region:
+    """A range of a task's address space with what backs it."""
+
+    start: int
+    end: int
+    prot: int
+    kind: Kind
+    path: str | None = None
+    offset: int = 0  # file offset (bytes) of ``start``
+    name: str | None = None  # [heap], [stack], [vdso], ...
+    growsdown: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def backing_at(self, addr: int) -> tuple[Kind, str | None, int]:
+        """Kind, path and file offset that back ``addr``: equal tuples mean the same backing."""
+        off = self.offset + (addr - self.start) if self.kind is not Kind.ANON else 0
+        return (self.kind, self.path if self.kind is not Kind.ANON else None, off)
+
+    def same_backing(self, other: Region) -> bool:
+        """Whether ``other`` continues or matches this region's backing at its own start."""
+        return self.backing_at(other.start) == other.backing_at(other.start) and (
+            self.name == other.name or Kind.ANON in (self.kind, other.kind)
+        )
+
+    def clip(self, start: int, end: int) -> Region:
+        start, end = max(start, self.start), min(end, self.end)
+        offset = self.offset + start - self.start if self.kind is not Kind.ANON else 0
+        return attrs.evolve(self, start=start, end=end, offset=offset)
+
+    def describe(self) -> str:
+        what = self.name or self.path or self.kind.value
+        return f"{self.start:#x}-{self.end:#x} {format_prot(self.prot)} {self.kind.value} {what}"
+
+
+def format_prot(prot: int) -> str:
+    return "".join(
+        c if prot & bit else "-"
+        for c, bit in (("r", PROT_READ), ("w", PROT_WRITE), ("x", PROT_EXEC))
+    )
+
+
+def merge_regions(regions: Iterable[Region]) -> list[Region]:
+    """Sort and merge adjacent regions the kernel would treat as one (same prot and backing).
+
+    VMAs are split and merged by the kernel for reasons that do not matter here (an mprotect
+    round trip, an anon_vma difference); comparing merged regions avoids planning no-op work.
+    """
+    out: list[Region] = []
+    for r in sorted(regions, key=lambda r: r.start):
+        if (
+            out
+            and out[-1].end == r.start
+            and out[-1].prot == r.prot
+            and out[-1].growsdown == r.growsdown
+            and out[-1].same_backing(r)
+        ):
+            out[-1] = attrs.evolve(out[-1], end=r.end)
+        else:
+            out.append(r)
+    return out
+
+
+@attrs.frozen
+class SavedPages:
+    """A run of pages whose saved bytes the image holds (already resolved through parents)."""
+
+    vaddr: int
+    nr_pages: int
+    source: object  # opaque handle the executor knows how to read (formats.PageRun)
+
+
+@attrs.frozen
+class ImageTask:
+    """The image side of one task, reduced to what the planner needs."""
+
+    pid: int
+    page_size: int
+    regions: Sequence[Region]  # every non-guard VMA of the image, sorted
+    saved: Sequence[SavedPages]  # sorted, non-overlapping
+    brk: int
+    start_brk: int
+    exe: str | None
+    threads: Sequence[int]  # thread ids of the image, leader first
+    mm_fields: dict[str, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class LiveTask:
+    """The live side of one task, as read from /proc and ptrace."""
+
+    pid: int
+    regions: Sequence[Region]
+    threads: Sequence[int]  # leader first
+    exe: str | None
+    # Pages present now (resident or swapped) in private regions: sorted page addresses.
+    present: npt.NDArray[np.uint64]
+    # Of those, pages that are the process's own copy (anonymous), not a file's page cache page:
+    # in a private file mapping, only these differ from the file.
+    anon: npt.NDArray[np.uint64]
+    brk: int | None = None
+    # /proc/PID/stat mm fields by their mm_entry names (mm_start_code, ..., mm_env_end).
+    mm_fields: dict[str, int] = attrs.field(factory=dict)

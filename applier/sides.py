@@ -1,0 +1,195 @@
+"""Adapters: an image directory and a live session, each reduced to the planner's values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from applier.errors import MismatchError
+from applier.model import (
+    MAP_GROWSDOWN,
+    VMA_ANON_PRIVATE,
+    VMA_ANON_SHARED,
+    VMA_AREA_AIORING,
+    VMA_AREA_HEAP,
+    VMA_AREA_MEMFD,
+    VMA_AREA_SOCKET,
+    VMA_AREA_UPROBES,
+    VMA_AREA_VDSO,
+    VMA_AREA_VSYSCALL,
+    VMA_AREA_VVAR,
+    VMA_EXT_PLUGIN,
+    VMA_FILE_PRIVATE,
+    VMA_FILE_SHARED,
+    ImageTask,
+    Kind,
+    LiveTask,
+    Region,
+    SavedPages,
+)
+from injector.maps import Mapping, read_page_flags
+
+__all__ = ["MM_STAT_FIELDS", "image_task", "live_task", "region_from_mapping", "region_from_vma"]
+
+SPECIAL_NAMES = {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]", "[vectors]"}
+PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
+
+# /proc/PID/stat field (1-based, proc(5)) -> mm_entry field that PR_SET_MM can set
+MM_STAT_FIELDS = {
+    26: "mm_start_code",
+    27: "mm_end_code",
+    28: "mm_start_stack",
+    45: "mm_start_data",
+    46: "mm_end_data",
+    47: "mm_start_brk",
+    48: "mm_arg_start",
+    49: "mm_arg_end",
+    50: "mm_env_start",
+    51: "mm_env_end",
+}
+
+
+# --------------------------------------------------------------------------- image side
+
+
+def region_from_vma(vma: Any, path: str | None) -> Region | None:
+    """The planner's view of one ``vma_entry`` (None for CRIU 4.2 guard pseudo-VMAs)."""
+    st, start, end, prot = int(vma.status), int(vma.start), int(vma.end), int(vma.prot)
+    if vma.is_guard:
+        return None
+    growsdown = bool(int(vma.flags) & MAP_GROWSDOWN)
+    if st & VMA_AREA_VDSO:
+        return Region(start, end, prot, Kind.SPECIAL, name="[vdso]")
+    if st & VMA_AREA_VVAR:
+        return Region(start, end, prot, Kind.SPECIAL, name="[vvar]")
+    if st & (VMA_AREA_VSYSCALL | VMA_AREA_UPROBES):
+        return Region(start, end, prot, Kind.SPECIAL, name="[vsyscall]")
+    if st & (VMA_AREA_AIORING | VMA_AREA_SOCKET | VMA_EXT_PLUGIN):
+        return Region(start, end, prot, Kind.OTHER, path=path)
+    if st & VMA_FILE_SHARED and not st & VMA_AREA_MEMFD:
+        return Region(start, end, prot, Kind.SHARED_FILE, path=path, offset=int(vma.pgoff))
+    if st & (VMA_ANON_SHARED | VMA_AREA_MEMFD):
+        return Region(start, end, prot, Kind.SHARED_ANON, path=path, offset=int(vma.pgoff))
+    if st & VMA_FILE_PRIVATE:
+        return Region(start, end, prot, Kind.FILE, path=path, offset=int(vma.pgoff))
+    if st & VMA_ANON_PRIVATE:
+        name = "[heap]" if st & VMA_AREA_HEAP else ("[stack]" if growsdown else None)
+        return Region(start, end, prot, Kind.ANON, name=name, growsdown=growsdown)
+    return Region(start, end, prot, Kind.OTHER, path=path)
+
+
+def image_task(img: Any, pid: int | None = None) -> ImageTask:
+    """The planner's view of task ``pid`` (default: the root of the process tree) of ``img``."""
+    pid = img.root_pid if pid is None else pid
+    entry = next((e for e in img.pstree if int(e.pid) == pid), None)
+    if entry is None:
+        known = ", ".join(str(e.pid) for e in img.pstree)
+        raise MismatchError(f"{img.path}: no task {pid} in pstree.img (tasks: {known})")
+    mm = img.mm(pid)
+    regions = []
+    for vma in mm.vmas:
+        path = img.vma_path(pid, vma) if int(vma.status) & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) else None
+        region = region_from_vma(vma, path)
+        if region is not None:
+            regions.append(region)
+    regions.sort(key=lambda r: r.start)
+    saved = [SavedPages(run.vaddr, run.nr_pages, run) for run in img.page_runs(pid)]
+    threads = [int(t) for t in entry.threads] or [pid]
+    if pid in threads:
+        threads.remove(pid)
+        threads.insert(0, pid)
+    mm_fields = {name: int(getattr(mm, name)) for name in MM_STAT_FIELDS.values()}
+    return ImageTask(
+        pid=pid,
+        page_size=img.page_size,
+        regions=regions,
+        saved=saved,
+        brk=int(mm.mm_brk),
+        start_brk=int(mm.mm_start_brk),
+        exe=img.exe_path(pid),
+        threads=threads,
+        mm_fields=mm_fields,
+    )
+
+
+# --------------------------------------------------------------------------- live side
+
+
+def region_from_mapping(m: Mapping) -> Region:
+    """The planner's view of one /proc/PID/maps line."""
+    path = m.path
+    if path in SPECIAL_NAMES:
+        return Region(m.start, m.end, m.prot, Kind.SPECIAL, name=path)
+    if m.shared:
+        if path is None or path.startswith(("/memfd:", "/dev/zero", "/SYSV")) or (
+            m.inode == 0
+        ):
+            return Region(m.start, m.end, m.prot, Kind.SHARED_ANON, path=path, offset=m.offset)
+        return Region(m.start, m.end, m.prot, Kind.SHARED_FILE, path=path, offset=m.offset)
+    if m.inode == 0:
+        name = path if path in ("[heap]", "[stack]") else None
+        return Region(m.start, m.end, m.prot, Kind.ANON, name=name, growsdown=path == "[stack]")
+    return Region(m.start, m.end, m.prot, Kind.FILE, path=path, offset=m.offset)
+
+
+def read_mm_fields(pid: int) -> dict[str, int]:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    # fields after the command name (which may hold spaces and parentheses) start at field 3
+    rest = stat[stat.rindex(b")") + 2 :].split()
+    out: dict[str, int] = {}
+    for number, name in MM_STAT_FIELDS.items():
+        if number - 3 < len(rest):
+            out[name] = int(rest[number - 3])
+    return out
+
+
+def present_pages(
+    pid: int, regions: Iterable[Region], page: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """(present pages, present pages that are anonymous) of the private regions, from pagemap."""
+    present: list[npt.NDArray[np.uint64]] = []
+    anon: list[npt.NDArray[np.uint64]] = []
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        for r in regions:
+            if not r.kind.private:
+                continue
+            flags = read_page_flags(fd, r.start, r.end, page)
+            addrs = np.arange(r.start, r.end, page, dtype=np.uint64)
+            here = (flags & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
+            present.append(addrs[here])
+            anon.append(addrs[here & ((flags & np.uint64(PM_FILE)) == 0)])
+    finally:
+        os.close(fd)
+    empty = np.zeros(0, dtype=np.uint64)
+    return (
+        np.concatenate(present) if present else empty,
+        np.concatenate(anon) if anon else empty,
+    )
+
+
+def live_task(session: Any, page: int, *, with_brk: bool = True) -> LiveTask:
+    """The planner's view of the stopped target behind ``session``."""
+    pid = int(session.pid)
+    regions = sorted((region_from_mapping(m) for m in session.maps()), key=lambda r: r.start)
+    present, anon = present_pages(pid, regions, page)
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None
+    brk = int(session.syscall(12, 0)) if with_brk else None
+    return LiveTask(
+        pid=pid,
+        regions=regions,
+        threads=list(session.tids),
+        exe=exe,
+        present=present,
+        anon=anon,
+        brk=brk,
+        mm_fields=read_mm_fields(pid),
+    )

@@ -1,0 +1,21 @@
+"""Shared fixtures. Real-process helpers live in ``tests/procs.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import os
+
+# The project's clone sits next to shared/ (on developer machines and in CI alike).
+SHARED = Path(os.environ.get("APPLIER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN = SHARED / "criu-golden" / "basic-criu-4.2"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The real CRIU 4.2 dump shipped in ../shared/criu-golden/."""
+    if not GOLDEN.exists():
+        pytest.fail(f"golden images missing: {GOLDEN}")
+    return GOLDEN
