@@ -10,12 +10,14 @@ import errno as _errno
 import os
 
 __all__ = [
-    "InjectorError",
     "InjectedSyscallError",
+    "InjectorError",
     "MemoryAccessError",
     "NoSuchProcess",
     "PermissionDenied",
+    "StopTimeout",
     "TargetExited",
+    "ZombieProcess",
 ]
 
 
@@ -38,12 +40,20 @@ class NoSuchProcess(InjectorError, ProcessLookupError):
     """The pid does not exist (or is a zombie that cannot be traced)."""
 
 
+class ZombieProcess(NoSuchProcess):
+    """The pid is a zombie: it has exited and only waits to be reaped."""
+
+
 class PermissionDenied(InjectorError, PermissionError):
     """ptrace or /proc access refused; the message names the likely cause."""
 
 
 class TargetExited(InjectorError):
     """The target exited (or was killed) while a session was working on it."""
+
+
+class StopTimeout(InjectorError):
+    """A thread did not reach a ptrace stop in time (uninterruptible sleep, vfork parent)."""
 
 
 class MemoryAccessError(InjectorError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -51,8 +52,6 @@ class Target:
     def readline(self, timeout: float = 10.0) -> str:
         """One line of the target's stdout (fails the test if none comes in time)."""
         assert self.proc.stdout is not None
-        import select
-
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             raise TimeoutError(f"pid {self.pid}: no output within {timeout}s")
@@ -119,6 +118,9 @@ def spawn(binary: Path, *args: str) -> Iterator[Target]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         start_new_session=True,
+        # Unbuffered: with a buffered reader, two lines arriving together leave the second in
+        # the buffer where select() in readline() cannot see it.
+        bufsize=0,
     )
     target = Target(proc)
     try:

@@ -1,0 +1,168 @@
+"""ctypes bindings for the few libc calls the injector needs, and nothing else.
+
+Every wrapper returns the call's result or raises ``OSError`` carrying ``errno``; the callers
+(``session``, ``memory``) translate those into :mod:`injector.errors` classes, because only they
+know the pid and address a person needs to see. Request numbers and structures follow
+``include/uapi/linux/ptrace.h``, ``include/uapi/linux/elf.h`` and ``include/uapi/linux/uio.h``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Final
+
+__all__ = [
+    "IOV_MAX",
+    "NT_PRFPREG",
+    "NT_PRSTATUS",
+    "NT_X86_XSTATE",
+    "PTRACE_CONT",
+    "PTRACE_DETACH",
+    "PTRACE_EVENT_STOP",
+    "PTRACE_GETREGSET",
+    "PTRACE_INTERRUPT",
+    "PTRACE_O_TRACESYSGOOD",
+    "PTRACE_SEIZE",
+    "PTRACE_SETREGSET",
+    "PTRACE_SYSCALL",
+    "WALL",
+    "Iovec",
+    "IovecArray",
+    "pidfd_getfd",
+    "pidfd_open",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "ptrace_regset",
+    "waitpid",
+]
+
+PTRACE_CONT: Final = 7
+PTRACE_DETACH: Final = 17
+PTRACE_SYSCALL: Final = 24
+PTRACE_GETREGSET: Final = 0x4204
+PTRACE_SETREGSET: Final = 0x4205
+PTRACE_SEIZE: Final = 0x4206
+PTRACE_INTERRUPT: Final = 0x4207
+PTRACE_O_TRACESYSGOOD: Final = 0x1
+PTRACE_EVENT_STOP: Final = 128
+
+NT_PRSTATUS: Final = 1
+NT_PRFPREG: Final = 2
+NT_X86_XSTATE: Final = 0x202
+
+WALL: Final = 0x40000000  # __WALL: wait for clone and non-clone children (threads too)
+IOV_MAX: Final = 1024
+
+# x86_64 syscall numbers used here through syscall(2); pidfd_* are the same on every arch.
+_SYS_PIDFD_OPEN: Final = 434
+_SYS_PIDFD_GETFD: Final = 438
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Iovec(ctypes.Structure):
+    """``struct iovec``."""
+
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+IovecArray = Iovec * IOV_MAX
+
+_ptrace = _libc.ptrace
+_ptrace.restype = ctypes.c_long
+_ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+
+_waitpid = _libc.waitpid
+_waitpid.restype = ctypes.c_int
+_waitpid.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+
+# The iovec pointers are passed as plain addresses (c_void_p) so callers can hand in
+# numpy-built iovec arrays as well as ctypes ones without conversion.
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_writev = _libc.process_vm_writev
+for _fn in (_process_vm_readv, _process_vm_writev):
+    _fn.restype = ctypes.c_ssize_t
+    _fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _raise_errno() -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
+
+
+def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """One ``ptrace(2)`` request with integer arguments; raises ``OSError`` on failure."""
+    ctypes.set_errno(0)
+    result: int = _ptrace(request, tid, addr, data)
+    if result == -1 and ctypes.get_errno():
+        _raise_errno()
+    return result
+
+
+def ptrace_regset(request: int, tid: int, note: int, address: int, size: int) -> int:
+    """PTRACE_GETREGSET / PTRACE_SETREGSET of ``note`` through the ``size`` bytes at
+    ``address``; returns the length the kernel used."""
+    iov = Iovec(address, size)
+    if _ptrace(request, tid, note, ctypes.addressof(iov)) == -1:
+        _raise_errno()
+    return int(iov.iov_len)
+
+
+def waitpid(tid: int, options: int) -> tuple[int, int]:
+    """``waitpid(tid, &status, options)`` -> (pid or 0, status); retries on EINTR."""
+    status = ctypes.c_int(0)
+    while True:
+        pid: int = _waitpid(tid, ctypes.byref(status), options)
+        if pid != -1:
+            return pid, status.value
+        if ctypes.get_errno() != 4:  # EINTR
+            _raise_errno()
+
+
+def process_vm_readv(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
+    """``process_vm_readv`` with iovec arrays given by address; returns bytes read."""
+    n: int = _process_vm_readv(pid, local, nlocal, remote, nremote, 0)
+    if n == -1:
+        _raise_errno()
+    return n
+
+
+def process_vm_writev(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
+    """``process_vm_writev`` with iovec arrays given by address; returns bytes written."""
+    n: int = _process_vm_writev(pid, local, nlocal, remote, nremote, 0)
+    if n == -1:
+        _raise_errno()
+    return n
+
+
+def pidfd_open(pid: int) -> int:
+    """``pidfd_open(pid, 0)`` -> a new pidfd."""
+    fd: int = _syscall(ctypes.c_long(_SYS_PIDFD_OPEN), ctypes.c_long(pid), ctypes.c_long(0))
+    if fd == -1:
+        _raise_errno()
+    return fd
+
+
+def pidfd_getfd(pidfd: int, remote_fd: int) -> int:
+    """``pidfd_getfd(pidfd, remote_fd, 0)`` -> a local duplicate of the target's descriptor."""
+    fd: int = _syscall(
+        ctypes.c_long(_SYS_PIDFD_GETFD),
+        ctypes.c_long(pidfd),
+        ctypes.c_long(remote_fd),
+        ctypes.c_long(0),
+    )
+    if fd == -1:
+        _raise_errno()
+    return fd

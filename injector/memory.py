@@ -1,0 +1,383 @@
+"""Bulk reads and writes of a stopped process's memory.
+
+The fast path is ``process_vm_readv``/``process_vm_writev`` (``mm/process_vm_access.c``) with up
+to IOV_MAX iovecs per call. Those refuse pages the target itself could not access: a read-only
+page gives EFAULT, and with several iovecs a short count instead of an error, so every count is
+checked and the copy continues after the short point. Whatever they refuse goes through
+/proc/PID/mem (``fs/proc/base.c`` ``mem_rw``), whose access is forced (FOLL_FORCE) and so
+reaches read-only and PROT_NONE pages. Kernels can forbid forced access (``proc_mem.force_override``
+since 6.12); then the last resort is an ``mprotect`` round trip injected into the target, which
+the owning session provides as a callback. ptrace word pokes are never used for page data.
+
+Large ``write_runs`` calls are pipelined: a worker thread issues the ``process_vm_writev`` of one
+batch (the call releases the GIL) while the caller's thread builds the iovecs of the next, so
+the Python cost of building iovecs hides behind the kernel's copying. The worker never issues
+ptrace requests (they belong to the tracing thread); pages it cannot write are handed back to
+the calling thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import os
+import platform
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from injector import _libc
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["MemoryIO", "buffer_address"]
+
+_CHUNK = 64 << 20  # /proc/PID/mem fallbacks copy at most this much per call
+
+
+def _calibrate_view_offset() -> int | None:
+    """Where CPython keeps ``view.buf`` inside a memoryview object, found and double-checked
+    on two views whose data address is known; ``None`` elsewhere (the slow path is used)."""
+    if platform.python_implementation() != "CPython":
+        return None
+    data = bytearray(256)
+    anchor = (ctypes.c_char * len(data)).from_buffer(data)
+    base = ctypes.addressof(anchor)
+    found: set[int] | None = None
+    for delta in (8, 72):
+        view = memoryview(data)[delta:]
+        raw = ctypes.string_at(id(view), type(view).__basicsize__)
+        offsets = {
+            o
+            for o in range(0, len(raw) - 7, 8)
+            if int.from_bytes(raw[o : o + 8], sys.byteorder) == base + delta
+        }
+        found = offsets if found is None else found & offsets
+        view.release()
+    del anchor
+    return found.pop() if found is not None and len(found) == 1 else None
+
+
+_VIEW_BUF_OFFSET = _calibrate_view_offset()
+_void_p_at = ctypes.c_void_p.from_address
+
+
+def buffer_address(view: memoryview) -> int:
+    """Address of the first byte of a C-contiguous memoryview (read-only ones too).
+
+    ctypes' ``from_buffer`` needs a writable buffer and numpy's ``frombuffer`` costs about a
+    microsecond per call, as much as the kernel needs to copy a 4 KiB page; reading the view's
+    own ``buf`` pointer costs a tenth of that. The view must stay alive while the address is
+    used.
+    """
+    if _VIEW_BUF_OFFSET is not None:
+        value = _void_p_at(id(view) + _VIEW_BUF_OFFSET).value
+        return value if value is not None else 0
+    if view.nbytes == 0:
+        return 0
+    return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
+
+
+def _as_bytes_view(data: Buffer) -> memoryview:
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+@attrs.define
+class _Batch:
+    """Up to IOV_MAX (remote address, local view) pairs as ready-to-use iovec arrays."""
+
+    local: npt.NDArray[np.uint64]  # (n, 2): iov_base, iov_len
+    remote: npt.NDArray[np.uint64]
+    views: list[memoryview]  # keeps the local buffers alive and serves fallbacks
+    total: int  # bytes in the batch
+
+
+@attrs.define
+class _Refused:
+    """A piece that neither process_vm_writev nor a /proc/PID/mem write could store."""
+
+    address: int
+    view: memoryview
+    err: int
+
+
+# (start, end, action): make [start, end) accessible, run action, restore the protection.
+ProtectRoundTrip = Callable[[int, int, Callable[[], None]], None]
+# (error, address) -> the exception to raise (the session knows about exited targets).
+ErrorTranslator = Callable[[OSError, int, str], Exception]
+
+
+class MemoryIO:
+    """Memory of one process: fast vm_rw calls, forced /proc/PID/mem, mprotect last resort."""
+
+    def __init__(
+        self,
+        pid: int,
+        mem_fd: int,
+        translate: ErrorTranslator,
+        protect_round_trip: ProtectRoundTrip | None,
+    ) -> None:
+        self.pid = pid
+        self.mem_fd = mem_fd
+        # False makes every page that process_vm_* refuses go through the mprotect round trip,
+        # as on kernels that forbid forced /proc/PID/mem access (also a test seam).
+        self.force_via_proc_mem = True
+        self._translate = translate
+        self._protect_round_trip = protect_round_trip
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the pipeline worker (the fd belongs to the caller)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def read(self, address: int, size: int) -> bytes:
+        out = bytearray(size)
+        self.read_into(address, out)
+        return bytes(out)
+
+    def read_into(self, address: int, buffer: Buffer) -> None:
+        view = memoryview(buffer)
+        if view.readonly:
+            raise TypeError("read_into needs a writable buffer")
+        view = _as_bytes_view(view)
+        size = view.nbytes
+        if size == 0:
+            return
+        base = ctypes.addressof((ctypes.c_char * size).from_buffer(view))
+        done = 0
+        local = _libc.Iovec()
+        remote = _libc.Iovec()
+        while done < size:
+            local.iov_base, local.iov_len = base + done, size - done
+            remote.iov_base, remote.iov_len = address + done, size - done
+            try:
+                n = _libc.process_vm_readv(
+                    self.pid, ctypes.addressof(local), 1, ctypes.addressof(remote), 1
+                )
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise self._translate(exc, address + done, "read") from exc
+                n = 0
+            if n == 0:
+                done += self._read_slow(address + done, view[done:])
+            done += n
+
+    def read_runs(self, runs: Iterable[tuple[int, Buffer]]) -> None:
+        """Fill every writable buffer from its address: one process_vm_readv per IOV_MAX
+        pieces; a piece that comes back short is finished by ``read_into`` (/proc/PID/mem,
+        then the mprotect round trip)."""
+        for batch in self._iter_batches(runs):
+            local, remote = batch.local, batch.remote
+            count = len(batch.views)
+            first = 0
+            while first < count:
+                try:
+                    n = _libc.process_vm_readv(
+                        self.pid,
+                        local.ctypes.data + first * 16,
+                        count - first,
+                        remote.ctypes.data + first * 16,
+                        count - first,
+                    )
+                except OSError as exc:
+                    if exc.errno != errno.EFAULT:
+                        raise self._translate(exc, int(remote[first, 0]), "read") from exc
+                    n = 0
+                if n == int(local[first:, 1].sum()):
+                    break
+                ends = np.cumsum(local[first:, 1])
+                full = int(np.searchsorted(ends, n, side="right"))
+                index = first + full
+                within = n - (int(ends[full - 1]) if full else 0)
+                self.read_into(int(remote[index, 0]) + within, batch.views[index][within:])
+                first = index + 1
+
+    def _read_slow(self, address: int, view: memoryview) -> int:
+        """Read at least one byte at ``address`` past what process_vm_readv could reach."""
+        err = errno.EIO
+        if self.force_via_proc_mem:
+            try:
+                n = os.preadv(self.mem_fd, [view[:_CHUNK]], address)
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise self._translate(exc, address, "read") from exc
+                n = 0
+            if n > 0:
+                return n
+        else:
+            err = errno.EFAULT
+        self._round_trip(address, view, err, write=False)
+        return view.nbytes
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def write(self, address: int, data: Buffer) -> None:
+        self.write_runs(((address, data),))
+
+    def write_runs(self, runs: Iterable[tuple[int, Buffer]]) -> None:
+        """Write every (address, buffer) pair; the runs must not overlap each other."""
+        batches = self._iter_batches(runs)
+        first = next(batches, None)
+        if first is None:
+            return
+        if len(first.views) < _libc.IOV_MAX:  # everything fits in one call: no pipeline
+            refused = self._write_batch(first)
+        else:
+            refused = self._write_pipelined(first, batches)
+        for piece in refused:
+            self._round_trip(piece.address, piece.view, piece.err, write=True)
+
+    def _write_pipelined(self, first: _Batch, rest: Iterator[_Batch]) -> list[_Refused]:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="injector-write"
+            )
+        refused: list[_Refused] = []
+        future = self._start(first)
+        try:
+            for batch in rest:  # each next batch is built while the previous one is written
+                refused += future.result()
+                future = self._start(batch)
+        finally:
+            # Never return (or raise) while the worker still writes from the caller's buffers.
+            concurrent.futures.wait((future,))
+        refused += future.result()
+        return refused
+
+    def _start(self, batch: _Batch) -> concurrent.futures.Future[list[_Refused]]:
+        """Hand ``batch`` to the worker and return once it is inside the system call. The
+        worker needs the GIL to get there; without this wait the caller's thread keeps the GIL
+        while it builds the next batch and the two never overlap."""
+        assert self._worker is not None
+        started = threading.Event()
+
+        def run() -> list[_Refused]:
+            started.set()
+            return self._write_batch(batch)
+
+        future = self._worker.submit(run)
+        started.wait()
+        return future
+
+    @staticmethod
+    def _iter_batches(runs: Iterable[tuple[int, Buffer]]) -> Iterator[_Batch]:
+        addresses: list[int] = []
+        lengths: list[int] = []
+        bases: list[int] = []
+        views: list[memoryview] = []
+        for address, data in runs:
+            view = _as_bytes_view(data)
+            size = view.nbytes
+            if size == 0:
+                continue
+            addresses.append(address)
+            lengths.append(size)
+            bases.append(buffer_address(view))
+            views.append(view)
+            if len(views) == _libc.IOV_MAX:
+                yield _make_batch(addresses, lengths, bases, views)
+                addresses, lengths, bases, views = [], [], [], []
+        if views:
+            yield _make_batch(addresses, lengths, bases, views)
+
+    def _write_batch(self, batch: _Batch) -> list[_Refused]:
+        """process_vm_writev the batch, continuing after short counts; refused pieces go to
+        /proc/PID/mem, and what that refuses too is returned."""
+        refused: list[_Refused] = []
+        local, remote = batch.local, batch.remote
+        count = len(batch.views)
+        first = 0  # index of the first iovec not fully written
+        remaining = batch.total
+        while first < count:
+            try:
+                n = _libc.process_vm_writev(
+                    self.pid,
+                    local.ctypes.data + first * 16,
+                    count - first,
+                    remote.ctypes.data + first * 16,
+                    count - first,
+                )
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise self._translate(exc, int(remote[first, 0]), "write") from exc
+                n = 0
+            if n == remaining:
+                break
+            # Short: skip the complete iovecs, then take the faulting one the slow way.
+            ends = np.cumsum(local[first:, 1])
+            full = int(np.searchsorted(ends, n, side="right"))
+            index = first + full
+            within = n - (int(ends[full - 1]) if full else 0)
+            view = batch.views[index][within:]
+            address = int(remote[index, 0]) + within
+            piece = self._write_proc_mem(address, view)
+            if piece is not None:
+                refused.append(piece)
+            first = index + 1
+            remaining = int(local[first:, 1].sum())
+        return refused
+
+    def _write_proc_mem(self, address: int, view: memoryview) -> _Refused | None:
+        if not self.force_via_proc_mem:
+            return _Refused(address, view, errno.EFAULT)
+        done = 0
+        while done < view.nbytes:
+            try:
+                n = os.pwrite(self.mem_fd, view[done : done + _CHUNK], address + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EIO, errno.EFAULT, errno.EPERM, errno.EACCES):
+                    raise self._translate(exc, address + done, "write") from exc
+                return _Refused(address + done, view[done:], exc.errno)
+            if n <= 0:
+                return _Refused(address + done, view[done:], errno.EIO)
+            done += n
+        return None
+
+    def _round_trip(self, address: int, view: memoryview, err: int, *, write: bool) -> None:
+        """The last resort: make the pages accessible with an injected mprotect, copy, and
+        restore their protection. Raises MemoryAccessError for memory that is not mapped."""
+        if self._protect_round_trip is None:
+            raise self._translate(OSError(err, os.strerror(err)), address, "access")
+        size = view.nbytes
+
+        def copy() -> None:
+            local = _libc.Iovec(buffer_address(view), size)
+            remote = _libc.Iovec(address, size)
+            call = _libc.process_vm_writev if write else _libc.process_vm_readv
+            try:
+                n = call(self.pid, ctypes.addressof(local), 1, ctypes.addressof(remote), 1)
+            except OSError as exc:
+                raise self._translate(exc, address, "write" if write else "read") from exc
+            if n != size:
+                raise self._translate(OSError(errno.EFAULT, "short copy"), address + n, "copy")
+
+        self._protect_round_trip(address, address + size, copy)
+
+
+def _make_batch(
+    addresses: list[int], lengths: list[int], bases: list[int], views: list[memoryview]
+) -> _Batch:
+    n = len(views)
+    local = np.empty((n, 2), dtype=np.uint64)
+    remote = np.empty((n, 2), dtype=np.uint64)
+    local[:, 0] = bases
+    local[:, 1] = lengths
+    remote[:, 0] = addresses
+    remote[:, 1] = lengths
+    return _Batch(local, remote, views, sum(lengths))
