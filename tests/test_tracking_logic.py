@@ -1,0 +1,241 @@
+"""Tracker logic without a kernel: page ranges, soft-dirty on a fake procfs, content compare."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import given
+
+from injector.errors import MemoryAccessError
+from injector.maps import PROT_READ, PROT_WRITE, Mapping
+from injector.tracking import (
+    ContentTracker,
+    SoftDirtyTracker,
+    TrackerLost,
+    TrackerState,
+    TrackingError,
+    resume_tracker,
+)
+from injector.tracking_base import (
+    intersect,
+    merge,
+    pages_in,
+    select_pages,
+    subtract,
+    tracked_ranges,
+)
+
+PAGE = 4096
+RW = PROT_READ | PROT_WRITE
+
+# -- ranges ---------------------------------------------------------------------------------
+
+spans = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), max_size=8).map(
+    lambda raw: [(min(a, b), max(a, b)) for a, b in raw]
+)
+
+
+def _cells(ranges: Sequence[tuple[int, int]]) -> set[int]:
+    return {i for start, end in ranges for i in range(start, end)}
+
+
+@given(spans)
+def test_merge_keeps_the_covered_set(a: list[tuple[int, int]]) -> None:
+    """merge() covers the same cells with sorted, separated ranges."""
+    merged = merge(a)
+    assert _cells(merged) == _cells(a)
+    assert all(x[1] < y[0] for x, y in itertools.pairwise(merged))
+    assert all(s < e for s, e in merged)
+
+
+@given(spans, spans)
+def test_intersect_and_subtract_match_set_algebra(
+    a: list[tuple[int, int]], b: list[tuple[int, int]]
+) -> None:
+    """intersect() and subtract() of merged lists are set intersection and difference."""
+    ma, mb = merge(a), merge(b)
+    assert _cells(intersect(ma, mb)) == _cells(a) & _cells(b)
+    assert _cells(subtract(ma, mb)) == _cells(a) - _cells(b)
+    assert merge(subtract(ma, mb)) == subtract(ma, mb)
+
+
+@given(spans, st.lists(st.integers(0, 70), max_size=40))
+def test_select_pages_filters_by_ranges(a: list[tuple[int, int]], pages: list[int]) -> None:
+    """select_pages() keeps exactly the pages inside the ranges, in their order."""
+    ranges = [(s * PAGE, e * PAGE) for s, e in merge(a)]
+    array = np.array(sorted(p * PAGE for p in pages), dtype=np.uint64)
+    expected = [p for p in array.tolist() if p // PAGE in _cells(merge(a))]
+    assert select_pages(array, ranges).tolist() == expected
+    assert pages_in(ranges).tolist() == sorted(c * PAGE for c in _cells(merge(a)))
+
+
+def test_tracked_ranges_skips_shared_and_pseudo_mappings() -> None:
+    """Private mappings are tracked (writable ones for writes); shared and [vdso] are not."""
+    maps = [
+        Mapping(0x1000, 0x3000, RW, False, 0, 0, 0, None),
+        Mapping(0x3000, 0x4000, PROT_READ, False, 0, 0, 7, "/bin/x"),
+        Mapping(0x5000, 0x6000, RW, True, 0, 0, 8, "/dev/shm/y"),
+        Mapping(0x7000, 0x9000, RW, False, 0, 0, 0, "[heap]"),
+        Mapping(0xA000, 0xB000, PROT_READ, False, 0, 0, 0, "[vdso]"),
+    ]
+    writable, private = tracked_ranges(maps)
+    assert writable == [(0x1000, 0x4000), (0x7000, 0x9000)]
+    assert private == [(0x1000, 0x4000), (0x7000, 0x9000)]
+
+
+def test_state_json_round_trip() -> None:
+    """TrackerState survives to_json/from_json unchanged; junk is refused."""
+    state = TrackerState("uffd-wp", 12, 345, 7, 99, ((0x1000, 0x2000),), ((0x1000, 0x2000),))
+    assert TrackerState.from_json(state.to_json()) == state
+    with pytest.raises(ValueError):
+        TrackerState.from_json('{"backend": "uffd-wp", "bogus": 1}')
+    with pytest.raises(ValueError):
+        TrackerState.from_json("[1, 2]")
+
+
+# -- a fake session -------------------------------------------------------------------------
+
+
+@attrs.define
+class FakeSession:
+    """Memory held in bytearrays; what the content and soft-dirty backends need, nothing more."""
+
+    pid: int
+    memory: dict[int, bytearray] = attrs.field(factory=dict)
+    shared: set[int] = attrs.field(factory=set)
+    unreadable: set[int] = attrs.field(factory=set)
+
+    def maps(self) -> list[Mapping]:
+        return [
+            Mapping(start, start + len(data), RW, start in self.shared, 0, 0, 0, None)
+            for start, data in sorted(self.memory.items())
+        ]
+
+    def read_into(self, addr: int, buffer: memoryview) -> None:
+        for start, data in self.memory.items():
+            if start <= addr < start + len(data):
+                if start in self.unreadable:
+                    raise MemoryAccessError(self.pid, addr, "unreadable", 14)
+                offset = addr - start
+                buffer[:] = data[offset : offset + len(buffer)]
+                return
+        raise MemoryAccessError(self.pid, addr, "unmapped", 14)
+
+    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        raise AssertionError("these backends inject nothing")
+
+    def pidfd_getfd(self, remote_fd: int) -> int:
+        raise AssertionError("these backends take no descriptor")
+
+
+def _pages(*addresses: int) -> list[int]:
+    return sorted(addresses)
+
+
+def test_content_reports_changed_pages_only() -> None:
+    """Pages whose bytes changed are reported; rewriting equal bytes is not a change."""
+    s = FakeSession(1, {0x10000: bytearray(64 * PAGE), 0x200000: bytearray(3 * PAGE)})
+    tracker = ContentTracker(s, chunk=8 * PAGE)  # several chunks per mapping
+    tracker.reset()
+    assert tracker.dirty_pages().tolist() == []
+    s.memory[0x10000][5 * PAGE + 9] = 1
+    s.memory[0x10000][63 * PAGE + 4095] = 1
+    s.memory[0x200000][0] = 0  # same value
+    s.memory[0x200000][PAGE] = 3
+    assert tracker.dirty_pages().tolist() == _pages(0x15000, 0x4F000, 0x201000)
+    assert tracker.dirty_pages([(0x200000, 0x200001)]).tolist() == []
+    assert tracker.dirty_pages([(0x200000, 0x202000)]).tolist() == [0x201000]
+    tracker.reset()
+    assert tracker.dirty_pages().tolist() == []
+
+
+def test_content_counts_new_and_unreadable_memory_as_written() -> None:
+    """A mapping without a saved copy (new, or unreadable at reset) is written in full."""
+    s = FakeSession(1, {0x10000: bytearray(2 * PAGE), 0x40000: bytearray(PAGE)})
+    s.unreadable.add(0x40000)
+    tracker = ContentTracker.open(s)
+    s.memory[0x80000] = bytearray(2 * PAGE)
+    s.memory[0x90000] = bytearray(PAGE)
+    s.shared.add(0x90000)
+    assert tracker.dirty_pages().tolist() == [0x40000, 0x80000, 0x81000]
+    with pytest.raises(TrackingError):
+        tracker.release()
+    tracker.close()
+    with pytest.raises(TrackingError):
+        tracker.dirty_pages()
+
+
+# -- soft-dirty on a fake procfs --------------------------------------------------------------
+
+SOFT_DIRTY = 1 << 55
+PRESENT = 1 << 63
+
+
+def _fake_proc(root: Path, pid: int, start_time: int) -> Path:
+    d = root / str(pid)
+    d.mkdir()
+    fields = ["S"] + ["0"] * 18 + [str(start_time)] + ["0"] * 10
+    (d / "stat").write_text(f"{pid} (a b) c) {' '.join(fields)}\n")
+    (d / "clear_refs").write_bytes(b"")
+    (d / "pagemap").write_bytes(b"")
+    return d
+
+
+def _set_entries(d: Path, entries: dict[int, int]) -> None:
+    with (d / "pagemap").open("r+b") as f:
+        for address, value in entries.items():
+            f.seek(address // PAGE * 8)
+            f.write(value.to_bytes(8, "little"))
+
+
+def test_soft_dirty_reads_bit_55_of_tracked_pages(tmp_path: Path) -> None:
+    """Pages with bit 55 set inside private writable mappings are the dirty ones."""
+    s = FakeSession(42, {0x100000: bytearray(8 * PAGE), 0x300000: bytearray(2 * PAGE)})
+    s.shared.add(0x300000)
+    d = _fake_proc(tmp_path, 42, 777)
+    tracker = SoftDirtyTracker.open(s, procfs=tmp_path)
+    assert (d / "clear_refs").read_bytes() == b"4"
+    _set_entries(
+        d,
+        {
+            0x100000: PRESENT,
+            0x102000: PRESENT | SOFT_DIRTY,
+            0x107000: SOFT_DIRTY,  # swapped-out or VM_SOFTDIRTY: still written
+            0x300000: PRESENT | SOFT_DIRTY,  # shared: not tracked
+            0x400000: PRESENT | SOFT_DIRTY,  # unmapped
+        },
+    )
+    assert tracker.dirty_pages().tolist() == [0x102000, 0x107000]
+    assert tracker.dirty_pages([(0x103000, 0x108000)]).tolist() == [0x107000]
+
+
+def test_soft_dirty_state_resumes_only_the_same_process(tmp_path: Path) -> None:
+    """A soft-dirty state resumes for the same pid and start time, and refuses another."""
+    s = FakeSession(42, {0x100000: bytearray(PAGE)})
+    _fake_proc(tmp_path, 42, 777)
+    state = SoftDirtyTracker.open(s, procfs=tmp_path).release()
+    assert state == TrackerState("soft-dirty", 42, 777)
+    again = SoftDirtyTracker.resume(s, state, procfs=tmp_path)
+    assert again.state() == state
+    with pytest.raises(TrackerLost):
+        SoftDirtyTracker.resume(s, attrs.evolve(state, start_time=778), procfs=tmp_path)
+    with pytest.raises(TrackerLost):
+        resume_tracker(s, attrs.evolve(state, backend="content"))
+
+
+def test_rebind_accepts_only_the_same_process() -> None:
+    """A tracker moves to a new session of its process, never to another process."""
+    s = FakeSession(1, {0x10000: bytearray(PAGE)})
+    tracker = ContentTracker.open(s)
+    again = FakeSession(1, s.memory)
+    tracker.rebind(again)
+    again.memory[0x10000][1] = 1
+    assert tracker.dirty_pages().tolist() == [0x10000]
+    with pytest.raises(TrackingError):
+        tracker.rebind(FakeSession(2, s.memory))
