@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+
+from applier import commands, demo, show
+from formats.errors import ImageError
+from injector.errors import InjectorError
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -36,9 +41,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _error_exit_code(exc: BaseException) -> int | None:
     """Map the project's error roots to exit codes; None for unexpected errors."""
-    from formats.errors import ImageError
-    from injector.errors import InjectorError
-
     if isinstance(exc, ImageError):
         return EXIT_BAD_IMAGE
     if isinstance(exc, InjectorError):
@@ -61,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     """Each command module offers ``register(subparsers)`` that sets ``func`` on its parser."""
-    from applier import commands, demo, show
-
     return [show.register, commands.register, demo.register]
 
 
@@ -78,8 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         code = _error_exit_code(exc)
         if code is None or args.debug:
-            import traceback
-
             traceback.print_exc()
         if code is None:
             print(f"applier: internal error: {exc!r} (a bug; please report it)", file=sys.stderr)

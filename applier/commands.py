@@ -8,11 +8,10 @@ import sys
 from typing import Any
 
 from applier.api import ApplyResult, apply, diff, parse_parts
+from applier.dump import dump
 from applier.plan import Plan
 
 __all__ = ["plan_as_dict", "print_plan", "register"]
-
-SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _pid(text: str) -> int:
@@ -45,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON document")
 
 
-def register(sub: SubParsers) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser(
         "diff",
         help="print what apply would change in a live process",
@@ -69,15 +68,40 @@ def register(sub: SubParsers) -> None:
     a.add_argument(
         "--only-dirty",
         action="store_true",
-        help="write only pages that differ from the image (compared page by page)",
+        help="write only pages changed since the image: from the dirty tracker a "
+        "'dump --track' left running, else by comparing contents page by page",
     )
     a.add_argument("--no-verify", action="store_true", help="do not read back after applying")
-    a.add_argument(
+    undo = a.add_mutually_exclusive_group()
+    undo.add_argument(
         "--undo",
         metavar="DIR",
-        help="keep what the apply overwrites in DIR (default: a temporary file)",
+        help="keep what the apply overwrites in a file in DIR (default: in memory)",
+    )
+    undo.add_argument(
+        "--no-undo",
+        action="store_true",
+        help="keep no copy of what is overwritten: faster, but a failed apply cannot be "
+        "rolled back (exit code 7)",
     )
     a.set_defaults(func=run_apply)
+
+    dp = sub.add_parser(
+        "dump",
+        help="checkpoint a live process into a CRIU image directory",
+        description="Stop every thread of PID, write its memory, layout and registers as a "
+        "CRIU image directory (inventory, pstree, core, mm, pagemap, pages, files), detach.",
+    )
+    dp.add_argument("image_dir", metavar="IMAGE_DIR", help="directory to create (must be empty)")
+    dp.add_argument("--from", dest="pid", type=_pid, required=True, metavar="PID")
+    dp.add_argument(
+        "--track",
+        action="store_true",
+        help="leave dirty-page tracking running in the target, so that a later "
+        "'apply --only-dirty' writes only the pages written since",
+    )
+    dp.add_argument("--json", action="store_true", help="print the result as JSON")
+    dp.set_defaults(func=run_dump)
 
 
 def plan_as_dict(plan: Plan) -> dict[str, Any]:
@@ -127,11 +151,13 @@ def run_apply(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         dry_run=args.dry_run,
         undo_dir=args.undo,
+        undo=not args.no_undo,
         progress=not args.json,
     )
     if args.json:
         out = plan_as_dict(result.plan)
         out["dry_run"] = result.dry_run
+        out["dirty_source"] = result.dirty_source
         if not result.dry_run:
             out["stats"] = result.stats.as_dict()
         json.dump(out, sys.stdout, indent=2)
@@ -155,3 +181,24 @@ def _summary(result: ApplyResult) -> str:
         parts.insert(1, f"{st.pages_skipped} unchanged")
     text = ", ".join(parts) + f" in {st.seconds * 1000:.1f} ms"
     return text + (" (verified)" if st.verified else "")
+
+
+def run_dump(args: argparse.Namespace) -> int:
+    try:
+        stats = dump(args.pid, args.image_dir, track=args.track)
+    except FileExistsError as exc:
+        print(f"applier: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(stats.as_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(
+            f"dumped pid {stats.pid} into {args.image_dir}: {stats.threads} threads, "
+            f"{stats.vmas} VMAs, {stats.pages} pages in {stats.seconds * 1000:.1f} ms"
+        )
+        if stats.tracking:
+            print(f"dirty-page tracking ({stats.tracking}) left running in pid {stats.pid}")
+        elif args.track:
+            print(f"no dirty-page tracking: {stats.tracking_note}", file=sys.stderr)
+    return 0

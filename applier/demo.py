@@ -16,6 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from applier.api import apply
+from applier.dump import dump
+
 __all__ = ["register", "run"]
 
 SOURCE = Path(__file__).parent / "demo" / "counter.c"
@@ -75,9 +78,6 @@ def _show(label: str, state: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from applier.api import apply
-    from applier.dump import dump
-
     target = _Target(_build())
     workdir = Path(tempfile.mkdtemp(prefix="applier-demo-"))
     try:

@@ -23,10 +23,11 @@ from typing import Any
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 
 from applier import xsave
-from applier.sides import MM_STAT_FIELDS, read_mm_fields, region_from_mapping
 from applier.model import Kind
+from applier.sides import read_mm_fields, region_from_mapping
 from formats.core import (
     CoreEntry,
     TaskCoreEntry,
@@ -41,9 +42,15 @@ from formats.inventory import PstreeEntry
 from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, MmEntry, VmaEntry
 from formats.mm import VmaStatus as S
 from formats.pagemap import PE_LAZY, PE_PRESENT
+from injector import attach
 from injector.maps import Mapping, read_page_flags
+from injector.tracking import TrackingError, open_tracker
 
-__all__ = ["DumpStats", "dump"]
+__all__ = ["TRACKING_FILE", "DumpStats", "dump"]
+
+# Not a CRIU image: the state of the dirty tracker a tracked dump leaves in the target, so a
+# later ``apply --only-dirty`` knows which pages changed since (CRIU ignores unknown files).
+TRACKING_FILE = "applier-tracking.json"
 
 CHUNK_PAGES = 2048  # 8 MiB of page data per pagemap entry at most
 PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
@@ -56,6 +63,8 @@ class DumpStats:
     vmas: int = 0
     pages: int = 0
     seconds: float = 0.0
+    tracking: str | None = None  # tracker backend left running, if any
+    tracking_note: str | None = None  # why tracking was not started
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -81,14 +90,14 @@ def _status(m: Mapping) -> tuple[int, int]:
     return status, flags
 
 
-def _selected(m: Mapping, flags: np.ndarray) -> np.ndarray:
+def _selected(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes)."""
     present = (flags & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
     if m.path == "[vdso]":
         return np.ones(len(flags), dtype=bool)
     if region_from_mapping(m).kind is Kind.FILE:
-        return present & ((flags & np.uint64(PM_FILE)) == 0)  # own copies only
-    return present
+        return np.asarray(present & ((flags & np.uint64(PM_FILE)) == 0))  # own copies only
+    return np.asarray(present)
 
 
 def _runs(sel: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -129,10 +138,19 @@ def _stat_ids(pid: int) -> tuple[int, int, int]:
     return int(rest[1]), int(rest[2]), int(rest[3])
 
 
-def dump(pid: int, image_dir: str | os.PathLike[str], *, page_size: int = 4096) -> DumpStats:
-    """Checkpoint ``pid`` (all threads) into ``image_dir`` (created; must be empty if it exists)."""
-    from injector import attach
+def dump(
+    pid: int,
+    image_dir: str | os.PathLike[str],
+    *,
+    page_size: int = 4096,
+    track: bool = False,
+) -> DumpStats:
+    """Checkpoint ``pid`` (all threads) into ``image_dir`` (created; must be empty if it exists).
 
+    ``track``: also start dirty-page tracking in the target at the moment of the checkpoint
+    (userfaultfd write-protect, or soft-dirty where the kernel has it) and record its state
+    in ``TRACKING_FILE``, so ``apply --only-dirty`` writes only the pages written since.
+    """
     out = Path(image_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
@@ -175,19 +193,30 @@ def dump(pid: int, image_dir: str | os.PathLike[str], *, page_size: int = 4096) 
         fields = read_mm_fields(pid)
         brk = s.syscall(12, 0)
         mm = MmEntry(
-            **{name: fields.get(name, 0) for name in MM_STAT_FIELDS.values()},
+            mm_start_code=fields.get("mm_start_code", 0),
+            mm_end_code=fields.get("mm_end_code", 0),
+            mm_start_data=fields.get("mm_start_data", 0),
+            mm_end_data=fields.get("mm_end_data", 0),
+            mm_start_stack=fields.get("mm_start_stack", 0),
+            mm_start_brk=fields.get("mm_start_brk", 0),
+            mm_arg_start=fields.get("mm_arg_start", 0),
+            mm_arg_end=fields.get("mm_arg_end", 0),
+            mm_env_start=fields.get("mm_env_start", 0),
+            mm_env_end=fields.get("mm_env_end", 0),
             mm_brk=brk,
             exe_file_id=exe_id,
             mm_saved_auxv=_auxv(pid),
             vmas=vmas,
         )
-        cores = {
-            tid: _core(s, tid, tid == pid, comm) for tid in s.tids
-        }
+        cores = {tid: _core(s, tid, tid == pid, comm) for tid in s.tids}
         ppid, pgid, sid = _stat_ids(pid)
         proc = PstreeEntry(pid=pid, ppid=ppid, pgid=pgid, sid=sid, threads=list(s.tids))
-        writer.add_process(proc, mm=mm, cores=cores, runs=_page_data(s, maps, vmas, page_size, stats))
+        writer.add_process(
+            proc, mm=mm, cores=cores, runs=_page_data(s, maps, vmas, page_size, stats)
+        )
         writer.finish()
+        if track:
+            _start_tracking(s, out, stats)
         stats.threads = len(s.tids)
         stats.vmas = len(vmas)
     stats.seconds = time.perf_counter() - started
@@ -214,3 +243,19 @@ def _page_data(
                     yield addr, n, PE_PRESENT | lazy, bytes(buf)
     finally:
         os.close(fd)
+
+
+def _start_tracking(session: Any, out: Path, stats: DumpStats) -> None:
+    """Start a resumable tracker while the target is still stopped; record its state."""
+    reasons = []
+    for backend in ("uffd-wp", "soft-dirty"):
+        try:
+            tracker = open_tracker(session, backend)
+        except TrackingError as exc:
+            reasons.append(str(exc))
+            continue
+        state = tracker.release()
+        (out / TRACKING_FILE).write_text(state.to_json() + "\n")
+        stats.tracking = backend
+        return
+    stats.tracking_note = "; ".join(reasons)

@@ -46,7 +46,7 @@ from applier.undo import (
     UndoUnmap,
 )
 
-__all__ = ["ApplyStats", "Executor", "PR_SET_MM_OPTIONS", "SessionLike"]
+__all__ = ["PR_SET_MM_OPTIONS", "ApplyStats", "Executor", "SessionLike"]
 
 SYS_mmap, SYS_mprotect, SYS_munmap, SYS_brk = 9, 10, 11, 12
 SYS_madvise, SYS_close, SYS_prctl, SYS_openat = 28, 3, 157, 257
@@ -69,6 +69,9 @@ PR_SET_MM_OPTIONS = {
     "mm_env_start": 10,
     "mm_env_end": 11,
 }
+PM_PRESENT, PM_FILE = 1 << 63, 1 << 61  # /proc/PID/pagemap bits
+IOV_BATCH = 1024  # pieces per batch: IOV_MAX, what one process_vm_readv/writev call takes
+PREFETCH_MIN = 256 << 10  # pieces this large are mapped in one madvise, not page by page
 CHUNK = 8 << 20  # bytes of page data handled per batch: bounds the applier's memory use
 
 
@@ -80,8 +83,10 @@ class SessionLike(Protocol):
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int: ...
     def read(self, addr: int, size: int) -> bytes: ...
     def read_into(self, addr: int, buffer: memoryview) -> None: ...
+    def read_runs(self, runs: Sequence[tuple[int, memoryview]]) -> None: ...
     def write(self, addr: int, data: bytes | memoryview) -> None: ...
     def write_runs(self, runs: Sequence[tuple[int, bytes | memoryview]]) -> None: ...
+    def page_flags(self, start: int, end: int) -> Any: ...
     def get_regs(self, tid: int) -> Any: ...
     def set_regs(self, tid: int, regs: Any) -> None: ...
     def get_xstate(self, tid: int) -> bytes: ...
@@ -109,14 +114,41 @@ def page_view(run: SavedPages, vaddr: int, length: int) -> memoryview:
     return memoryview(src.pages.view(src.offset + (vaddr - src.vaddr), length))
 
 
-def iter_chunks(runs: Sequence[SavedPages], page: int) -> Iterator[tuple[int, memoryview]]:
-    """(address, saved bytes) pieces of at most CHUNK bytes, in address order."""
+def iter_batches(runs: Sequence[SavedPages], page: int) -> Iterator[list[tuple[int, memoryview]]]:
+    """Lists of (address, saved bytes) pieces: at most IOV_BATCH pieces and CHUNK bytes each.
+
+    Large pieces are mapped from the pages file in one call before the batch is handed out;
+    once the consumer asks for the next batch, the span of the pages file this batch used is
+    dropped from this process's memory, so the RSS stays at about one batch whatever the
+    image size.
+    """
+    batch: list[tuple[int, memoryview]] = []
+    spans: dict[Any, tuple[int, int]] = {}  # PagesFile -> (first offset, end offset) used
+    size = 0
+
+    def flush() -> Iterator[list[tuple[int, memoryview]]]:
+        yield batch
+        for pages, (lo, hi) in spans.items():
+            pages.release(lo, hi - lo)
+
     for run in runs:
+        src: Any = run.source
         addr, end = run.vaddr, run.vaddr + run.nr_pages * page
         while addr < end:
             n = min(CHUNK, end - addr)
-            yield addr, page_view(run, addr, n)
+            if batch and (len(batch) >= IOV_BATCH or size + n > CHUNK):
+                yield from flush()
+                batch, spans, size = [], {}, 0
+            offset = src.offset + (addr - src.vaddr)
+            if n >= PREFETCH_MIN:
+                src.pages.prefetch(offset, n)
+            lo, hi = spans.get(src.pages, (offset, offset + n))
+            spans[src.pages] = (min(lo, offset), max(hi, offset + n))
+            batch.append((addr, page_view(run, addr, n)))
+            size += n
             addr += n
+    if batch:
+        yield from flush()
 
 
 class Progress:
@@ -217,6 +249,11 @@ class Executor:
     def _rollback_after(self, exc: BaseException) -> None:
         if not _alive(self.session.pid):
             raise TargetGone(f"pid {self.session.pid} exited during the apply ({exc})") from exc
+        if not self.undo.enabled:
+            raise RollbackFailed(
+                f"apply failed ({exc}) and was not rolled back (--no-undo); "
+                f"pid {self.session.pid} may be inconsistent",
+            ) from exc
         try:
             rollback(self.session, self.undo)
         except Exception as rb_exc:
@@ -273,7 +310,7 @@ class Executor:
             raise TypeError(f"unknown step {step!r}")
 
     def _save(self, ranges: list[tuple[int, int]]) -> tuple[SavedRange, ...]:
-        return self.undo.save_ranges(ranges, self.session.read_into)
+        return self.undo.save_ranges(ranges, self.session.read_runs)
 
     def _recreated(self) -> list[tuple[int, int]]:
         return [
@@ -283,24 +320,60 @@ class Executor:
         ]
 
     def _write_pages(self, step: WritePages) -> None:
+        """Write the saved pages in batches: per batch one read of the old contents (straight
+        into the undo spool), optionally one compare, one batched write."""
         page = self.page
         fresh = self._recreated()
         progress = Progress(step.nr_pages * page, self.progress)
-        buf = bytearray(CHUNK)
-        for addr, data in iter_chunks(step.runs, page):
-            n = len(data)
-            pieces = [(addr, data)]
-            if not _inside(fresh, addr, addr + n):
-                live = memoryview(buf)[:n]
-                self.session.read_into(addr, live)
-                self.undo.add(UndoPages(self.undo.save_bytes(addr, live)))
-                if self.only_dirty:
-                    pieces = _differing_pages(addr, data, live, page)
-                    self.stats.pages_skipped += n // page - sum(len(d) for _, d in pieces) // page
+        scratch = bytearray(CHUNK) if not self.undo.enabled else None
+        for batch in iter_batches(step.runs, page):
+            # Pieces in regions this apply created hold nothing worth keeping.
+            olds = [
+                (addr, len(data))
+                for addr, data in batch
+                if not (fresh and _inside(fresh, addr, addr + len(data)))
+            ]
+            pieces = batch
+            if olds and self.undo.enabled:
+                with self.undo.window(sum(n for _, n in olds)) as (offset, window):
+                    pieces = self._keep_and_compare(batch, olds, window)
+                    ranges, pos = [], offset
+                    for addr, n in olds:
+                        ranges.append(SavedRange(addr, n, pos))
+                        pos += n
+                    self.undo.add(UndoPages(tuple(ranges)))
+                    del window
+            elif olds and scratch is not None and self.only_dirty:
+                pieces = self._keep_and_compare(batch, olds, memoryview(scratch))
             if pieces:
                 self.session.write_runs(pieces)
-            self.stats.pages_written += sum(len(d) for _, d in pieces) // page
-            progress.advance(n)
+            written = sum(len(d) for _, d in pieces)
+            self.stats.pages_written += written // page
+            self.stats.pages_skipped += (sum(len(d) for _, d in batch) - written) // page
+            progress.advance(sum(len(d) for _, d in batch))
+
+    def _keep_and_compare(
+        self,
+        batch: list[tuple[int, memoryview]],
+        olds: list[tuple[int, int]],
+        into: memoryview,
+    ) -> list[tuple[int, memoryview]]:
+        """Read the old contents of ``olds`` into ``into``; return the pieces to write (with
+        --only-dirty, just the pages that differ from the image)."""
+        views: list[tuple[int, memoryview]] = []
+        pos = 0
+        for addr, n in olds:
+            views.append((addr, into[pos : pos + n]))
+            pos += n
+        self.session.read_runs(views)
+        if not self.only_dirty:
+            return batch
+        old_of = dict(views)
+        out: list[tuple[int, memoryview]] = []
+        for addr, data in batch:
+            live = old_of.get(addr)
+            out += [(addr, data)] if live is None else _differing_pages(addr, data, live, self.page)
+        return out
 
     def _set_regs(self, step: SetRegs) -> None:
         s = self.session
@@ -323,33 +396,46 @@ class Executor:
         buf = bytearray(CHUNK)
         for step in self.plan.steps:
             if isinstance(step, WritePages):
-                for addr, data in iter_chunks(step.runs, page):
-                    live = memoryview(buf)[: len(data)]
-                    self.session.read_into(addr, live)
-                    if live != data:
-                        bad = _first_difference(data, live)
-                        raise VerifyFailed(
-                            f"pid {self.session.pid}: page {addr + bad // page * page:#x} "
-                            "differs from the image after writing",
-                        )
-            elif isinstance(step, Discard) and step.reason == "zero":
+                for batch in iter_batches(step.runs, page):
+                    lives: list[tuple[int, memoryview]] = []
+                    used = 0
+                    for addr, data in batch:
+                        lives.append((addr, memoryview(buf)[used : used + len(data)]))
+                        used += len(data)
+                    self.session.read_runs(lives)
+                    want = b"".join(data for _, data in batch)
+                    if not np.array_equal(_u64(memoryview(buf)[:used]), _u64(memoryview(want))):
+                        for (addr, data), (_, live) in zip(batch, lives, strict=True):
+                            if not np.array_equal(_u64(live), _u64(data)):
+                                bad = _first_difference(data, live)
+                                raise VerifyFailed(
+                                    f"pid {self.session.pid}: page "
+                                    f"{addr + bad // page * page:#x} differs from the image "
+                                    "after writing",
+                                )
+            elif isinstance(step, Discard):
+                # Checked through pagemap, not by reading: a read would fault the zero page
+                # (or the file's page) in and make the page present again.
+                # Only bit 63: a page discarded a moment ago is not in swap, and in a range
+                # registered for userfaultfd write-protection the kernel leaves a PTE marker
+                # that pagemap shows with the swap bit set.
                 for a, b in step.ranges:
-                    for start in range(a, b, CHUNK):
-                        n = min(CHUNK, b - start)
-                        live = memoryview(buf)[:n]
-                        self.session.read_into(start, live)
-                        if np.frombuffer(live, dtype=np.uint64).any():
-                            raise VerifyFailed(
-                                f"pid {self.session.pid}: {start:#x}+{n:#x} not zero after "
-                                "discarding",
-                            )
+                    flags = self.session.page_flags(a, b)
+                    present = (flags & np.uint64(PM_PRESENT)) != 0
+                    own = present & ((flags & np.uint64(PM_FILE)) == 0)
+                    left = np.nonzero(own if step.reason == "file" else present)[0]
+                    if len(left):
+                        raise VerifyFailed(
+                            f"pid {self.session.pid}: page {a + int(left[0]) * page:#x} still "
+                            "holds data after discarding",
+                        )
             elif isinstance(step, SetRegs):
                 values, _ = self._image_regs(step)
                 got = self.session.get_regs(step.tid)
-                for name, want in values.items():
+                for name, expected in values.items():
                     if name in ("fs", "gs", "ds", "es", "cs", "ss"):
                         continue  # the kernel may normalise selectors
-                    if int(getattr(got, name)) & ((1 << 64) - 1) != want:
+                    if int(getattr(got, name)) & ((1 << 64) - 1) != expected:
                         raise VerifyFailed(f"thread {step.tid}: register {name} not restored")
         self.stats.verified = True
 
@@ -369,7 +455,13 @@ def _align(x: int, page: int) -> int:
 
 
 def _inside(ranges: list[tuple[int, int]], a: int, b: int) -> bool:
+    """Whether [a, b) lies inside one of ``ranges`` (few: the regions an apply re-creates)."""
     return any(s <= a and b <= e for s, e in ranges)
+
+
+def _u64(view: memoryview) -> np.ndarray:
+    """A page-aligned byte view as uint64 words, for fast numpy compares."""
+    return np.frombuffer(view, dtype=np.uint64)
 
 
 def _first_difference(a: memoryview, b: memoryview) -> int:
@@ -382,8 +474,8 @@ def _differing_pages(
     addr: int, data: memoryview, live: memoryview, page: int
 ) -> list[tuple[int, memoryview]]:
     """Runs of pages whose saved bytes differ from the live bytes (numpy, one compare)."""
-    want = np.frombuffer(data, dtype=np.uint64).reshape(-1, page // 8)
-    have = np.frombuffer(live, dtype=np.uint64).reshape(-1, page // 8)
+    want = _u64(data).reshape(-1, page // 8)
+    have = _u64(live).reshape(-1, page // 8)
     differs = np.nonzero((want != have).any(axis=1))[0]
     out: list[tuple[int, memoryview]] = []
     if len(differs) == 0:

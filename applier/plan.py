@@ -12,14 +12,25 @@ again, copied-on-write pages of private file mappings go back to the file's page
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
 from applier.errors import MismatchError
-from applier.model import PROT_EXEC, ImageTask, Kind, LiveTask, Region, SavedPages
+from applier.model import (
+    PROT_EXEC,
+    ImageTask,
+    Kind,
+    LiveTask,
+    Region,
+    SavedPages,
+    format_prot,
+    merge_regions,
+)
 
 __all__ = [
     "PARTS",
@@ -80,8 +91,6 @@ class Protect:
     new: int
 
     def describe(self) -> str:
-        from applier.model import format_prot
-
         return (
             f"protect {self.start:#x}-{self.end:#x} {format_prot(self.old)} -> "
             f"{format_prot(self.new)}"
@@ -146,6 +155,7 @@ class SetRegs:
 
 
 Step = Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | SetRegs
+S = TypeVar("S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, SetRegs)
 
 
 @attrs.frozen
@@ -158,7 +168,8 @@ class Plan:
     steps: tuple[Step, ...]
     notes: tuple[str, ...]
 
-    def of(self, kind: type[Step]) -> list[Step]:
+    def of(self, kind: type[S]) -> list[S]:
+        """The steps of one kind, in order."""
         return [s for s in self.steps if isinstance(s, kind)]
 
     @property
@@ -259,9 +270,7 @@ def _align_up(x: int, page: int) -> int:
     return (x + page - 1) // page * page
 
 
-def plan_layout(
-    image: Sequence[Region], live: Sequence[Region]
-) -> tuple[list[Step], list[str]]:
+def plan_layout(image: Sequence[Region], live: Sequence[Region]) -> tuple[list[Step], list[str]]:
     """Unmap, map and protect steps that turn ``live`` into ``image`` (both merged lists)."""
     steps: list[Step] = []
     notes: list[str] = []
@@ -271,7 +280,7 @@ def plan_layout(
     points = _boundaries(im, lv)
     # Walk elementary intervals; merge consecutive ones that need the same action.
     pending: list[tuple[str, int, int, Region | None, Region | None]] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         want, have = _at(im, im_starts, a), _at(lv, lv_starts, a)
         if want is None and have is None:
             continue
@@ -349,6 +358,17 @@ def _covered(
     return result
 
 
+def _member(
+    values: npt.NDArray[np.uint64], sorted_set: npt.NDArray[np.uint64]
+) -> npt.NDArray[np.bool_]:
+    """``np.isin`` for a sorted ``sorted_set``, by binary search (no sorting of ``values``)."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    idx = np.searchsorted(sorted_set, values)
+    idx[idx == len(sorted_set)] = 0
+    return np.asarray(sorted_set[idx] == values, dtype=bool)
+
+
 def _ranges(pages: npt.NDArray[np.uint64], page: int) -> tuple[tuple[int, int], ...]:
     """Sorted page addresses -> coalesced [start, end) ranges."""
     if len(pages) == 0:
@@ -361,7 +381,9 @@ def _ranges(pages: npt.NDArray[np.uint64], page: int) -> tuple[tuple[int, int], 
     )
 
 
-def clip_saved(saved: Sequence[SavedPages], regions: Sequence[Region], page: int) -> list[SavedPages]:
+def clip_saved(
+    saved: Sequence[SavedPages], regions: Sequence[Region], page: int
+) -> list[SavedPages]:
     """Keep the saved pages that fall in private regions of the image (never vDSO, shared)."""
     private = [r for r in regions if r.kind.private]
     out: list[SavedPages] = []
@@ -399,7 +421,7 @@ def plan_discards(
     candidates = present[keep]
     zero = candidates[_covered(candidates, anon_starts, anon_ends)]
     in_file = candidates[_covered(candidates, file_starts, file_ends)]
-    copied = in_file[np.isin(in_file, np.asarray(live.anon, dtype=np.uint64))]
+    copied = in_file[_member(in_file, np.asarray(live.anon, dtype=np.uint64))]
     out = []
     if len(zero):
         out.append(Discard(_ranges(zero, page), "zero"))
@@ -411,8 +433,40 @@ def plan_discards(
 # --------------------------------------------------------------------------- the plan
 
 
-def make_plan(image: ImageTask, live: LiveTask, parts: Iterable[str] = PARTS) -> Plan:
-    """All steps, in execution order: brk, mm fields, layout, discards, pages, registers."""
+def restrict_to_pages(
+    saved: Sequence[SavedPages],
+    dirty: npt.NDArray[np.uint64],
+    keep: Sequence[tuple[int, int]],
+    page: int,
+) -> list[SavedPages]:
+    """The parts of ``saved`` on ``dirty`` pages, plus whatever lies in the ``keep`` ranges."""
+    out: list[SavedPages] = []
+    for run in saved:
+        end = run.vaddr + run.nr_pages * page
+        lo, hi = np.searchsorted(dirty, [run.vaddr, end])
+        parts = [dirty[lo:hi]]
+        for k_start, k_end in keep:  # re-created regions: every saved page
+            a, b = max(k_start, run.vaddr), min(k_end, end)
+            if a < b:
+                parts.append(np.arange(a, b, page, dtype=np.uint64))
+        addrs = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+        out.extend(SavedPages(a, (b - a) // page, run.source) for a, b in _ranges(addrs, page))
+    return out
+
+
+def make_plan(
+    image: ImageTask,
+    live: LiveTask,
+    parts: Iterable[str] = PARTS,
+    *,
+    dirty: npt.NDArray[np.uint64] | None = None,
+) -> Plan:
+    """All steps, in execution order: brk, mm fields, layout, discards, pages, registers.
+
+    ``dirty``, when given, is every page written since the target was last equal to the image
+    (from a dirty tracker): pages outside it are equal already and are neither written nor
+    discarded. Regions the plan re-creates are written in full regardless.
+    """
     parts = set(parts)
     unknown = parts - set(PARTS)
     if unknown:
@@ -447,6 +501,9 @@ def make_plan(image: ImageTask, live: LiveTask, parts: Iterable[str] = PARTS) ->
 
     if "memory" in parts:
         saved = clip_saved(image.saved, image_regions, page)
+        if dirty is not None:
+            saved = restrict_to_pages(saved, dirty, recreated, page)
+            live = attrs.evolve(live, present=live.present[_member(live.present, dirty)])
         # Discards first: they are injected syscalls, and every injected call lets the leader
         # return to user mode, where the kernel may rewrite its rseq area (cpu_id). Nothing
         # may run in the target between the page writes and their verification.
@@ -471,8 +528,6 @@ def make_plan(image: ImageTask, live: LiveTask, parts: Iterable[str] = PARTS) ->
 
 
 def _merge(regions: Sequence[Region]) -> list[Region]:
-    from applier.model import merge_regions
-
     return merge_regions(regions)
 
 

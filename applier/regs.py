@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from injector.regs import REG_NAMES
+
 __all__ = [
     "ERESTART_CODES",
     "GP_FIELDS",
@@ -25,10 +27,7 @@ __all__ = [
     "to_signed",
 ]
 
-GP_FIELDS = (
-    "r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ip cs flags sp ss "
-    "fs_base gs_base ds es fs gs"
-).split()
+GP_FIELDS = REG_NAMES  # user_regs_struct order = CRIU user_x86_regs_entry fields 1..27
 
 ERESTARTSYS = 512
 ERESTARTNOINTR = 513

@@ -93,7 +93,11 @@ def image_task(img: Any, pid: int | None = None) -> ImageTask:
     mm = img.mm(pid)
     regions = []
     for vma in mm.vmas:
-        path = img.vma_path(pid, vma) if int(vma.status) & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) else None
+        path = (
+            img.vma_path(pid, vma)
+            if int(vma.status) & (VMA_FILE_PRIVATE | VMA_FILE_SHARED)
+            else None
+        )
         region = region_from_vma(vma, path)
         if region is not None:
             regions.append(region)
@@ -126,9 +130,7 @@ def region_from_mapping(m: Mapping) -> Region:
     if path in SPECIAL_NAMES:
         return Region(m.start, m.end, m.prot, Kind.SPECIAL, name=path)
     if m.shared:
-        if path is None or path.startswith(("/memfd:", "/dev/zero", "/SYSV")) or (
-            m.inode == 0
-        ):
+        if path is None or path.startswith(("/memfd:", "/dev/zero", "/SYSV")) or (m.inode == 0):
             return Region(m.start, m.end, m.prot, Kind.SHARED_ANON, path=path, offset=m.offset)
         return Region(m.start, m.end, m.prot, Kind.SHARED_FILE, path=path, offset=m.offset)
     if m.inode == 0:
@@ -173,11 +175,25 @@ def present_pages(
     )
 
 
-def live_task(session: Any, page: int, *, with_brk: bool = True) -> LiveTask:
-    """The planner's view of the stopped target behind ``session``."""
+def live_task(
+    session: Any,
+    page: int,
+    *,
+    with_brk: bool = True,
+    dirty: npt.NDArray[np.uint64] | None = None,
+) -> LiveTask:
+    """The planner's view of the stopped target behind ``session``.
+
+    With ``dirty`` (every page written since the target equalled the image) the pagemap is
+    not read: only dirty pages can need discarding, and discarding a page that turns out not
+    to be present, or to be the file's own page, changes nothing.
+    """
     pid = int(session.pid)
     regions = sorted((region_from_mapping(m) for m in session.maps()), key=lambda r: r.start)
-    present, anon = present_pages(pid, regions, page)
+    if dirty is None:
+        present, anon = present_pages(pid, regions, page)
+    else:
+        present = anon = np.asarray(dirty, dtype=np.uint64)
     try:
         exe: str | None = os.readlink(f"/proc/{pid}/exe")
     except OSError:

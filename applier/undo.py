@@ -8,6 +8,8 @@ inverses newest first.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from applier.model import Region
 __all__ = ["SavedRange", "UndoLog"]
 
 CHUNK = 4 << 20
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: allocate a whole window in one call
 
 
 @attrs.frozen
@@ -85,54 +88,86 @@ UndoRecord = UndoPages | UndoMapping | UndoUnmap | UndoProtect | UndoBrk | UndoM
 class UndoLog:
     """Inverse operations, newest last, with page contents in a spool file."""
 
-    spool: BinaryIO
+    spool: BinaryIO | None  # None: a disabled log (``--no-undo``) that keeps nothing
     records: list[UndoRecord] = attrs.field(factory=list)
     saved_bytes: int = 0
 
     @classmethod
+    def disabled(cls) -> UndoLog:
+        """A log that records nothing: an apply that fails cannot be rolled back."""
+        return cls(None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.spool is not None
+
+    @classmethod
     def create(cls, directory: Path | None = None) -> UndoLog:
+        """A spool in ``directory``, or in memory (a memfd: RAM that is not the applier's RSS,
+        written at memory speed, gone when closed)."""
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-        spool = tempfile.TemporaryFile(prefix="applier-undo-", dir=directory)
-        return cls(spool)
+            return cls(tempfile.TemporaryFile(prefix="applier-undo-", dir=directory))
+        fd = os.memfd_create("applier-undo", os.MFD_CLOEXEC)
+        return cls(os.fdopen(fd, "w+b", buffering=0))
 
     def close(self) -> None:
-        self.spool.close()
+        if self.spool is not None:
+            self.spool.close()
+
+    def _spool(self) -> BinaryIO:
+        if self.spool is None:
+            raise RuntimeError("the undo log is disabled")
+        return self.spool
+
+    @contextlib.contextmanager
+    def window(self, length: int) -> Iterator[tuple[int, memoryview]]:
+        """(spool offset, writable view) of ``length`` new bytes at the end of the spool.
+
+        The caller reads target memory straight into the view (one copy, no bounce buffer);
+        afterwards the window is dropped from this process's memory, the bytes stay in the
+        spool. Every slice of the view must be gone when the ``with`` block ends.
+        """
+        spool = self._spool()
+        offset = spool.seek(0, os.SEEK_END)
+        os.ftruncate(spool.fileno(), offset + length)
+        m = mmap.mmap(spool.fileno(), length, offset=offset)
+        with contextlib.suppress(OSError):
+            m.madvise(_MADV_POPULATE_WRITE, 0, length)
+        view = memoryview(m)
+        try:
+            yield offset, view
+        finally:
+            view.release()
+            m.madvise(mmap.MADV_DONTNEED)  # keeps the RSS small even if a slice lingers
+            with contextlib.suppress(BufferError):
+                m.close()
+            self.saved_bytes += length
 
     def save_ranges(
         self,
         ranges: list[tuple[int, int]],
-        read_into: Callable[[int, memoryview], None],
+        read_runs: Callable[[list[tuple[int, memoryview]]], None],
     ) -> tuple[SavedRange, ...]:
-        """Copy target memory [start, end) of each range into the spool, in CHUNK pieces."""
+        """Copy target memory [start, end) of each range into the spool, CHUNK at a time."""
+        if self.spool is None:
+            return ()
         out: list[SavedRange] = []
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        self.spool.seek(0, os.SEEK_END)
         for start, end in ranges:
-            addr = start
-            while addr < end:
+            for addr in range(start, end, CHUNK):
                 n = min(CHUNK, end - addr)
-                read_into(addr, view[:n])
-                offset = self.spool.tell()
-                self.spool.write(view[:n])
+                with self.window(n) as (offset, view):
+                    read_runs([(addr, view)])
                 out.append(SavedRange(addr, n, offset))
-                self.saved_bytes += n
-                addr += n
         return tuple(out)
-
-    def save_bytes(self, addr: int, data: memoryview) -> tuple[SavedRange, ...]:
-        """Store bytes the caller already read from the target at ``addr``."""
-        offset = self.spool.seek(0, os.SEEK_END)
-        self.spool.write(data)
-        self.saved_bytes += len(data)
-        return (SavedRange(addr, len(data), offset),)
 
     def iter_saved(self, ranges: tuple[SavedRange, ...]) -> Iterator[tuple[int, bytes]]:
         """(address, bytes) of saved ranges, read back from the spool."""
+        spool = self._spool()
         for r in ranges:
-            self.spool.seek(r.spool_offset)
-            yield r.addr, self.spool.read(r.length)
+            spool.seek(r.spool_offset)
+            yield r.addr, spool.read(r.length)
 
     def add(self, record: UndoRecord) -> None:
-        self.records.append(record)
+        if self.spool is not None:
+            self.records.append(record)

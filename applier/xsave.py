@@ -55,16 +55,16 @@ _FP_XSTATE_MAGIC1 = 0x46505853
 
 # push rbx; mov r8,rdx; mov eax,edi; mov ecx,esi; cpuid; mov [r8],eax; mov [r8+4],ebx;
 # mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
-_CPUID_CODE = bytes.fromhex("534989d089f889f10fa24189004189580441894808418950 0c5bc3".replace(" ", ""))
+_CPUID_CODE = bytes.fromhex(
+    "534989d089f889f10fa24189004189580441894808418950 0c5bc3".replace(" ", "")
+)
 
 
 def _cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int] | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
-        page = mmap.mmap(
-            -1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
-        )
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     except (OSError, PermissionError):
         return None
     try:
@@ -83,7 +83,7 @@ def _cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int] | None:
 def component_layout() -> dict[int, tuple[int, int]]:
     """Component number -> (offset, size) in the standard-format XSAVE area of this CPU."""
     layout: dict[int, tuple[int, int]] = {}
-    for comp, (_, fmt, count) in COMPONENTS.items():
+    for comp, (_field, fmt, count) in COMPONENTS.items():
         regs = _cpuid(0xD, comp)
         if regs is not None and regs[0]:
             layout[comp] = (regs[1], regs[0])
@@ -132,7 +132,7 @@ def fpregs_into_xstate(fpregs: Any, live: bytes) -> bytes:
     if missing:
         raise ValueError(f"image uses xsave components {missing:#x} this CPU does not enable")
     layout = component_layout()
-    for comp, (field, fmt, count) in COMPONENTS.items():
+    for comp, (field, fmt, _count) in COMPONENTS.items():
         values = list(getattr(xsave, field, []) or [])
         if not values or not enabled & (1 << comp):
             continue

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-
-import os
 
 # The project's clone sits next to shared/ (on developer machines and in CI alike).
 SHARED = Path(os.environ.get("APPLIER_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -11,12 +11,16 @@ from typing import Any
 import attrs
 import pytest
 
+from applier import execute
 from applier.api import apply, diff
-from applier.errors import ApplyFailed, MismatchError
+from applier.dump import dump
+from applier.errors import ApplyFailed, MismatchError, TargetGone
 from applier.model import Kind
+from applier.plan import SetRegs, WritePages
 from applier.regs import gpregs_values, restart_adjusted
 from applier.sides import region_from_mapping
 from formats.errors import ImageError
+from formats.imagedir import ImageDir
 from injector import attach
 from injector.errors import NoSuchProcess
 from tests.procs import Target, assert_untouched, build_c, spawn
@@ -103,6 +107,7 @@ def command(t: Target, line: str, key: str) -> list[str]:
 def target() -> Iterator[Target]:
     with spawn(build_c("apply_target.c")) as t:
         t.expect("ready")
+        t.wait_in_syscall(0)
         yield t
 
 
@@ -112,18 +117,17 @@ def checkpoint(t: Target, tmp_path: Path) -> tuple[Path, Snapshot, str]:
     (Registers come from the image because every stop and resume of a thread sleeping in
     clock_nanosleep turns its saved call into restart_syscall.)
     """
-    from applier.dump import dump
-    from formats.imagedir import ImageDir
 
     (checksum,) = command(t, "sum", "sum")
     image = tmp_path / "checkpoint"
     dump(t.pid, image)
     snap = snapshot(t.pid)
     img = ImageDir.open(image)
-    regs = {
-        tid: restart_adjusted(gpregs_values(img.core(tid).thread_info.gpregs))[0]
-        for tid in snap.regs
-    }
+    regs = {}
+    for tid in snap.regs:
+        info = img.core(tid).thread_info
+        assert info is not None
+        regs[tid] = restart_adjusted(gpregs_values(info.gpregs))[0]
     return image, attrs.evolve(snap, regs=regs), checksum
 
 
@@ -168,6 +172,28 @@ def test_only_dirty_writes_only_changed_pages(target: Target, tmp_path: Path) ->
     assert command(target, "sum", "sum") == [checksum]
 
 
+def test_tracked_dump_makes_only_dirty_write_just_the_written_pages(
+    target: Target, tmp_path: Path
+) -> None:
+    """dump --track + apply --only-dirty: the tracker names the pages; two cycles in a row."""
+
+    image = tmp_path / "tracked"
+    (checksum,) = command(target, "sum", "sum")
+    stats = dump(target.pid, image, track=True)
+    assert stats.tracking == "uffd-wp"
+    before = snapshot(target.pid)
+    for _ in range(2):
+        command(target, "scribble", "done")
+        result = apply(image, target.pid, only_dirty=True)
+        assert result.dirty_source == "tracker:uffd-wp"
+        full = apply(image, target.pid, dry_run=True).plan.pages_to_write
+        assert 0 < result.stats.pages_written < full
+        got = snapshot(target.pid)
+        assert got.memory == before.memory and got.layout == before.layout
+        assert command(target, "sum", "sum") == [checksum]
+    assert_untouched(target)
+
+
 def test_dry_run_and_diff_change_nothing(target: Target, tmp_path: Path) -> None:
     """diff and --dry-run print a plan and leave every byte of the target as it was."""
     image, _, _ = checkpoint(target, tmp_path)
@@ -199,6 +225,7 @@ def test_image_of_another_process_is_refused(target: Target, tmp_path: Path) -> 
     image, _, _ = checkpoint(target, tmp_path)
     with spawn(build_c("apply_target.c")) as other:
         other.expect("ready")
+        other.wait_in_syscall(0)
         before = snapshot(other.pid)
         with pytest.raises(MismatchError):
             apply(image, other.pid)
@@ -210,7 +237,6 @@ def test_failure_mid_apply_rolls_back_everything(
     target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A step that fails after layout and pages changed: the target is put back exactly."""
-    from applier import execute
 
     image, _, _ = checkpoint(target, tmp_path)
     command(target, "scribble", "done")
@@ -220,14 +246,14 @@ def test_failure_mid_apply_rolls_back_everything(
 
     def failing(self: execute.Executor, step: object) -> None:
         calls.append(step)
-        if isinstance(step, execute.SetRegs):
+        if isinstance(step, SetRegs):
             raise OSError(5, "injected failure")
         real(self, step)
 
     monkeypatch.setattr(execute.Executor, "_do", failing)
     with pytest.raises(ApplyFailed, match="rolled back"):
         apply(image, target.pid)
-    assert any(isinstance(s, execute.WritePages) for s in calls)
+    assert any(isinstance(s, WritePages) for s in calls)
     assert_same(changed, snapshot(target.pid))
     assert_untouched(target)
 
@@ -236,15 +262,13 @@ def test_target_that_exits_mid_apply_gives_a_clear_error(
     target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The target killed between two steps: an error naming the pid, no hang, no traceback."""
-    from applier import execute
-    from applier.errors import TargetGone
 
     image, _, _ = checkpoint(target, tmp_path)
     command(target, "scribble", "done")
     real = execute.Executor._do
 
     def killing(self: execute.Executor, step: object) -> None:
-        if isinstance(step, execute.WritePages):
+        if isinstance(step, WritePages):
             os.kill(target.pid, 9)
         real(self, step)
 
@@ -255,6 +279,5 @@ def test_target_that_exits_mid_apply_gives_a_clear_error(
 
 def test_no_such_process() -> None:
     """A pid that does not exist: NoSuchProcess before anything else happens."""
-    with pytest.raises(NoSuchProcess):
-        with attach(2**22 + 1):
-            pass
+    with pytest.raises(NoSuchProcess), attach(2**22 + 1):
+        pass

@@ -54,6 +54,7 @@ def image(
 
 def live(
     regions: list[Region] | None = None,
+    *,
     present: np.ndarray | None = None,
     anon: np.ndarray | None = None,
     threads: tuple[int, ...] = (100,),
@@ -201,13 +202,34 @@ def test_every_present_anon_page_is_either_written_or_zeroed(
     present = pages(*(ANON.start + i * P for i in present_pages))
     plan = make_plan(image(saved=saved), live(present=present, anon=present), ["memory"])
     written = {
-        r.vaddr + k * P for s in plan.of(WritePages) if isinstance(s, WritePages)
-        for r in s.runs for k in range(r.nr_pages)
+        r.vaddr + k * P
+        for s in plan.of(WritePages)
+        if isinstance(s, WritePages)
+        for r in s.runs
+        for k in range(r.nr_pages)
     }
     zeroed = {
-        a for s in plan.of(Discard) if isinstance(s, Discard)
-        for lo, hi in s.ranges for a in range(lo, hi, P)
+        a
+        for s in plan.of(Discard)
+        if isinstance(s, Discard)
+        for lo, hi in s.ranges
+        for a in range(lo, hi, P)
     }
     assert written == {ANON.start + i * P for i in saved_pages}
     assert zeroed == {ANON.start + i * P for i in present_pages - saved_pages}
     assert not written & zeroed
+
+
+def test_dirty_pages_restrict_writes_and_discards() -> None:
+    """With a dirty set, only dirty pages are written or zeroed; re-created regions in full."""
+    lost = Region(0x7D0000000000, 0x7D0000002000, 3, Kind.ANON)
+    saved = [SavedPages(ANON.start, 16, None), SavedPages(lost.start, 2, None)]
+    present = pages(*(ANON.start + i * P for i in range(16)), HEAP.start)
+    dirty = pages(ANON.start + 3 * P, ANON.start + 4 * P, HEAP.start)
+    img = image(regions=[TEXT, DATA, HEAP, lost, ANON, VDSO], saved=saved)
+    plan = make_plan(img, live(present=present, anon=present), dirty=dirty)
+    (write,) = plan.of(WritePages)
+    assert isinstance(write, WritePages)
+    assert [(r.vaddr, r.nr_pages) for r in write.runs] == [(lost.start, 2), (ANON.start + 3 * P, 2)]
+    (zero,) = plan.of(Discard)
+    assert isinstance(zero, Discard) and zero.ranges == ((HEAP.start, HEAP.start + P),)

@@ -21,7 +21,9 @@ def golden(golden_dir: Path) -> ImageDir:
     return ImageDir.open(golden_dir)
 
 
-def as_live(img: ImageDir, regions: list[Region] | None = None, extra: tuple[int, ...] = ()) -> LiveTask:
+def as_live(
+    img: ImageDir, regions: list[Region] | None = None, extra: tuple[int, ...] = ()
+) -> LiveTask:
     """A live task that looks exactly like the image (plus ``extra`` present pages)."""
     task = image_task(img)
     present = sorted(
@@ -48,9 +50,7 @@ def test_golden_image_plans_page_writes_and_both_threads(golden: ImageDir) -> No
     assert isinstance(write, WritePages)
     vdso = next(r for r in task.regions if r.name == "[vdso]")
     assert all(not vdso.start <= r.vaddr < vdso.end for r in write.runs)
-    saved_private = sum(
-        r.nr_pages for r in task.saved if not vdso.start <= r.vaddr < vdso.end
-    )
+    saved_private = sum(r.nr_pages for r in task.saved if not vdso.start <= r.vaddr < vdso.end)
     assert write.nr_pages == saved_private
     assert {s.image_tid for s in plan.of(SetRegs) if isinstance(s, SetRegs)} == set(task.threads)
     assert plan.of(Unmap) == [] and plan.of(Discard) == []
@@ -82,6 +82,7 @@ def test_golden_lost_and_new_mappings(golden: ImageDir) -> None:
 def test_golden_main_thread_was_interrupted_in_clock_nanosleep(golden: ImageDir) -> None:
     """CRIU stored -EINTR for the sleeping thread: no rewind, the call returns EINTR."""
     core = golden.core(golden.root_pid)
+    assert core.thread_info is not None
     values = gpregs_values(core.thread_info.gpregs)
     adjusted, rewound = restart_adjusted(values)
     assert values["orig_ax"] == 230 and not rewound and adjusted["ax"] == values["ax"]
