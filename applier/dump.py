@@ -30,6 +30,7 @@ from applier.model import Kind
 from applier.sides import read_mm_fields, region_from_mapping
 from formats.core import (
     CoreEntry,
+    RseqEntry,
     TaskCoreEntry,
     ThreadCoreEntry,
     ThreadInfoX86,
@@ -119,6 +120,11 @@ def _core(session: Any, tid: int, leader: bool, comm: str) -> CoreEntry:
         fpregs.xsave = UserX86XsaveEntry(**xs)
     core = CoreEntry(mtype=1, thread_info=ThreadInfoX86(clear_tid_addr=0, gpregs=gp, fpregs=fpregs))
     core.thread_core = ThreadCoreEntry(futex_rla=0, futex_rla_len=0, comm=comm)
+    rseq = session.rseq_config(tid)
+    if rseq is not None:
+        core.thread_core.rseq_entry = RseqEntry(
+            rseq_abi_pointer=rseq[0], rseq_abi_size=rseq[1], signature=rseq[2]
+        )
     if leader:
         core.tc = TaskCoreEntry(
             task_state=1, exit_code=0, personality=0, flags=0, blk_sigset=0, comm=comm

@@ -90,6 +90,7 @@ class SessionLike(Protocol):
     def get_regs(self, tid: int) -> Any: ...
     def set_regs(self, tid: int, regs: Any) -> None: ...
     def get_xstate(self, tid: int) -> bytes: ...
+    def rseq_config(self, tid: int) -> tuple[int, int, int] | None: ...
     def set_xstate(self, tid: int, data: bytes) -> None: ...
 
 
@@ -202,6 +203,7 @@ class Executor:
             elif isinstance(step, SetRegs):
                 self._image_regs(step)  # raises for foreign register sets
                 self._image_xstate(step)
+                self._check_rseq(step)
 
     def _image_regs(self, step: SetRegs) -> tuple[dict[str, int], bool]:
         core = self.cores.get(step.image_tid)
@@ -221,6 +223,30 @@ class Executor:
                     f"at {adjusted['ip']:#x} to restart it from",
                 )
         return adjusted, rewound
+
+    def _check_rseq(self, step: SetRegs) -> None:
+        """Refuse to rewind a thread whose rseq registration changed since the checkpoint.
+
+        The registration is kernel state that applying cannot undo: a thread checkpointed
+        before glibc registered its rseq area (a thread that was just starting) would run the
+        registration again, the kernel would refuse it and glibc would abort the process.
+        """
+        tc = getattr(self.cores[step.image_tid], "thread_core", None)
+        saved = getattr(tc, "rseq_entry", None) if tc is not None else None
+        if tc is None:
+            return  # no thread state in the image (older dumps): nothing to compare
+        want = None if saved is None else (int(saved.rseq_abi_pointer), int(saved.signature))
+        live = self.session.rseq_config(step.tid)
+        have = None if live is None else (live[0], live[2])
+        if want != have and (want is not None or have is not None):
+            def show(x: tuple[int, int] | None) -> str:
+                return "none" if x is None else f"{x[0]:#x}"
+
+            raise MismatchError(
+                f"thread {step.tid}: rseq area {show(have)} now, {show(want)} in the image "
+                "(registered after the checkpoint: its registers cannot be rewound; leave "
+                "registers out with --restore memory,layout,brk)",
+            )
 
     def _image_xstate(self, step: SetRegs) -> bytes | None:
         """The thread's XSAVE buffer with the image's FP state, or None if the image has none."""

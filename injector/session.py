@@ -84,6 +84,9 @@ _SYSCALL: Final = 1  # syscall-entry or syscall-exit stop
 _SIGNAL: Final = 2  # signal-delivery stop (the signal is in the second value)
 
 
+_PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold back Ctrl-C and friends while ptrace state is half changed (main thread only:
@@ -651,6 +654,18 @@ class Session:
         """Load an XSAVE area (as ``get_xstate`` returns it) into a stopped thread."""
         buf = ctypes.create_string_buffer(bytes(data), len(data))
         self._regset(_libc.PTRACE_SETREGSET, self._check(tid), _libc.NT_X86_XSTATE, buf)
+
+    def rseq_config(self, tid: int) -> tuple[int, int, int] | None:
+        """(rseq area address, size, signature) the thread registered, or None if it has
+        none (PTRACE_GET_RSEQ_CONFIGURATION, Linux 5.13+)."""
+        conf = (ctypes.c_uint64 * 3)()  # struct ptrace_rseq_configuration
+        n = self._ptrace(
+            _PTRACE_GET_RSEQ_CONFIGURATION, self._check(tid), ctypes.sizeof(conf),
+            ctypes.addressof(conf),
+        )  # fmt: skip
+        if n <= 0 or conf[0] == 0:
+            return None
+        return int(conf[0]), int(conf[1]) & 0xFFFFFFFF, int(conf[1]) >> 32
 
     def get_fpregs(self, tid: int) -> bytes:
         """The 512-byte FXSAVE area (NT_PRFPREG, ``struct user_fpregs_struct``)."""

@@ -19,6 +19,7 @@ static unsigned char globals[3 * 4096] __attribute__((aligned(4096)));
 static unsigned char *heap, *anon, *ro, *gone, *fresh;
 static volatile uint64_t *stackvar;
 static int blockpipe[2];
+static volatile int started;
 
 static uint64_t fnv(const unsigned char *p, size_t n, uint64_t h) {
     for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 1099511628211ULL; }
@@ -27,6 +28,7 @@ static uint64_t fnv(const unsigned char *p, size_t n, uint64_t h) {
 
 static void *sleeper(void *arg) {
     (void)arg;
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
     for (;;) { struct timespec ts = {1000, 0}; nanosleep(&ts, NULL); }
     return NULL;
 }
@@ -34,6 +36,7 @@ static void *sleeper(void *arg) {
 static void *reader(void *arg) {
     (void)arg;
     char c;
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
     for (;;) if (read(blockpipe[0], &c, 1) <= 0) pause();
     return NULL;
 }
@@ -104,11 +107,12 @@ int main(void) {
                 h = fnv((const unsigned char *)stackvar, 512 * 8, h);
                 answer("sum %016llx\n", (unsigned long long)h);
             } else if (!strncmp(line, "threads ", 8)) {
-                int k = atoi(line + 8);
+                int k = atoi(line + 8), goal = started + k;
                 for (int i = 0; i < k; i++) {
                     pthread_t t;
                     pthread_create(&t, NULL, i % 2 ? reader : sleeper, NULL);
                 }
+                while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < goal) usleep(100);
                 answer("threads\n");
             } else if (!strcmp(line, "quit")) {
                 return 0;

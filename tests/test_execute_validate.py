@@ -1,0 +1,97 @@
+"""Executor validation rules, on an in-memory fake session (the live proof is in
+tests/test_apply_live.py; these check the refusals that are hard to provoke in a real process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from applier.errors import MismatchError
+from applier.execute import Executor
+from applier.model import Kind, Region
+from applier.plan import MapFile, Plan, SetRegs, Step
+from applier.undo import UndoLog
+from formats.core import CoreEntry, RseqEntry, ThreadCoreEntry, ThreadInfoX86, UserX86RegsEntry
+from injector.regs import X86Regs
+
+IP = 0x401000
+
+
+class FakeSession:
+    """Just enough of injector.Session for Executor.validate."""
+
+    pid = 100
+
+    def __init__(self, memory: dict[int, bytes], rseq: tuple[int, int, int] | None) -> None:
+        self.memory = memory
+        self.rseq = rseq
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.memory.get(addr, b"\0" * size)[:size]
+
+    def rseq_config(self, tid: int) -> tuple[int, int, int] | None:
+        return self.rseq
+
+    def get_xstate(self, tid: int) -> bytes:
+        return bytes(512)
+
+    def get_regs(self, tid: int) -> X86Regs:
+        return X86Regs(*([0] * 27))
+
+    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        raise AssertionError("validation must not inject anything")
+
+    def write_runs(self, runs: Sequence[tuple[int, Any]]) -> None:
+        raise AssertionError("validation must not write")
+
+
+def core(*, ax: int = 0, orig_ax: int = -1, rseq: int | None = 0x7000) -> CoreEntry:
+    mask = 2**64 - 1
+    regs = UserX86RegsEntry(ip=IP, ax=ax & mask, orig_ax=orig_ax & mask, cs=0x33, ss=0x2B)
+    tc = ThreadCoreEntry(futex_rla=0, futex_rla_len=0)
+    if rseq is not None:
+        tc.rseq_entry = RseqEntry(rseq_abi_pointer=rseq, rseq_abi_size=32, signature=0x53053053)
+    return CoreEntry(mtype=1, thread_info=ThreadInfoX86(gpregs=regs), thread_core=tc)
+
+
+def executor(steps: Sequence[Step], cores: dict[int, CoreEntry], session: FakeSession) -> Executor:
+    plan = Plan(pid=100, image_pid=100, page_size=4096, steps=tuple(steps), notes=())
+    return Executor(session, plan, cores, UndoLog.disabled())  # type: ignore[arg-type]
+
+
+def test_same_rseq_registration_validates() -> None:
+    """Thread registered rseq at the same address then and now: fine."""
+    executor(
+        [SetRegs(100, 100)], {100: core()}, FakeSession({}, (0x7000, 32, 0x53053053))
+    ).validate()
+
+
+def test_rseq_registered_after_checkpoint_is_refused() -> None:
+    """A thread that registered rseq after the checkpoint cannot have its registers rewound."""
+    ex = executor([SetRegs(100, 100)], {100: core(rseq=None)}, FakeSession({}, (0x7000, 32, 1)))
+    with pytest.raises(MismatchError, match="rseq area 0x7000 now, none in the image"):
+        ex.validate()
+
+
+def test_restart_needs_a_syscall_instruction() -> None:
+    """Saved inside a syscall but no 0f 05 before ip: refused before anything is written."""
+    ex = executor(
+        [SetRegs(100, 100)],
+        {100: core(ax=-512, orig_ax=0)},
+        FakeSession({IP - 2: b"\x90\x90"}, (0x7000, 32, 0x53053053)),
+    )
+    with pytest.raises(MismatchError, match="no syscall instruction"):
+        ex.validate()
+    ok = FakeSession({IP - 2: b"\x0f\x05"}, (0x7000, 32, 0x53053053))
+    executor([SetRegs(100, 100)], {100: core(ax=-512, orig_ax=0)}, ok).validate()
+
+
+def test_file_to_map_again_must_exist() -> None:
+    """Re-mapping a private file mapping whose file is gone: refused, naming the file."""
+    gone = Region(0x7000000, 0x7001000, 1, Kind.FILE, path="/nonexistent/lib.so")
+    ex = executor([MapFile(gone)], {}, FakeSession({}, None))
+    with pytest.raises(MismatchError, match="/nonexistent/lib.so"):
+        ex.validate()
