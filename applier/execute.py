@@ -238,12 +238,10 @@ class Executor:
         want = None if saved is None else (int(saved.rseq_abi_pointer), int(saved.signature))
         live = self.session.rseq_config(step.tid)
         have = None if live is None else (live[0], live[2])
-        if want != have and (want is not None or have is not None):
-            def show(x: tuple[int, int] | None) -> str:
-                return "none" if x is None else f"{x[0]:#x}"
-
+        if want != have:
             raise MismatchError(
-                f"thread {step.tid}: rseq area {show(have)} now, {show(want)} in the image "
+                f"thread {step.tid}: rseq area {_rseq_text(have)} now, {_rseq_text(want)} in "
+                "the image "
                 "(registered after the checkpoint: its registers cannot be rewound; leave "
                 "registers out with --restore memory,layout,brk)",
             )
@@ -464,6 +462,10 @@ class Executor:
                     if int(getattr(got, name)) & ((1 << 64) - 1) != expected:
                         raise VerifyFailed(f"thread {step.tid}: register {name} not restored")
         self.stats.verified = True
+
+
+def _rseq_text(rseq: tuple[int, int] | None) -> str:
+    return "none" if rseq is None else f"{rseq[0]:#x}"
 
 
 def _alive(pid: int) -> bool:
