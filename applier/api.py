@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,21 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.dump import TRACKING_FILE
-from applier.errors import VerifyFailed
+from applier.errors import ApplyFailed, MismatchError, RollbackFailed, VerifyFailed
 from applier.execute import ApplyStats, Executor, rollback
 from applier.plan import PARTS, Plan, SetRegs, make_plan
 from applier.sides import image_task, live_task
 from applier.undo import UndoLog
+from applier.undo_image import (
+    UNDO_FILE,
+    Before,
+    UndoImageStats,
+    UndoScope,
+    capture,
+    check_undo_dir,
+    load_scope,
+    write_undo_image,
+)
 from formats.imagedir import ImageDir
 from injector import Session, attach
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
@@ -40,6 +51,7 @@ class ApplyResult:
     stats: ApplyStats
     dry_run: bool = False
     dirty_source: str | None = None  # "tracker:<backend>", "content" or None (all pages)
+    undo: UndoImageStats | None = None  # the undo image written (``undo_dir``)
 
 
 def parse_parts(text: str | None) -> tuple[str, ...]:
@@ -67,13 +79,16 @@ def diff(
     *,
     task: int | None = None,
     parts: Iterable[str] = PARTS,
+    leave_shared: bool = False,
 ) -> Plan:
     """The plan that would make ``pid`` equal to the image; the target is not changed."""
     img = _open(image_dir)
     image = image_task(img, task)
+    scope = load_scope(Path(image_dir))
+    parts = _scoped_parts(parts, scope, pid)
     with attach(pid) as session:
         live = live_task(session, image.page_size)
-        plan = make_plan(image, live, parts)
+        plan = make_plan(image, live, parts, leave_shared=leave_shared, scope=_ranges(scope))
         Executor(session, plan, _cores(img, plan), UndoLog.disabled()).validate()
     return plan
 
@@ -84,6 +99,7 @@ def apply(
     *,
     task: int | None = None,
     parts: Iterable[str] = PARTS,
+    leave_shared: bool = False,
     only_dirty: bool = False,
     verify: bool = True,
     dry_run: bool = False,
@@ -95,12 +111,26 @@ def apply(
 
     ``undo=False`` keeps no copy of what is overwritten: faster for large applies, but a
     step that fails then leaves the target half-applied (RollbackFailed).
+
+    ``undo_dir``: write there (an empty or new directory) an undo image: what the apply
+    overwrote, in CRIU's format (``applier/undo_image.py``); ``apply(undo_dir, pid)`` puts it
+    back. Written while the target is still stopped: if it cannot be written, the apply is
+    rolled back (ApplyFailed). An apply that fails and cannot be rolled back (RollbackFailed)
+    leaves it too. ``image_dir`` may itself be an undo image: then only its scope (the pages
+    the earlier apply touched) and the parts that apply restored are written.
     """
     img = _open(image_dir)
     image = image_task(img, task)
+    scope = load_scope(Path(image_dir))
+    parts = _scoped_parts(parts, scope, pid)
+    undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
+    if undo_path is not None:
+        if not undo:
+            raise ValueError("undo_dir needs undo=True")
+        check_undo_dir(undo_path)
     state = _tracking_state(Path(image_dir), pid) if only_dirty else None
     log = (
-        UndoLog.create(Path(undo_dir) if undo_dir is not None else None)
+        UndoLog.create(undo_path)  # with --undo, the spool is a (nameless) file in DIR
         if undo
         else UndoLog.disabled()
     )
@@ -108,7 +138,9 @@ def apply(
         with attach(pid) as session:
             tracker, dirty = _resume(session, state)
             live = live_task(session, image.page_size, dirty=dirty)
-            plan = make_plan(image, live, parts, dirty=dirty)
+            plan = make_plan(
+                image, live, parts, dirty=dirty, leave_shared=leave_shared, scope=_ranges(scope)
+            )
             executor = Executor(
                 session,
                 plan,
@@ -126,14 +158,45 @@ def apply(
                 if dry_run:
                     executor.validate()
                     return ApplyResult(plan, executor.stats, dry_run=True, dirty_source=source)
-                stats = executor.run()
+                before = (
+                    capture(
+                        session,
+                        live,
+                        parts,
+                        exact_presence=dirty is None,
+                        image=str(Path(image_dir).resolve()),
+                    )
+                    if undo_path is not None
+                    else None
+                )
+                try:
+                    stats = executor.run()
+                except RollbackFailed as exc:
+                    if undo_path is None or before is None or not log.records:
+                        raise
+                    try:
+                        _write_undo(undo_path, before, log, image.page_size, "rollback-failed")
+                    except Exception as undo_exc:
+                        raise RollbackFailed(
+                            f"{exc}; writing the undo image to {undo_path} failed too ({undo_exc})"
+                        ) from exc
+                    raise RollbackFailed(
+                        f"{exc}; what the apply overwrote is in {undo_path}: "
+                        f"'applier apply {undo_path} --into {pid}' puts it back",
+                    ) from exc
                 if verify:
                     try:
                         executor.verify()
-                    except VerifyFailed:
-                        if log.enabled:
-                            rollback(session, log)
-                        raise
+                    except VerifyFailed as exc:
+                        if not log.enabled:
+                            raise
+                        rollback(session, log)
+                        raise VerifyFailed(
+                            f"{exc}; pid {pid} was rolled back to its state before the apply"
+                        ) from exc
+                kept = None
+                if undo_path is not None and before is not None:
+                    kept = _undo_or_roll_back(session, undo_path, before, log, image.page_size)
             except BaseException:
                 if tracker is not None:
                     tracker.release()  # keep tracking: the target is as it was
@@ -142,9 +205,57 @@ def apply(
                 # The target now equals the image: "written since" starts again from here.
                 tracker.reset()
                 _save_tracking(Path(image_dir), tracker.release())
-            return ApplyResult(plan, stats, dirty_source=source)
+            return ApplyResult(plan, stats, dirty_source=source, undo=kept)
     finally:
         log.close()
+
+
+def _scoped_parts(parts: Iterable[str], scope: UndoScope | None, pid: int) -> tuple[str, ...]:
+    """An undo image restores at most the parts the apply it undoes changed, in that pid."""
+    if scope is None:
+        return tuple(parts)
+    if scope.pid != pid:
+        raise MismatchError(f"{UNDO_FILE}: this undo image is of pid {scope.pid}, not {pid}")
+    return tuple(p for p in parts if p in scope.parts)
+
+
+def _ranges(scope: UndoScope | None) -> tuple[tuple[int, int], ...] | None:
+    return None if scope is None else scope.ranges
+
+
+def _write_undo(
+    path: Path, before: Before, log: UndoLog, page: int, outcome: str
+) -> UndoImageStats:
+    """Write the undo image; on failure remove what was written of it and raise."""
+    started = time.perf_counter()
+    try:
+        kept = write_undo_image(path, before, log, page, outcome=outcome)
+    except BaseException:
+        for f in path.iterdir():  # the directory was empty before (check_undo_dir)
+            with contextlib.suppress(OSError):
+                f.unlink()
+        raise
+    return attrs.evolve(kept, seconds=time.perf_counter() - started)
+
+
+def _undo_or_roll_back(
+    session: Session, path: Path, before: Before, log: UndoLog, page: int
+) -> UndoImageStats:
+    """The undo image of a finished apply; if it cannot be written, roll the apply back."""
+    try:
+        return _write_undo(path, before, log, page, "applied")
+    except Exception as exc:
+        try:
+            rollback(session, log)
+        except Exception as rb_exc:
+            raise RollbackFailed(
+                f"could not write the undo image to {path} ({exc}) and rolling back failed "
+                f"({rb_exc}); pid {session.pid} may be inconsistent",
+            ) from rb_exc
+        raise ApplyFailed(
+            f"could not write the undo image to {path} ({exc}); pid {session.pid} was rolled "
+            "back to its state before the apply",
+        ) from exc
 
 
 def _tracking_state(image_dir: Path, pid: int) -> TrackerState | None:

@@ -1,23 +1,27 @@
-"""Command-line interface: ``applier show|diff|apply|demo``. Thin: parsing, dispatch, exit codes.
+"""Command-line interface: ``applier dump|show|diff|apply|demo``. Thin: parsing, dispatch,
+exit codes.
 
 Exit codes (also in ``docs/cli.md``):
 
 ====  =====================================================================
 0     success
 1     internal error (a bug: run with ``--debug`` for the traceback)
-2     usage error (bad command line)
+2     usage error (bad command line; an output directory not empty or not creatable)
 3     bad image: malformed, truncated or inconsistent image directory
 4     the image does not match the target process (executable, layout, threads)
 5     target process problem: no such process, permission denied, exited
 6     apply failed and the target was rolled back to its state before the apply
 7     apply failed and rolling back failed too (the target may be inconsistent)
-8     verification after apply found a difference
+8     verification after apply found a difference (the target was rolled back unless
+      --no-undo)
+130   interrupted (Ctrl-C); an apply in progress is rolled back first
 ====  =====================================================================
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -75,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("applier: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``applier show --json | head``): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as exc:
         code = _error_exit_code(exc)
         if code is None or args.debug:

@@ -41,6 +41,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="PARTS",
         help="comma-separated parts to restore: memory,layout,brk,regs (default: all)",
     )
+    p.add_argument(
+        "--leave-shared",
+        action="store_true",
+        help="leave shared memory the image holds no pagemap-shmem for as it is (default: refuse)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON document")
 
 
@@ -76,7 +81,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     undo.add_argument(
         "--undo",
         metavar="DIR",
-        help="keep what the apply overwrites in a file in DIR (default: in memory)",
+        help="write what the apply overwrites to DIR as an undo image (CRIU format; "
+        "'applier apply DIR --into PID' puts it back); default: kept in memory until the "
+        "apply is done",
     )
     undo.add_argument(
         "--no-undo",
@@ -132,7 +139,13 @@ def print_plan(plan: Plan) -> None:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    plan = diff(args.image_dir, args.against, task=args.task, parts=args.restore)
+    plan = diff(
+        args.image_dir,
+        args.against,
+        task=args.task,
+        parts=args.restore,
+        leave_shared=args.leave_shared,
+    )
     if args.json:
         json.dump(plan_as_dict(plan), sys.stdout, indent=2)
         print()
@@ -147,6 +160,7 @@ def run_apply(args: argparse.Namespace) -> int:
         args.into,
         task=args.task,
         parts=args.restore,
+        leave_shared=args.leave_shared,
         only_dirty=args.only_dirty,
         verify=not args.no_verify,
         dry_run=args.dry_run,
@@ -158,6 +172,13 @@ def run_apply(args: argparse.Namespace) -> int:
         out = plan_as_dict(result.plan)
         out["dry_run"] = result.dry_run
         out["dirty_source"] = result.dirty_source
+        if result.undo is not None:
+            out["undo"] = {
+                "path": str(result.undo.path),
+                "pages": result.undo.pages,
+                "scope_pages": result.undo.scope_pages,
+                "seconds": result.undo.seconds,
+            }
         if not result.dry_run:
             out["stats"] = result.stats.as_dict()
         json.dump(out, sys.stdout, indent=2)
@@ -166,6 +187,13 @@ def run_apply(args: argparse.Namespace) -> int:
         print_plan(result.plan)
     else:
         print(_summary(result))
+        if result.undo is not None:
+            u = result.undo
+            print(
+                f"undo image in {u.path} ({u.pages} pages kept, scope {u.scope_pages} pages): "
+                f"'applier apply {u.path} --into {result.plan.pid}' puts pid "
+                f"{result.plan.pid} back as it was before this apply"
+            )
     return 0
 
 
@@ -184,11 +212,7 @@ def _summary(result: ApplyResult) -> str:
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    try:
-        stats = dump(args.pid, args.image_dir, track=args.track)
-    except FileExistsError as exc:
-        print(f"applier: error: {exc}", file=sys.stderr)
-        return 2
+    stats = dump(args.pid, args.image_dir, track=args.track)
     if args.json:
         json.dump(stats.as_dict(), sys.stdout, indent=2)
         print()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from applier.api import apply
 from applier.dump import dump
+from applier.errors import ApplierError
 
 __all__ = ["register", "run"]
 
@@ -31,7 +32,7 @@ def _build() -> Path:
     if not binary.exists():
         gcc = shutil.which("gcc") or shutil.which("cc")
         if gcc is None:
-            raise RuntimeError("the demo needs a C compiler (apt-get install gcc)")
+            raise ApplierError("the demo needs a C compiler (apt-get install gcc)")
         cache.mkdir(parents=True, exist_ok=True)
         tmp = binary.with_suffix(f".{os.getpid()}")
         subprocess.run([gcc, "-O1", "-o", str(tmp), str(SOURCE)], check=True)

@@ -16,6 +16,7 @@ File descriptors, sockets, signals and namespaces are not dumped: an image writt
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from applier import xsave
+from applier.errors import OutputDirError
 from applier.model import Kind
 from applier.sides import read_mm_fields, region_from_mapping
 from formats.core import (
@@ -38,6 +40,7 @@ from formats.core import (
     UserX86RegsEntry,
     UserX86XsaveEntry,
 )
+from formats.files import FileEntry
 from formats.imagewriter import ImageWriter, PageData, regular_file
 from formats.inventory import PstreeEntry
 from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, MmEntry, VmaEntry
@@ -47,7 +50,7 @@ from injector import attach
 from injector.maps import Mapping, read_page_flags
 from injector.tracking import TrackingError, open_tracker
 
-__all__ = ["TRACKING_FILE", "DumpStats", "dump"]
+__all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
 
 # Not a CRIU image: the state of the dirty tracker a tracked dump leaves in the target, so a
 # later ``apply --only-dirty`` knows which pages changed since (CRIU ignores unknown files).
@@ -144,6 +147,83 @@ def _stat_ids(pid: int) -> tuple[int, int, int]:
     return int(rest[1]), int(rest[2]), int(rest[3])
 
 
+@attrs.frozen
+class TaskEntries:
+    """A stopped task as CRIU image entries, all but its pages: pstree, mm (every VMA, mm
+    fields, auxv), one core per thread and files.img (the executable and mapped files)."""
+
+    proc: PstreeEntry
+    mm: MmEntry
+    cores: dict[int, CoreEntry]
+    files: list[FileEntry]
+
+
+def task_entries(s: Any, maps: list[Mapping]) -> TaskEntries:
+    """The entries of the stopped task behind session ``s`` whose mappings are ``maps``
+    (shared with the undo image, which records the target as it was before an apply)."""
+    pid = int(s.pid)
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    file_ids: dict[str, int] = {}
+    files: list[FileEntry] = []
+
+    def file_id(path: str) -> int:
+        if path not in file_ids:
+            file_ids[path] = len(file_ids) + 1
+            try:
+                size: int | None = os.stat(path).st_size
+            except OSError:
+                size = None
+            files.append(regular_file(file_ids[path], path, size=size))
+        return file_ids[path]
+
+    exe_id = file_id(exe)
+    vmas: list[VmaEntry] = []
+    for m in maps:
+        status, flags = _status(m)
+        is_file = bool(status & (S.FILE_PRIVATE | S.FILE_SHARED))
+        vmas.append(
+            VmaEntry(
+                start=m.start,
+                end=m.end,
+                shmid=(
+                    file_id(m.path)
+                    if is_file and m.path
+                    else m.inode
+                    if status & S.ANON_SHARED
+                    else 0
+                ),
+                pgoff=m.offset if is_file or status & S.ANON_SHARED else 0,
+                prot=m.prot,
+                flags=flags,
+                status=status,
+                fd=-1,
+            )
+        )
+    fields = read_mm_fields(pid)
+    brk = s.syscall(12, 0)
+    mm = MmEntry(
+        mm_start_code=fields.get("mm_start_code", 0),
+        mm_end_code=fields.get("mm_end_code", 0),
+        mm_start_data=fields.get("mm_start_data", 0),
+        mm_end_data=fields.get("mm_end_data", 0),
+        mm_start_stack=fields.get("mm_start_stack", 0),
+        mm_start_brk=fields.get("mm_start_brk", 0),
+        mm_arg_start=fields.get("mm_arg_start", 0),
+        mm_arg_end=fields.get("mm_arg_end", 0),
+        mm_env_start=fields.get("mm_env_start", 0),
+        mm_env_end=fields.get("mm_env_end", 0),
+        mm_brk=brk,
+        exe_file_id=exe_id,
+        mm_saved_auxv=_auxv(pid),
+        vmas=vmas,
+    )
+    cores = {tid: _core(s, tid, tid == pid, comm) for tid in s.tids}
+    ppid, pgid, sid = _stat_ids(pid)
+    proc = PstreeEntry(pid=pid, ppid=ppid, pgid=pgid, sid=sid, threads=list(s.tids))
+    return TaskEntries(proc, mm, cores, files)
+
+
 def dump(
     pid: int,
     image_dir: str | os.PathLike[str],
@@ -158,68 +238,50 @@ def dump(
     in ``TRACKING_FILE``, so ``apply --only-dirty`` writes only the pages written since.
     """
     out = Path(image_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty")
+    created = prepare_output_dir(out)
+    try:
+        return _dump(pid, out, page_size, track)
+    except BaseException:
+        # Leave nothing half-written behind: what was there before was an empty directory.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise
+
+
+def prepare_output_dir(out: Path) -> bool:
+    """Make sure ``out`` is an empty directory; returns whether it was created here."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputDirError(f"{out} is not empty")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"cannot create {out}: {exc.strerror}") from exc
+    return created
+
+
+def _dump(pid: int, out: Path, page_size: int, track: bool) -> DumpStats:
     started = time.perf_counter()
     stats = DumpStats(pid=pid)
     with attach(pid) as s:
         maps = s.maps()
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+        task = task_entries(s, maps)
+        proc, mm, cores, vmas = task.proc, task.mm, task.cores, task.mm.vmas
         writer = ImageWriter(out, page_size=page_size)
-        file_ids: dict[str, int] = {}
-
-        def file_id(path: str) -> int:
-            if path not in file_ids:
-                file_ids[path] = len(file_ids) + 1
-                try:
-                    size: int | None = os.stat(path).st_size
-                except OSError:
-                    size = None
-                writer.add_file(regular_file(file_ids[path], path, size=size))
-            return file_ids[path]
-
-        exe_id = file_id(exe)
-        vmas: list[VmaEntry] = []
-        for m in maps:
-            status, flags = _status(m)
-            is_file = bool(status & (S.FILE_PRIVATE | S.FILE_SHARED))
-            vmas.append(
-                VmaEntry(
-                    start=m.start,
-                    end=m.end,
-                    pgoff=m.offset if is_file else 0,
-                    shmid=file_id(m.path) if is_file and m.path else 0,
-                    prot=m.prot,
-                    flags=flags,
-                    status=status,
-                    fd=-1,
-                )
-            )
-        fields = read_mm_fields(pid)
-        brk = s.syscall(12, 0)
-        mm = MmEntry(
-            mm_start_code=fields.get("mm_start_code", 0),
-            mm_end_code=fields.get("mm_end_code", 0),
-            mm_start_data=fields.get("mm_start_data", 0),
-            mm_end_data=fields.get("mm_end_data", 0),
-            mm_start_stack=fields.get("mm_start_stack", 0),
-            mm_start_brk=fields.get("mm_start_brk", 0),
-            mm_arg_start=fields.get("mm_arg_start", 0),
-            mm_arg_end=fields.get("mm_arg_end", 0),
-            mm_env_start=fields.get("mm_env_start", 0),
-            mm_env_end=fields.get("mm_env_end", 0),
-            mm_brk=brk,
-            exe_file_id=exe_id,
-            mm_saved_auxv=_auxv(pid),
-            vmas=vmas,
-        )
-        cores = {tid: _core(s, tid, tid == pid, comm) for tid in s.tids}
-        ppid, pgid, sid = _stat_ids(pid)
-        proc = PstreeEntry(pid=pid, ppid=ppid, pgid=pgid, sid=sid, threads=list(s.tids))
+        for entry in task.files:
+            writer.add_file(entry)
         writer.add_process(
             proc, mm=mm, cores=cores, runs=_page_data(s, maps, vmas, page_size, stats)
         )
+        for inode, windows in _shared_objects(maps).items():
+            runs = _shared_data(s, inode, windows, page_size, stats)
+            writer.write_shmem_pagemap(inode, runs)
         writer.finish()
         if track:
             _start_tracking(s, out, stats)
@@ -227,6 +289,60 @@ def dump(
         stats.vmas = len(vmas)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _shared_objects(maps: list[Mapping]) -> dict[int, list[Mapping]]:
+    """Shared anonymous / memfd / SysV mappings by shmem inode (one object, several maps)."""
+    out: dict[int, list[Mapping]] = {}
+    for m in maps:
+        if region_from_mapping(m).kind is Kind.SHARED_ANON and m.inode:
+            out.setdefault(m.inode, []).append(m)
+    return out
+
+
+def _data_ranges(pid: int, m: Mapping, page: int) -> list[tuple[int, int]]:
+    """Object offsets [start, end) inside ``m``'s window that hold data (not holes), found
+    with SEEK_DATA/SEEK_HOLE on /proc/PID/map_files; the whole window if that is refused."""
+    lo, hi = m.offset, m.offset + m.size
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", os.O_RDONLY)
+    except OSError:
+        return [(lo, hi)]
+    out: list[tuple[int, int]] = []
+    try:
+        pos = lo
+        while pos < hi:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data after pos
+            if data >= hi:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+            out.append((data - data % page, -(-hole // page) * page))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out
+
+
+def _shared_data(
+    s: Any, inode: int, windows: list[Mapping], page: int, stats: DumpStats
+) -> Iterator[PageData]:
+    """pagemap-shmem runs of one object: vaddr = offset in the object, data read through the
+    target's mapping. Offsets seen through several mappings are dumped once."""
+    done: set[int] = set()
+    for m in windows:
+        for a, b in _data_ranges(s.pid, m, page):
+            for off in range(a, b, CHUNK_PAGES * page):
+                n = min(CHUNK_PAGES * page, b - off)
+                if off in done:
+                    continue
+                done.add(off)
+                buf = bytearray(n)
+                s.read_into(m.start + (off - m.offset), memoryview(buf))
+                stats.pages += n // page
+                yield off, n // page, PE_PRESENT, bytes(buf)
 
 
 def _page_data(

@@ -6,6 +6,7 @@ __all__ = [
     "ApplierError",
     "ApplyFailed",
     "MismatchError",
+    "OutputDirError",
     "RollbackFailed",
     "TargetGone",
     "VerifyFailed",
@@ -40,6 +41,12 @@ class VerifyFailed(ApplierError):
     """Reading back after the apply found memory different from the image."""
 
     exit_code = 8
+
+
+class OutputDirError(ApplierError):
+    """An output directory (dump, --undo) that is not empty or cannot be created."""
+
+    exit_code = 2
 
 
 class TargetGone(ApplierError):

@@ -8,30 +8,36 @@ image (``verify``).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import struct
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 
 from applier import regs as regmod
-from applier import xsave
+from applier import shared, xsave
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed, TargetGone, VerifyFailed
-from applier.model import Kind, Region, SavedPages
+from applier.model import Kind, Region
 from applier.plan import (
     Discard,
     MapAnon,
     MapFile,
     Plan,
     Protect,
+    SavedRuns,
     SetBrk,
     SetMm,
     SetRegs,
     Unmap,
     WritePages,
+    WriteShared,
 )
 from applier.undo import (
     SavedRange,
@@ -40,13 +46,16 @@ from applier.undo import (
     UndoMapping,
     UndoMm,
     UndoPages,
+    UndoPageTable,
     UndoProtect,
     UndoRecord,
     UndoRegs,
     UndoUnmap,
 )
+from injector.errors import TargetExited
+from injector.memory import buffer_address
 
-__all__ = ["PR_SET_MM_OPTIONS", "ApplyStats", "Executor", "SessionLike"]
+__all__ = ["ApplyStats", "Executor", "SessionLike", "set_mm_map"]
 
 SYS_mmap, SYS_mprotect, SYS_munmap, SYS_brk = 9, 10, 11, 12
 SYS_madvise, SYS_close, SYS_prctl, SYS_openat = 28, 3, 157, 257
@@ -56,23 +65,13 @@ MADV_DONTNEED = 4
 AT_FDCWD = -100
 O_RDONLY, O_CLOEXEC = 0, 0o2000000
 PR_SET_MM = 35
-# mm_entry field -> PR_SET_MM_* option (include/uapi/linux/prctl.h)
-PR_SET_MM_OPTIONS = {
-    "mm_start_code": 1,
-    "mm_end_code": 2,
-    "mm_start_data": 3,
-    "mm_end_data": 4,
-    "mm_start_stack": 5,
-    "mm_start_brk": 6,
-    "mm_arg_start": 8,
-    "mm_arg_end": 9,
-    "mm_env_start": 10,
-    "mm_env_end": 11,
-}
 PM_PRESENT, PM_FILE = 1 << 63, 1 << 61  # /proc/PID/pagemap bits
 IOV_BATCH = 1024  # pieces per batch: IOV_MAX, what one process_vm_readv/writev call takes
 PREFETCH_MIN = 256 << 10  # pieces this large are mapped in one madvise, not page by page
 CHUNK = 8 << 20  # bytes of page data handled per batch: bounds the applier's memory use
+DIRECT_MAX = 8  # batches of at most this many pieces are compared piece by piece, in place
+RELEASE_BYTES = 32 << 20  # page data used before its pages-file spans are dropped from memory
+RELEASE_SPAN = 2 << 30  # ... or pages-file bytes spanned, for sparse page data
 
 
 class SessionLike(Protocol):
@@ -84,6 +83,8 @@ class SessionLike(Protocol):
     def read(self, addr: int, size: int) -> bytes: ...
     def read_into(self, addr: int, buffer: memoryview) -> None: ...
     def read_runs(self, runs: Sequence[tuple[int, memoryview]]) -> None: ...
+    def read_iov(self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]) -> None: ...
+    def write_iov(self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]) -> None: ...
     def write(self, addr: int, data: bytes | memoryview) -> None: ...
     def write_runs(self, runs: Sequence[tuple[int, bytes | memoryview]]) -> None: ...
     def page_flags(self, start: int, end: int) -> Any: ...
@@ -109,47 +110,205 @@ class ApplyStats:
         return attrs.asdict(self)
 
 
-def page_view(run: SavedPages, vaddr: int, length: int) -> memoryview:
-    """Saved bytes of ``[vaddr, vaddr+length)`` inside ``run`` (a formats PageRun source)."""
-    src: Any = run.source
-    return memoryview(src.pages.view(src.offset + (vaddr - src.vaddr), length))
+U64 = npt.NDArray[np.uint64]
+T = TypeVar("T")
+IovIO = Callable[[U64, U64], None]  # read_iov / write_iov: (local, remote) iovec arrays
+Reader = Callable[[int, int, int, IovIO], T]  # (first, end, buffer slot, read_iov)
 
 
-def iter_batches(runs: Sequence[SavedPages], page: int) -> Iterator[list[tuple[int, memoryview]]]:
-    """Lists of (address, saved bytes) pieces: at most IOV_BATCH pieces and CHUNK bytes each.
+def _iov(addr: U64, length: U64) -> U64:
+    """(n, 2) iovec rows from address and length columns."""
+    out = np.empty((len(addr), 2), dtype=np.uint64)
+    out[:, 0] = addr
+    out[:, 1] = length
+    return out
 
-    Large pieces are mapped from the pages file in one call before the batch is handed out;
-    once the consumer asks for the next batch, the span of the pages file this batch used is
-    dropped from this process's memory, so the RSS stays at about one batch whatever the
-    image size.
+
+def _expand(start: U64, length: U64, step: int) -> U64:
+    """``start[i], start[i] + step, ...`` for ``length[i] // step`` values of every i."""
+    counts = (length // np.uint64(step)).astype(np.intp)
+    index = np.arange(int(counts.sum()), dtype=np.intp)
+    index -= np.repeat(np.cumsum(counts) - counts, counts)  # position inside each range
+    return np.repeat(start, counts) + index.astype(np.uint64) * np.uint64(step)
+
+
+class Pieces:
+    """The write set of a WritePages step as columns, one row per piece of at most CHUNK
+    bytes: target address, length, pages file (index into ``files``) and offset in it, and
+    the local address of the bytes in this process's mapping of that file. No Python object
+    per page: batches are slices, iovecs are built by numpy.
+
+    The pages files stay mapped while the object is open; the spans used are dropped from
+    this process's memory (``release``, see ``used``), so the RSS stays bounded whatever the
+    image size. The write pass leaves its last spans mapped for the verification pass that
+    follows (which releases them).
     """
-    batch: list[tuple[int, memoryview]] = []
-    spans: dict[Any, tuple[int, int]] = {}  # PagesFile -> (first offset, end offset) used
-    size = 0
 
-    def flush() -> Iterator[list[tuple[int, memoryview]]]:
-        yield batch
-        for pages, (lo, hi) in spans.items():
-            pages.release(lo, hi - lo)
+    def __init__(self, runs: SavedRuns, page: int) -> None:
+        self.page = page
+        self.files: list[Any] = []  # formats PagesFile
+        self._views: list[memoryview] = []
+        used = np.unique(runs.source)
+        src_file = np.zeros(len(runs.sources), dtype=np.intp)
+        src_delta = np.zeros(len(runs.sources), dtype=np.uint64)  # file offset - vaddr, mod 2**64
+        index: dict[int, int] = {}
+        for i in used.tolist():
+            src: Any = runs.sources[i]
+            f = index.setdefault(id(src.pages), len(self.files))
+            if f == len(self.files):
+                self.files.append(src.pages)
+            src_file[i] = f
+            src_delta[i] = (src.offset - src.vaddr) % (1 << 64)
+        length = runs.npages * np.uint64(page)
+        vaddr, source = runs.vaddr, runs.source
+        if len(length) and int(length.max()) > CHUNK:  # cut long runs into CHUNK pieces
+            counts = ((length + np.uint64(CHUNK - 1)) // np.uint64(CHUNK)).astype(np.intp)
+            piece_of = np.repeat(np.arange(len(length)), counts)
+            vaddr = _expand(vaddr, counts.astype(np.uint64) * np.uint64(CHUNK), CHUNK)
+            end = runs.vaddr[piece_of] + length[piece_of]
+            length = np.minimum(np.uint64(CHUNK), end - vaddr)
+            source = source[piece_of]
+        self.vaddr: U64 = vaddr
+        self.length: U64 = length
+        self.file = src_file[source]
+        self.offset: U64 = vaddr + src_delta[source]
+        bases = np.zeros(len(self.files), dtype=np.uint64)
+        try:
+            for f, pages in enumerate(self.files):
+                on = self.file == f
+                if on.any():
+                    ends = self.offset[on] + self.length[on]
+                    worst = int(np.argmax(ends))
+                    if int(ends[worst]) > pages.size:  # raises the formats error
+                        pages.view(int(self.offset[on][worst]), int(self.length[on][worst]))
+                view = pages.view(0, pages.size)
+                self._views.append(view)
+                bases[f] = buffer_address(view)
+        except BaseException:
+            self.close()
+            raise
+        self.local: U64 = bases[self.file] + self.offset
+        self._span: dict[int, tuple[int, int]] = {}
+        self._unreleased = 0
 
-    for run in runs:
-        src: Any = run.source
-        addr, end = run.vaddr, run.vaddr + run.nr_pages * page
-        while addr < end:
-            n = min(CHUNK, end - addr)
-            if batch and (len(batch) >= IOV_BATCH or size + n > CHUNK):
-                yield from flush()
-                batch, spans, size = [], {}, 0
-            offset = src.offset + (addr - src.vaddr)
-            if n >= PREFETCH_MIN:
-                src.pages.prefetch(offset, n)
-            lo, hi = spans.get(src.pages, (offset, offset + n))
-            spans[src.pages] = (min(lo, offset), max(hi, offset + n))
-            batch.append((addr, page_view(run, addr, n)))
-            size += n
-            addr += n
-    if batch:
-        yield from flush()
+    def bounds(self) -> list[tuple[int, int]]:
+        """(first, end) row slices of at most IOV_BATCH pieces and CHUNK bytes each (or one
+        larger piece)."""
+        cum = np.cumsum(self.length)
+        out: list[tuple[int, int]] = []
+        i, n = 0, len(self.length)
+        while i < n:
+            before = int(cum[i - 1]) if i else 0
+            j = int(np.searchsorted(cum, before + CHUNK, side="right"))
+            j = min(max(j, i + 1), i + IOV_BATCH)
+            out.append((i, j))
+            i = j
+        return out
+
+    def prefetch(self, i: int, j: int) -> None:
+        """Map pieces of PREFETCH_MIN bytes and more of batch ``i:j`` in one call each."""
+        big = np.nonzero(self.length[i:j] >= PREFETCH_MIN)[0]
+        for k in (i + big).tolist():
+            self.files[int(self.file[k])].prefetch(int(self.offset[k]), int(self.length[k]))
+
+    def used(self, i: int, j: int) -> None:
+        """Batch ``i:j`` is done with: drop the spans of the pages files used so far once
+        RELEASE_BYTES of dense page data went through, or the spans reach RELEASE_SPAN.
+
+        A sparse batch maps more than its pages (fault-around, large folios: touching 1%
+        of a 1 GiB file maps all of it here), so dropping sparse spans early bounds nothing
+        but makes the next pass over the same pages (the verification) fault them in
+        again."""
+        for f in np.unique(self.file[i:j]).tolist():
+            on = self.file[i:j] == f
+            lo = int(self.offset[i:j][on].min())
+            hi = int((self.offset[i:j][on] + self.length[i:j][on]).max())
+            old = self._span.get(f, (lo, hi))
+            self._span[f] = (min(old[0], lo), max(old[1], hi))
+        self._unreleased += int(self.length[i:j].sum())
+        span = sum(hi - lo for lo, hi in self._span.values())
+        dense = span < 4 * self._unreleased
+        if (dense and self._unreleased >= RELEASE_BYTES) or span >= RELEASE_SPAN:
+            self.release()
+
+    def release(self) -> None:
+        for f, (lo, hi) in self._span.items():
+            self.files[f].release(lo, hi - lo)
+        self._span.clear()
+        self._unreleased = 0
+
+    def image_words(self, k: int) -> U64:
+        """The image's bytes of piece ``k`` as uint64 words: a view of the mapping, no copy."""
+        view = self._views[int(self.file[k])]
+        return np.frombuffer(
+            view, dtype=np.uint64, count=int(self.length[k]) // 8, offset=int(self.offset[k])
+        )
+
+    def image_rows(
+        self, i: int, j: int, into: U64, mask: npt.NDArray[np.bool_] | None = None
+    ) -> U64:
+        """The image's bytes of pieces ``i:j`` (``mask`` selects some), one row per page:
+        an (n, page // 8) uint64 array, gathered into the start of ``into``."""
+        offset, length, file = self.offset[i:j], self.length[i:j], self.file[i:j]
+        if mask is not None:
+            offset, length, file = offset[mask], length[mask], file[mask]
+        page, words = self.page, self.page // 8
+        page_off = _expand(offset, length, page)
+        out = into[: len(page_off) * words].reshape(-1, words)
+        files = np.unique(file).tolist()
+        page_file = (
+            None
+            if len(files) == 1
+            else np.repeat(file, (length // np.uint64(page)).astype(np.intp))
+        )
+        for f in files:
+            flat = np.frombuffer(self._views[f], dtype=np.uint8)
+            offs = page_off if page_file is None else page_off[page_file == f]
+            if not (offs % np.uint64(page)).any():
+                rows = flat[: len(flat) // page * page].view(np.uint64).reshape(-1, words)
+                idx = (offs // np.uint64(page)).astype(np.intp)
+                if page_file is None:
+                    np.take(rows, idx, axis=0, out=out)
+                else:
+                    out[page_file == f] = rows[idx]
+            else:  # pages not at page offsets in the file: gather byte by byte
+                idx = offs.astype(np.intp)[:, None] + np.arange(page, dtype=np.intp)
+                got = flat[idx].view(np.uint64).reshape(-1, words)
+                if page_file is None:
+                    out[:] = got
+                else:
+                    out[page_file == f] = got
+            del flat
+        return out
+
+    def close(self, *, release: bool = True) -> None:
+        if release:
+            self.release()
+        for view in self._views:
+            view.release()
+        self._views.clear()
+
+
+def _inside_any(ranges: list[tuple[int, int]], start: U64, length: U64) -> npt.NDArray[np.bool_]:
+    """For each [start, start + length), whether it lies inside one of ``ranges`` (few)."""
+    out = np.zeros(len(start), dtype=bool)
+    for a, b in ranges:
+        out |= (start >= np.uint64(a)) & (start + length <= np.uint64(b))
+    return out
+
+
+def _coalesce(remote: U64, local: U64, length: U64) -> tuple[U64, U64]:
+    """Rows that continue each other in both address spaces merged: (local, remote) iovecs."""
+    if len(remote) == 0:
+        empty = np.empty((0, 2), dtype=np.uint64)
+        return empty, empty
+    ends_r, ends_l = remote + length, local + length
+    starts = np.ones(len(remote), dtype=bool)
+    starts[1:] = (remote[1:] != ends_r[:-1]) | (local[1:] != ends_l[:-1])
+    firsts = np.nonzero(starts)[0]
+    lasts = np.append(firsts[1:] - 1, len(remote) - 1)
+    size = ends_r[lasts] - remote[firsts]
+    return _iov(local[firsts], size), _iov(remote[firsts], size)
 
 
 class Progress:
@@ -182,6 +341,7 @@ class Executor:
     only_dirty: bool = False
     progress: bool = True
     stats: ApplyStats = attrs.field(factory=ApplyStats)
+    _buffers: list[npt.NDArray[np.uint64]] = attrs.field(factory=list, init=False, repr=False)
 
     @property
     def page(self) -> int:
@@ -271,7 +431,9 @@ class Executor:
         return self.stats
 
     def _rollback_after(self, exc: BaseException) -> None:
-        if not _alive(self.session.pid):
+        # A target killed a moment ago may not be a zombie yet; the injector's TargetExited
+        # says so for certain.
+        if isinstance(exc, TargetExited) or not _alive(self.session.pid):
             raise TargetGone(f"pid {self.session.pid} exited during the apply ({exc})") from exc
         if not self.undo.enabled:
             raise RollbackFailed(
@@ -280,6 +442,8 @@ class Executor:
             ) from exc
         try:
             rollback(self.session, self.undo)
+        except TargetExited as rb_exc:
+            raise TargetGone(f"pid {self.session.pid} exited during the apply ({exc})") from rb_exc
         except Exception as rb_exc:
             raise RollbackFailed(
                 f"apply failed ({exc}) and rolling back failed too ({rb_exc}); "
@@ -306,8 +470,9 @@ class Executor:
             if got != step.new:
                 raise MismatchError(f"brk({step.new:#x}) refused by the kernel (break {got:#x})")
         elif isinstance(step, SetMm):
-            self.undo.add(UndoMm(step.field, step.old))
-            s.syscall(SYS_prctl, PR_SET_MM, PR_SET_MM_OPTIONS[step.field], step.new, 0, 0)
+            set_mm_map(s, step.new)
+            # Recorded after the call: a call the kernel refused changed nothing to undo.
+            self.undo.add(UndoMm(tuple(step.old.items())))
         elif isinstance(step, Unmap):
             saved = self._save(_saveable(step.region, self.page, s))
             self.undo.add(UndoUnmap(step.region, saved))
@@ -328,6 +493,8 @@ class Executor:
             for a, b in step.ranges:
                 s.syscall(SYS_madvise, a, b - a, MADV_DONTNEED)
             self.stats.bytes_discarded += step.nr_bytes
+        elif isinstance(step, WriteShared):
+            self.stats.pages_written += shared.write_shared(s, self.undo, step, self.page)
         elif isinstance(step, SetRegs):
             self._set_regs(step)
         else:  # pragma: no cover - the plan's step union is closed
@@ -343,61 +510,117 @@ class Executor:
             if isinstance(st, MapAnon | MapFile)
         ]
 
-    def _write_pages(self, step: WritePages) -> None:
-        """Write the saved pages in batches: per batch one read of the old contents (straight
-        into the undo spool), optionally one compare, one batched write."""
-        page = self.page
-        fresh = self._recreated()
-        progress = Progress(step.nr_pages * page, self.progress)
-        scratch = bytearray(CHUNK) if not self.undo.enabled else None
-        for batch in iter_batches(step.runs, page):
-            # Pieces in regions this apply created hold nothing worth keeping.
-            olds = [
-                (addr, len(data))
-                for addr, data in batch
-                if not (fresh and _inside(fresh, addr, addr + len(data)))
-            ]
-            pieces = batch
-            if olds and self.undo.enabled:
-                with self.undo.window(sum(n for _, n in olds)) as (offset, window):
-                    pieces = self._keep_and_compare(batch, olds, window)
-                    ranges, pos = [], offset
-                    for addr, n in olds:
-                        ranges.append(SavedRange(addr, n, pos))
-                        pos += n
-                    self.undo.add(UndoPages(tuple(ranges)))
-                    del window
-            elif olds and scratch is not None and self.only_dirty:
-                pieces = self._keep_and_compare(batch, olds, memoryview(scratch))
-            if pieces:
-                self.session.write_runs(pieces)
-            written = sum(len(d) for _, d in pieces)
-            self.stats.pages_written += written // page
-            self.stats.pages_skipped += (sum(len(d) for _, d in batch) - written) // page
-            progress.advance(sum(len(d) for _, d in batch))
+    def _scratch(self, which: int) -> U64:
+        """CHUNK-byte buffers of this executor, allocated on first use: 0 and 1 for target
+        memory read (old contents, read-back; two so that one batch is read while the one
+        before is handled), 2 for image pages gathered for a compare."""
+        while len(self._buffers) <= which:
+            self._buffers.append(np.empty(CHUNK // 8, dtype=np.uint64))
+        return self._buffers[which]
 
-    def _keep_and_compare(
-        self,
-        batch: list[tuple[int, memoryview]],
-        olds: list[tuple[int, int]],
-        into: memoryview,
-    ) -> list[tuple[int, memoryview]]:
-        """Read the old contents of ``olds`` into ``into``; return the pieces to write (with
-        --only-dirty, just the pages that differ from the image)."""
-        views: list[tuple[int, memoryview]] = []
-        pos = 0
-        for addr, n in olds:
-            views.append((addr, into[pos : pos + n]))
-            pos += n
-        self.session.read_runs(views)
-        if not self.only_dirty:
-            return batch
-        old_of = dict(views)
-        out: list[tuple[int, memoryview]] = []
-        for addr, data in batch:
-            live = old_of.get(addr)
-            out += [(addr, data)] if live is None else _differing_pages(addr, data, live, self.page)
-        return out
+    def _read_ahead(
+        self, pieces: Pieces, read: Reader[T], *, ahead: bool = True
+    ) -> Iterator[tuple[int, int, T]]:
+        """(first, end, read(first, end, slot, read_iov)) for every batch of ``pieces``, in
+        order. With ``ahead``, the read of the next batch runs on a worker thread
+        (process_vm_readv releases the GIL) while the caller handles the current one, which
+        uses the other buffer slot (0, 1). The worker reads through the session's MemoryIO
+        (the session itself takes requests from the attaching thread only); a read that
+        fails there, e.g. one that needs the mprotect round trip (ptrace), is run again on
+        the caller's thread."""
+        bounds = pieces.bounds()
+        memory = getattr(self.session, "memory", None) if ahead else None  # Session.memory
+        offload: IovIO | None = getattr(memory, "read_iov", None)
+        if len(bounds) < 2 or offload is None:
+            for i, j in bounds:
+                pieces.prefetch(i, j)
+                yield i, j, read(i, j, 0, self.session.read_iov)
+            return
+        self._scratch(1)  # both slots exist before the worker uses one
+        worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="applier-read")
+        try:
+            future = worker.submit(read, *bounds[0], 0, offload)
+            for n, (i, j) in enumerate(bounds):
+                pieces.prefetch(i, j)
+                try:
+                    got = future.result()
+                except Exception:
+                    got = read(i, j, n % 2, self.session.read_iov)
+                if n + 1 < len(bounds):
+                    future = worker.submit(read, *bounds[n + 1], (n + 1) % 2, offload)
+                yield i, j, got
+        finally:
+            worker.shutdown(wait=True)  # never leave it writing into a buffer
+
+    def _write_pages(self, step: WritePages) -> None:
+        """Write the saved pages in batches: per batch one read of the old contents (then
+        appended to the undo spool), optionally one compare, one batched write."""
+        page = self.page
+        progress = Progress(step.nr_pages * page, self.progress)
+        pieces = Pieces(step.runs, page)
+        release = True
+        try:
+            # Pieces in regions this apply created hold nothing worth keeping.
+            olds = ~_inside_any(self._recreated(), pieces.vaddr, pieces.length)
+            read_old = self.undo.enabled or self.only_dirty
+
+            def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64 | None:
+                """The old contents of batch ``i:j`` (its pieces to keep), or None."""
+                keep = olds[i:j]
+                if not (read_old and keep.any()):
+                    return None
+                length = pieces.length[i:j][keep]
+                pos = np.cumsum(length) - length
+                old = self._scratch(slot)[: int(length.sum()) // 8]
+                base = np.uint64(old.ctypes.data)
+                read_iov(_iov(base + pos, length), _iov(pieces.vaddr[i:j][keep], length))
+                return old
+
+            # No read-ahead of old contents: reading the next batch while this one is
+            # written makes both copies slower (measured: they contend in the target).
+            for i, j, old in self._read_ahead(pieces, read, ahead=False):
+                keep = olds[i:j]
+                total = int(pieces.length[i:j].sum())
+                local, remote = _iov(pieces.local[i:j], pieces.length[i:j]), None
+                if old is not None:
+                    length = pieces.length[i:j][keep]
+                    addr = pieces.vaddr[i:j][keep]
+                    pos = np.cumsum(length) - length
+                    if self.undo.enabled:
+                        offset = self.undo.append(old.data)
+                        self.undo.add(UndoPageTable(addr, length, pos + np.uint64(offset)))
+                    if self.only_dirty:
+                        local, remote = self._differing(pieces, i, j, keep, old)
+                if remote is None:
+                    remote = _iov(pieces.vaddr[i:j], pieces.length[i:j])
+                if len(remote):
+                    self.session.write_iov(local, remote)
+                written = int(remote[:, 1].sum())
+                self.stats.pages_written += written // page
+                self.stats.pages_skipped += (total - written) // page
+                progress.advance(total)
+                pieces.used(i, j)
+            release = False  # the verification reads the same pages of the image again
+        finally:
+            pieces.close(release=release)
+
+    def _differing(
+        self, pieces: Pieces, i: int, j: int, keep: npt.NDArray[np.bool_], old: U64
+    ) -> tuple[U64, U64]:
+        """(local, remote) iovecs of what batch ``i:j`` must write with --only-dirty: the
+        pieces without old contents (``keep`` false) whole, and of the others (whose old
+        contents are in ``old``, back to back) the pages that differ from the image."""
+        page = self.page
+        want = pieces.image_rows(i, j, self._scratch(2), keep)
+        differs = (want != old.reshape(want.shape)).any(axis=1)
+        length = pieces.length[i:j]
+        page_addr = _expand(pieces.vaddr[i:j][keep], length[keep], page)[differs]
+        page_local = _expand(pieces.local[i:j][keep], length[keep], page)[differs]
+        remote = np.concatenate((pieces.vaddr[i:j][~keep], page_addr))
+        local = np.concatenate((pieces.local[i:j][~keep], page_local))
+        sizes = np.concatenate((length[~keep], np.full(len(page_addr), page, dtype=np.uint64)))
+        order = np.argsort(remote, kind="stable")
+        return _coalesce(remote[order], local[order], sizes[order])
 
     def _set_regs(self, step: SetRegs) -> None:
         s = self.session
@@ -414,29 +637,53 @@ class Executor:
 
     # ------------------------------------------------------------------ verification
 
+    def _verify_pages(self, step: WritePages) -> None:
+        """Read every written piece back (one process_vm_readv per batch) and compare it with
+        the image, one numpy compare per batch."""
+        page = self.page
+        pieces = Pieces(step.runs, page)
+        rows = self._scratch(2)
+
+        def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64:
+            length = pieces.length[i:j]
+            pos = np.cumsum(length) - length
+            buf = self._scratch(slot)
+            base = np.uint64(buf.ctypes.data)
+            read_iov(_iov(base + pos, length), _iov(pieces.vaddr[i:j], length))
+            return buf
+
+        try:
+            for i, j, buf in self._read_ahead(pieces, read):
+                length = pieces.length[i:j]
+                pos = np.cumsum(length) - length
+                if (
+                    j - i <= DIRECT_MAX
+                    and all(  # few large pieces: compare in place
+                        np.array_equal(buf[p // 8 : (p + n) // 8], pieces.image_words(k))
+                        for k, p, n in zip(range(i, j), pos.tolist(), length.tolist(), strict=True)
+                    )
+                ):
+                    pieces.used(i, j)
+                    continue
+                want = pieces.image_rows(i, j, rows)
+                have = buf[: want.size].reshape(want.shape)
+                if not np.array_equal(want, have):
+                    bad = int(np.argmax((want != have).any(axis=1)))
+                    addr = _expand(pieces.vaddr[i:j], length, page)[bad]
+                    raise VerifyFailed(
+                        f"pid {self.session.pid}: page {int(addr):#x} differs from the image "
+                        "after writing",
+                    )
+                pieces.used(i, j)
+        finally:
+            pieces.close()
+
     def verify(self) -> None:
         """Read back what was written and compare it with the image; raise VerifyFailed."""
         page = self.page
-        buf = bytearray(CHUNK)
         for step in self.plan.steps:
             if isinstance(step, WritePages):
-                for batch in iter_batches(step.runs, page):
-                    lives: list[tuple[int, memoryview]] = []
-                    used = 0
-                    for addr, data in batch:
-                        lives.append((addr, memoryview(buf)[used : used + len(data)]))
-                        used += len(data)
-                    self.session.read_runs(lives)
-                    want = b"".join(data for _, data in batch)
-                    if not np.array_equal(_u64(memoryview(buf)[:used]), _u64(memoryview(want))):
-                        for (addr, data), (_, live) in zip(batch, lives, strict=True):
-                            if not np.array_equal(_u64(live), _u64(data)):
-                                bad = _first_difference(data, live)
-                                raise VerifyFailed(
-                                    f"pid {self.session.pid}: page "
-                                    f"{addr + bad // page * page:#x} differs from the image "
-                                    "after writing",
-                                )
+                self._verify_pages(step)
             elif isinstance(step, Discard):
                 # Checked through pagemap, not by reading: a read would fault the zero page
                 # (or the file's page) in and make the page present again.
@@ -453,6 +700,8 @@ class Executor:
                             f"pid {self.session.pid}: page {a + int(left[0]) * page:#x} still "
                             "holds data after discarding",
                         )
+            elif isinstance(step, WriteShared):
+                shared.verify_shared(self.session, step, page)
             elif isinstance(step, SetRegs):
                 values, _ = self._image_regs(step)
                 got = self.session.get_regs(step.tid)
@@ -539,15 +788,41 @@ def map_region(s: SessionLike, region: Region) -> None:
         raise MismatchError(f"mmap placed {region.describe()} at {got:#x}")
 
 
+@contextlib.contextmanager
+def scratch_memory(s: SessionLike, data: bytes) -> Iterator[int]:
+    """``data`` in a fresh anonymous mapping of the target, for syscalls that take a pointer;
+    unmapped afterwards."""
+    length = (len(data) + 4095) // 4096 * 4096
+    addr = s.syscall(SYS_mmap, 0, length, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1 & 0xFFFFFFFF, 0)
+    try:
+        s.write(addr, data)
+        yield addr
+    finally:
+        s.syscall(SYS_munmap, addr, length)
+
+
+# struct prctl_mm_map (include/uapi/linux/prctl.h): 11 u64 bounds, auxv pointer, auxv_size,
+# exe_fd. auxv NULL/0 and exe_fd -1 leave the saved auxv and /proc/PID/exe as they are.
+_MM_MAP_ORDER = (
+    "mm_start_code", "mm_end_code", "mm_start_data", "mm_end_data", "mm_start_brk", "brk",
+    "mm_start_stack", "mm_arg_start", "mm_arg_end", "mm_env_start", "mm_env_end",
+)  # fmt: skip
+PR_SET_MM_MAP = 14
+
+
+def set_mm_map(s: SessionLike, fields: dict[str, int]) -> None:
+    """prctl(PR_SET_MM, PR_SET_MM_MAP) with ``fields``; the program break stays where it is
+    now (brk is the brk step's business)."""
+    values = {**fields, "brk": s.syscall(SYS_brk, 0)}
+    blob = struct.pack("<11QQII", *(values[n] for n in _MM_MAP_ORDER), 0, 0, 0xFFFFFFFF)
+    with scratch_memory(s, blob) as addr:
+        s.syscall(SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, addr, len(blob), 0)
+
+
 def _map_file(s: SessionLike, region: Region) -> int:
     """openat + mmap + close inside the target, with the path in a scratch page."""
     path = (region.path or "").encode() + b"\0"
-    scratch_len = (len(path) + 4095) // 4096 * 4096
-    scratch = s.syscall(
-        SYS_mmap, 0, scratch_len, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1 & 0xFFFFFFFF, 0
-    )
-    try:
-        s.write(scratch, path)
+    with scratch_memory(s, path) as scratch:
         fd = s.syscall(SYS_openat, AT_FDCWD & ((1 << 64) - 1), scratch, O_RDONLY | O_CLOEXEC, 0)
         try:
             return s.syscall(
@@ -561,8 +836,6 @@ def _map_file(s: SessionLike, region: Region) -> int:
             )
         finally:
             s.syscall(SYS_close, fd)
-    finally:
-        s.syscall(SYS_munmap, scratch, scratch_len)
 
 
 def rollback(s: SessionLike, undo: UndoLog) -> None:
@@ -571,6 +844,8 @@ def rollback(s: SessionLike, undo: UndoLog) -> None:
     for rec in records:
         if isinstance(rec, UndoPages):
             _restore_pages(s, undo, rec.ranges)
+        elif isinstance(rec, UndoPageTable):
+            undo.restore_table(rec, s.write_iov)
         elif isinstance(rec, UndoMapping):
             s.syscall(SYS_munmap, rec.start, rec.end - rec.start)
         elif isinstance(rec, UndoUnmap):
@@ -582,7 +857,7 @@ def rollback(s: SessionLike, undo: UndoLog) -> None:
         elif isinstance(rec, UndoBrk):
             s.syscall(SYS_brk, rec.brk)
         elif isinstance(rec, UndoMm):
-            s.syscall(SYS_prctl, PR_SET_MM, PR_SET_MM_OPTIONS[rec.field], rec.value, 0, 0)
+            set_mm_map(s, dict(rec.values))
         elif isinstance(rec, UndoRegs):
             if rec.xstate is not None:
                 s.set_xstate(rec.tid, rec.xstate)

@@ -23,6 +23,7 @@ __all__ = [
     "LiveTask",
     "Region",
     "SavedPages",
+    "SharedObject",
     "format_prot",
     "merge_regions",
 ]
@@ -83,15 +84,23 @@ class Region:
     offset: int = 0  # file offset (bytes) of ``start``
     name: str | None = None  # [heap], [stack], [vdso], ...
     growsdown: bool = False
+    # SHARED_ANON: the shmem object's inode (= CRIU's vma.shmid and pagemap-shmem id for
+    # VMA_ANON_SHARED); -1 when the image names the object another way (memfd-style entry).
+    inode: int = 0
 
     @property
     def size(self) -> int:
         return self.end - self.start
 
-    def backing_at(self, addr: int) -> tuple[Kind, str | None, int]:
-        """Kind, path and file offset that back ``addr``: equal tuples mean the same backing."""
-        off = self.offset + (addr - self.start) if self.kind is not Kind.ANON else 0
-        return (self.kind, self.path if self.kind is not Kind.ANON else None, off)
+    def backing_at(self, addr: int) -> tuple[Kind, str | int | None, int]:
+        """Kind, object (path or shmem inode) and offset that back ``addr``: equal tuples
+        mean the same backing."""
+        if self.kind is Kind.ANON:
+            return (self.kind, None, 0)
+        off = self.offset + (addr - self.start)
+        if self.kind is Kind.SHARED_ANON:
+            return (self.kind, self.inode, off)
+        return (self.kind, self.path, off)
 
     def same_backing(self, other: Region) -> bool:
         """Whether ``other`` continues or matches this region's backing at its own start."""
@@ -147,6 +156,15 @@ class SavedPages:
 
 
 @attrs.frozen
+class SharedObject:
+    """The saved pages of one shared memory object (pagemap-shmem-<inode>.img): ``saved``
+    runs have object offsets as ``vaddr``; offsets not covered were holes (zero)."""
+
+    inode: int
+    saved: Sequence[SavedPages]
+
+
+@attrs.frozen
 class ImageTask:
     """The image side of one task, reduced to what the planner needs."""
 
@@ -159,6 +177,7 @@ class ImageTask:
     exe: str | None
     threads: Sequence[int]  # thread ids of the image, leader first
     mm_fields: dict[str, int] = attrs.field(factory=dict)
+    shared: dict[int, SharedObject] = attrs.field(factory=dict)  # by inode
 
 
 @attrs.frozen
@@ -177,3 +196,5 @@ class LiveTask:
     brk: int | None = None
     # /proc/PID/stat mm fields by their mm_entry names (mm_start_code, ..., mm_env_end).
     mm_fields: dict[str, int] = attrs.field(factory=dict)
+    # Each live thread's (instruction pointer, stack pointer) at the stop.
+    thread_ip_sp: dict[int, tuple[int, int]] = attrs.field(factory=dict)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar, overload
 
 import attrs
 import numpy as np
@@ -39,12 +39,14 @@ __all__ = [
     "MapFile",
     "Plan",
     "Protect",
+    "SavedRuns",
     "SetBrk",
     "SetMm",
     "SetRegs",
     "Step",
     "Unmap",
     "WritePages",
+    "WriteShared",
     "make_plan",
 ]
 
@@ -109,21 +111,115 @@ class SetBrk:
 
 @attrs.frozen
 class SetMm:
-    field: str  # mm_entry name, e.g. mm_start_brk
-    old: int
-    new: int
+    """All mm fields (code/data/stack/arg/env bounds, heap start) in one
+    prctl(PR_SET_MM, PR_SET_MM_MAP): one call keeps the kernel's ordering checks satisfied
+    (arg_start <= arg_end, ...) and needs no CAP_SYS_RESOURCE, unlike the one-field calls."""
+
+    fields: tuple[tuple[str, int, int], ...]  # (mm_entry name, live value, image value)
+
+    @property
+    def old(self) -> dict[str, int]:
+        return {name: old for name, old, _ in self.fields}
+
+    @property
+    def new(self) -> dict[str, int]:
+        return {name: new for name, _, new in self.fields}
 
     def describe(self) -> str:
-        return f"prctl   PR_SET_MM {self.field} {self.old:#x} -> {self.new:#x}"
+        changed = ", ".join(
+            f"{name} {old:#x} -> {new:#x}" for name, old, new in self.fields if old != new
+        )
+        return f"prctl   PR_SET_MM_MAP {changed}"
+
+
+class SavedRuns(Sequence[SavedPages]):
+    """Runs of saved pages held as arrays, sorted by address: run i is ``npages[i]`` pages at
+    ``vaddr[i]`` whose bytes come from ``sources[source[i]]`` (a ``SavedPages.source``: the
+    formats PageRun the run was cut from, so the bytes of ``a`` are at ``a - run.vaddr`` in
+    that run). A sequence of SavedPages to read, but a dirty set of 100,000 scattered pages
+    costs no Python object per run to plan and to write."""
+
+    __slots__ = ("npages", "source", "sources", "vaddr")
+
+    def __init__(
+        self,
+        vaddr: npt.NDArray[np.uint64],
+        npages: npt.NDArray[np.uint64],
+        source: npt.NDArray[np.intp],
+        sources: tuple[object, ...],
+    ) -> None:
+        self.vaddr, self.npages, self.source, self.sources = vaddr, npages, source, sources
+
+    @classmethod
+    def of(cls, runs: Iterable[SavedPages]) -> SavedRuns:
+        """``runs`` as a SavedRuns (itself if it is one), in address order."""
+        if isinstance(runs, SavedRuns):
+            return runs
+        items = sorted(runs, key=lambda r: r.vaddr)
+        return cls(
+            np.array([r.vaddr for r in items], dtype=np.uint64),
+            np.array([r.nr_pages for r in items], dtype=np.uint64),
+            np.arange(len(items), dtype=np.intp),
+            tuple(r.source for r in items),
+        )
+
+    @property
+    def nr_pages(self) -> int:
+        return int(self.npages.sum())
+
+    def ends(self, page: int) -> npt.NDArray[np.uint64]:
+        return self.vaddr + self.npages * np.uint64(page)
+
+    def __len__(self) -> int:
+        return len(self.vaddr)
+
+    @overload
+    def __getitem__(self, index: int) -> SavedPages: ...
+    @overload
+    def __getitem__(self, index: slice) -> SavedRuns: ...
+    def __getitem__(self, index: int | slice) -> SavedPages | SavedRuns:
+        if isinstance(index, slice):
+            return SavedRuns(
+                self.vaddr[index], self.npages[index], self.source[index], self.sources
+            )
+        return SavedPages(
+            int(self.vaddr[index]), int(self.npages[index]), self.sources[self.source[index]]
+        )
+
+    def __iter__(self) -> Iterator[SavedPages]:
+        for a, n, i in zip(
+            self.vaddr.tolist(), self.npages.tolist(), self.source.tolist(), strict=True
+        ):
+            yield SavedPages(a, n, self.sources[i])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SavedRuns):
+            return NotImplemented
+        return (
+            np.array_equal(self.vaddr, other.vaddr)
+            and np.array_equal(self.npages, other.npages)
+            and [self.sources[i] for i in self.source.tolist()]
+            == [other.sources[i] for i in other.source.tolist()]
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.vaddr.tobytes(), self.npages.tobytes()))
+
+    def __repr__(self) -> str:
+        return f"SavedRuns({len(self)} runs, {self.nr_pages} pages)"
+
+
+def _saved_runs(runs: Iterable[SavedPages]) -> SavedRuns:
+    return SavedRuns.of(runs)
 
 
 @attrs.frozen
 class WritePages:
-    runs: tuple[SavedPages, ...]
+    runs: SavedRuns = attrs.field(converter=_saved_runs)
 
     @property
     def nr_pages(self) -> int:
-        return sum(r.nr_pages for r in self.runs)
+        return self.runs.nr_pages
 
     def describe(self) -> str:
         return f"write   {self.nr_pages} saved pages in {len(self.runs)} runs"
@@ -154,8 +250,34 @@ class SetRegs:
         return f"regs    thread {self.tid} <- core-{self.image_tid}.img"
 
 
-Step = Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | SetRegs
-S = TypeVar("S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, SetRegs)
+@attrs.frozen
+class WriteShared:
+    """Shared anonymous memory (a shmem object) back to its pagemap-shmem contents, through
+    the live mapping: saved pages written, the rest of the window punched to zero
+    (MADV_REMOVE). Every process that maps the object sees the change."""
+
+    region: Region
+    runs: tuple[SavedPages, ...]  # address-based (translated from object offsets)
+    holes: tuple[tuple[int, int], ...]
+
+    @property
+    def nr_pages(self) -> int:
+        return sum(r.nr_pages for r in self.runs)
+
+    def describe(self) -> str:
+        return (
+            f"shared  {self.region.describe()}: {self.nr_pages} saved pages, "
+            f"{len(self.holes)} zero ranges"
+        )
+
+
+Step = (
+    Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
+    | SetRegs
+)  # fmt: skip
+S = TypeVar(
+    "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared, SetRegs
+)
 
 
 @attrs.frozen
@@ -211,7 +333,7 @@ def check_same_process(image: ImageTask, live: LiveTask) -> None:
             or have.end < want.end
             or have.kind is not Kind.FILE
             or _strip_deleted(have.path or "") != _strip_deleted(want.path or "")
-            or have.backing_at(want.start) != want.backing_at(want.start)
+            or not _same_backing(want, have, want.start)
         ):
             found = have.describe() if have and have.end > want.start else "nothing"
             raise MismatchError(
@@ -229,11 +351,32 @@ def match_threads(image: ImageTask, live: LiveTask) -> list[tuple[int, int]]:
     if len(image.threads) != len(live.threads):
         raise MismatchError(
             f"image has {len(image.threads)} threads but pid {live.pid} has "
-            f"{len(live.threads)}; leave registers out with --restore memory,layout,brk",
+            f"{len(live.threads)} (threads started or ended since the checkpoint); "
+            "--restore memory,layout,brk leaves registers out, where no thread's stack or "
+            "code would be unmapped",
         )
     if sorted(image.threads) == sorted(live.threads):
         return [(t, t) for t in live.threads]
     return list(zip(live.threads, image.threads, strict=True))
+
+
+def check_running_threads(steps: Sequence[Step], live: LiveTask) -> None:
+    """Refuse a plan that takes away the stack or the code of a thread it does not give new
+    registers: that thread would crash as soon as it runs (a thread started after the
+    checkpoint, with registers left out)."""
+    kept = set(live.thread_ip_sp) - {s.tid for s in steps if isinstance(s, SetRegs)}
+    removed = [(s.start, s.end) for s in steps if isinstance(s, Unmap)]
+    for tid in sorted(kept):
+        ip, sp = live.thread_ip_sp[tid]
+        for start, end in removed:
+            for what, addr in (("stack", sp), ("code", ip)):
+                if start <= addr < end:
+                    raise MismatchError(
+                        f"thread {tid} keeps its registers but its {what} at {addr:#x} is "
+                        f"in {start:#x}-{end:#x}, which the image does not have: it would "
+                        "crash; restore without layout (--restore memory,brk) or with "
+                        "registers",
+                    )
 
 
 # --------------------------------------------------------------------------- layout
@@ -289,7 +432,7 @@ def plan_layout(image: Sequence[Region], live: Sequence[Region]) -> tuple[list[S
             pending.append(("unmap", a, b, None, have))
         elif have is None:
             pending.append(("map", a, b, want, None))
-        elif want.backing_at(a) != have.backing_at(a):
+        elif not _same_backing(want, have, a):
             pending.append(("replace", a, b, want, have))
         elif want.prot != have.prot:
             pending.append(("protect", a, b, want, have))
@@ -313,8 +456,10 @@ def plan_layout(image: Sequence[Region], live: Sequence[Region]) -> tuple[list[S
             assert want is not None and have is not None
             steps.append(Protect(a, b, have.prot, want.prot))
     for r in image:
+        # By address only: since Linux 6.13 the vvar area is two mappings, [vvar] and
+        # [vvar_vclock], and images name both [vvar].
         if r.kind is Kind.SPECIAL and not any(
-            x.start == r.start and x.name == r.name for x in live
+            x.kind is Kind.SPECIAL and x.start == r.start for x in live
         ):
             notes.append(f"{r.describe()} is elsewhere in the target: left as it is")
     return steps, notes
@@ -381,24 +526,31 @@ def _ranges(pages: npt.NDArray[np.uint64], page: int) -> tuple[tuple[int, int], 
     )
 
 
-def clip_saved(
-    saved: Sequence[SavedPages], regions: Sequence[Region], page: int
-) -> list[SavedPages]:
+def clip_saved(saved: Iterable[SavedPages], regions: Sequence[Region], page: int) -> SavedRuns:
     """Keep the saved pages that fall in private regions of the image (never vDSO, shared)."""
-    private = [r for r in regions if r.kind.private]
-    out: list[SavedPages] = []
-    j = 0
-    for run in sorted(saved, key=lambda r: r.vaddr):
-        end = run.vaddr + run.nr_pages * page
-        while j < len(private) and private[j].end <= run.vaddr:
-            j += 1
-        k = j
-        while k < len(private) and private[k].start < end:
-            a, b = max(run.vaddr, private[k].start), min(end, private[k].end)
-            if a < b:
-                out.append(attrs.evolve(run, vaddr=a, nr_pages=(b - a) // page))
-            k += 1
-    return out
+    runs = SavedRuns.of(saved)
+    r_starts, r_ends = _intervals((r.start, r.end) for r in regions if r.kind.private)
+    starts, ends = runs.vaddr, runs.ends(page)
+    # Every (run, region) pair that overlaps: regions from the first that ends after the
+    # run starts to the last that starts before the run ends (both lists sorted, disjoint).
+    first = np.searchsorted(r_ends, starts, side="right")
+    count = np.maximum(np.searchsorted(r_starts, ends, side="left") - first, 0)
+    run_of = np.repeat(np.arange(len(runs)), count)
+    reg_of = first[run_of] + (np.arange(len(run_of)) - np.repeat(np.cumsum(count) - count, count))
+    a = np.maximum(starts[run_of], r_starts[reg_of]) if len(run_of) else starts[:0]
+    b = np.minimum(ends[run_of], r_ends[reg_of]) if len(run_of) else ends[:0]
+    ok = a < b
+    run_of, a, b = run_of[ok], a[ok], b[ok]
+    return SavedRuns(a, (b - a) // np.uint64(page), runs.source[run_of], runs.sources)
+
+
+def _saved_intervals(
+    saved: Sequence[SavedPages], page: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    if isinstance(saved, SavedRuns):
+        return saved.vaddr, saved.ends(page)
+    starts, ends = _intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in saved)
+    return starts, ends
 
 
 def plan_discards(
@@ -412,7 +564,7 @@ def plan_discards(
     present = np.asarray(live.present, dtype=np.uint64)
     if len(present) == 0:
         return []
-    s_starts, s_ends = _intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in saved)
+    s_starts, s_ends = _saved_intervals(saved, page)
     keep = ~_covered(present, s_starts, s_ends)
     r_starts, r_ends = _intervals(recreated)
     keep &= ~_covered(present, r_starts, r_ends)
@@ -430,28 +582,108 @@ def plan_discards(
     return out
 
 
+def _same_backing(want: Region, have: Region, addr: int) -> bool:
+    """Whether ``addr`` is backed by the same thing in the image and now. A shared object the
+    image names only indirectly (CRIU's memfd-style entries, inode -1) matches any shmem
+    mapping at the same offset: it cannot be told apart."""
+    if want.backing_at(addr) == have.backing_at(addr):
+        return True
+    return (
+        want.kind is have.kind is Kind.SHARED_ANON
+        and -1 in (want.inode, have.inode)
+        and want.offset - want.start == have.offset - have.start
+    )
+
+
+def plan_shared(region: Region, image: ImageTask, page: int) -> WriteShared | None:
+    """The shared object's saved pages that fall into this mapping's window, as addresses,
+    and the rest of the window as holes; None if the image has no pagemap-shmem for it."""
+    obj = image.shared.get(region.inode)
+    if obj is None:
+        return None
+    lo, hi = region.offset, region.offset + region.size
+    runs: list[SavedPages] = []
+    for run in obj.saved:
+        a, b = max(lo, run.vaddr), min(hi, run.vaddr + run.nr_pages * page)
+        if a < b:
+            delta = region.start - region.offset
+            source = attrs.evolve(run.source, vaddr=run.vaddr + delta)  # type: ignore[misc]
+            runs.append(SavedPages(a + delta, (b - a) // page, source))
+    holes: list[tuple[int, int]] = []
+    cursor = region.start
+    for r in runs:
+        if r.vaddr > cursor:
+            holes.append((cursor, r.vaddr))
+        cursor = r.vaddr + r.nr_pages * page
+    if cursor < region.end:
+        holes.append((cursor, region.end))
+    return WriteShared(region, tuple(runs), tuple(holes))
+
+
 # --------------------------------------------------------------------------- the plan
 
 
 def restrict_to_pages(
-    saved: Sequence[SavedPages],
+    saved: Iterable[SavedPages],
     dirty: npt.NDArray[np.uint64],
     keep: Sequence[tuple[int, int]],
     page: int,
-) -> list[SavedPages]:
-    """The parts of ``saved`` on ``dirty`` pages, plus whatever lies in the ``keep`` ranges."""
+) -> SavedRuns:
+    """The parts of ``saved`` on ``dirty`` pages, plus whatever lies in the ``keep`` ranges
+    (re-created regions: every saved page). Contiguous pages of one run stay one run."""
+    runs = SavedRuns.of(saved)
+    starts, ends = runs.vaddr, runs.ends(page)
+    dirty = np.asarray(dirty, dtype=np.uint64)
+    if len(dirty) > 1 and not (dirty[1:] > dirty[:-1]).all():
+        dirty = np.unique(dirty)
+    k_starts, k_ends = _intervals(keep)
+    dirty = dirty[~_covered(dirty, k_starts, k_ends)]  # those come in whole below
+    run_of = np.searchsorted(starts, dirty, side="right").astype(np.intp) - 1
+    inside = run_of >= 0
+    inside[inside] = dirty[inside] < ends[run_of[inside]]
+    lo, source = dirty[inside], runs.source[run_of[inside]]
+    hi = lo + np.uint64(page)
+    if len(k_starts):
+        kept = clip_saved(runs, [Region(int(a), int(b), 0, Kind.ANON) for a, b in keep], page)
+        lo = np.concatenate((lo, kept.vaddr))
+        hi = np.concatenate((hi, kept.ends(page)))
+        source = np.concatenate((source, kept.source))
+        order = np.argsort(lo, kind="stable")
+        lo, hi, source = lo[order], hi[order], source[order]
+    if len(lo) == 0:
+        return SavedRuns(lo, lo.copy(), source, runs.sources)
+    # Coalesce pieces that touch and come from the same source run.
+    starts_group = np.ones(len(lo), dtype=bool)
+    starts_group[1:] = (lo[1:] != hi[:-1]) | (source[1:] != source[:-1])
+    firsts = np.nonzero(starts_group)[0]
+    lasts = np.append(firsts[1:] - 1, len(lo) - 1)
+    a, b = lo[firsts], hi[lasts]
+    return SavedRuns(a, (b - a) // np.uint64(page), source[firsts], runs.sources)
+
+
+def restrict_to_scope(
+    saved: Sequence[SavedPages], live: LiveTask, scope: Sequence[tuple[int, int]], page: int
+) -> tuple[list[SavedPages], LiveTask]:
+    """The saved pages inside ``scope``, and ``live`` with only its present pages inside it
+    (so only those can be discarded)."""
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(scope):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    starts, ends = [a for a, _ in merged], [b for _, b in merged]
     out: list[SavedPages] = []
     for run in saved:
         end = run.vaddr + run.nr_pages * page
-        lo, hi = np.searchsorted(dirty, [run.vaddr, end])
-        parts = [dirty[lo:hi]]
-        for k_start, k_end in keep:  # re-created regions: every saved page
-            a, b = max(k_start, run.vaddr), min(k_end, end)
-            if a < b:
-                parts.append(np.arange(a, b, page, dtype=np.uint64))
-        addrs = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
-        out.extend(SavedPages(a, (b - a) // page, run.source) for a, b in _ranges(addrs, page))
-    return out
+        # only the scope ranges that overlap the run (an undo image has thousands of both)
+        for i in range(bisect.bisect_right(ends, run.vaddr), bisect.bisect_left(starts, end)):
+            lo, hi = max(starts[i], run.vaddr), min(ends[i], end)
+            if lo < hi:
+                out.append(attrs.evolve(run, vaddr=lo, nr_pages=(hi - lo) // page))
+    present = np.asarray(live.present, dtype=np.uint64)
+    inside = _covered(present, *_intervals(merged))
+    return out, attrs.evolve(live, present=present[inside])
 
 
 def make_plan(
@@ -460,12 +692,18 @@ def make_plan(
     parts: Iterable[str] = PARTS,
     *,
     dirty: npt.NDArray[np.uint64] | None = None,
+    leave_shared: bool = False,
+    scope: Sequence[tuple[int, int]] | None = None,
 ) -> Plan:
     """All steps, in execution order: brk, mm fields, layout, discards, pages, registers.
 
     ``dirty``, when given, is every page written since the target was last equal to the image
     (from a dirty tracker): pages outside it are equal already and are neither written nor
     discarded. Regions the plan re-creates are written in full regardless.
+
+    ``scope``, when given, is the only address ranges whose memory the image speaks for (an
+    undo image, ``applier/undo_image.py``, holds just the pages an apply touched): pages are
+    written and discarded inside it only, memory outside it is left as it is.
     """
     parts = set(parts)
     unknown = parts - set(PARTS)
@@ -481,11 +719,16 @@ def make_plan(
         steps.append(SetBrk(live.brk, image.brk))
         if live.brk is not None:
             live_regions = _simulate_brk(live_regions, live.brk, image.brk, page)
-    if "layout" in parts:
-        for name, value in sorted(image.mm_fields.items()):
-            have = live.mm_fields.get(name)
-            if have is not None and have != value:
-                steps.append(SetMm(name, have, value))
+    if "layout" in parts and image.mm_fields:
+        fields = tuple(
+            (name, live.mm_fields[name], value)
+            for name, value in sorted(image.mm_fields.items())
+            if name in live.mm_fields
+        )
+        if len(fields) < len(image.mm_fields):
+            notes.append("mm fields not all readable in /proc/PID/stat: left as they are")
+        elif any(old != new for _, old, new in fields):
+            steps.append(SetMm(fields))
 
     image_regions = _merge(image.regions)
     recreated: list[tuple[int, int]] = []
@@ -500,24 +743,37 @@ def make_plan(
         image_regions = _restrict_to_live(image_regions, _merge(live_regions))
 
     if "memory" in parts:
-        saved = clip_saved(image.saved, image_regions, page)
+        saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)
         if dirty is not None:
             saved = restrict_to_pages(saved, dirty, recreated, page)
             live = attrs.evolve(live, present=live.present[_member(live.present, dirty)])
-        # Discards first: they are injected syscalls, and every injected call lets the leader
-        # return to user mode, where the kernel may rewrite its rseq area (cpu_id). Nothing
-        # may run in the target between the page writes and their verification.
+        if scope is not None:
+            saved, live = restrict_to_scope(saved, live, scope, page)
+        # Discards and shared memory first: they inject syscalls (madvise), and every
+        # injected call lets the leader return to user mode, where the kernel may rewrite its
+        # rseq area (cpu_id). Nothing may run in the target between the private page writes
+        # and their verification.
         steps.extend(plan_discards(image_regions, saved, live, recreated, page))
-        if saved:
-            steps.append(WritePages(tuple(saved)))
         for r in image_regions:
             if r.kind is Kind.SHARED_FILE:
                 notes.append(f"{r.describe()}: shared file mapping, never written")
             elif r.kind is Kind.SHARED_ANON:
-                notes.append(f"{r.describe()}: shared anonymous memory left as it is")
+                shared_step = plan_shared(r, image, page)
+                if shared_step is not None:
+                    steps.append(shared_step)
+                elif leave_shared or scope is not None:
+                    notes.append(f"{r.describe()}: shared memory left as it is (--leave-shared)")
+                else:
+                    raise MismatchError(
+                        f"{r.describe()}: shared memory, and the image has no "
+                        "pagemap-shmem for it; --leave-shared applies everything else",
+                    )
+        if saved:
+            steps.append(WritePages(SavedRuns.of(saved)))
 
     if "regs" in parts:
         steps.extend(SetRegs(t, i) for t, i in match_threads(image, live))
+    check_running_threads(steps, live)
     return Plan(
         pid=live.pid,
         image_pid=image.pid,
@@ -537,6 +793,6 @@ def _restrict_to_live(image: Sequence[Region], live: Sequence[Region]) -> list[R
     for want in image:
         for have in live:
             a, b = max(want.start, have.start), min(want.end, have.end)
-            if a < b and want.backing_at(a) == have.backing_at(a):
+            if a < b and _same_backing(want, have, a):
                 out.append(want.clip(a, b))
     return out

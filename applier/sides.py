@@ -31,11 +31,14 @@ from applier.model import (
     LiveTask,
     Region,
     SavedPages,
+    SharedObject,
 )
 from injector.maps import Mapping, read_page_flags
 
 __all__ = ["MM_STAT_FIELDS", "image_task", "live_task", "region_from_mapping", "region_from_vma"]
 
+# /proc/PID/maps names of shmem objects: shared anonymous memory, memfd, SysV segments
+SHMEM_PREFIXES = ("/memfd:", "/dev/zero", "/SYSV")
 SPECIAL_NAMES = {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]", "[vectors]"}
 PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
 
@@ -74,7 +77,11 @@ def region_from_vma(vma: Any, path: str | None) -> Region | None:
     if st & VMA_FILE_SHARED and not st & VMA_AREA_MEMFD:
         return Region(start, end, prot, Kind.SHARED_FILE, path=path, offset=int(vma.pgoff))
     if st & (VMA_ANON_SHARED | VMA_AREA_MEMFD):
-        return Region(start, end, prot, Kind.SHARED_ANON, path=path, offset=int(vma.pgoff))
+        # VMA_ANON_SHARED: shmid is the shmem inode; memfd-style entries name a files.img id
+        inode = int(vma.shmid) if st & VMA_ANON_SHARED else -1
+        return Region(
+            start, end, prot, Kind.SHARED_ANON, path=path, offset=int(vma.pgoff), inode=inode
+        )
     if st & VMA_FILE_PRIVATE:
         return Region(start, end, prot, Kind.FILE, path=path, offset=int(vma.pgoff))
     if st & VMA_ANON_PRIVATE:
@@ -108,6 +115,18 @@ def image_task(img: Any, pid: int | None = None) -> ImageTask:
         threads.remove(pid)
         threads.insert(0, pid)
     mm_fields = {name: int(getattr(mm, name)) for name in MM_STAT_FIELDS.values()}
+    shared = {}
+    for r in regions:
+        if (
+            r.kind is Kind.SHARED_ANON
+            and r.inode > 0
+            and r.inode not in shared
+            and (img.path / f"pagemap-shmem-{r.inode}.img").exists()
+        ):
+            runs = img.shmem_page_runs(r.inode)  # validated here, before any write
+            shared[r.inode] = SharedObject(
+                r.inode, [SavedPages(run.vaddr, run.nr_pages, run) for run in runs]
+            )
     return ImageTask(
         pid=pid,
         page_size=img.page_size,
@@ -118,6 +137,7 @@ def image_task(img: Any, pid: int | None = None) -> ImageTask:
         exe=img.exe_path(pid),
         threads=threads,
         mm_fields=mm_fields,
+        shared=shared,
     )
 
 
@@ -130,8 +150,10 @@ def region_from_mapping(m: Mapping) -> Region:
     if path in SPECIAL_NAMES:
         return Region(m.start, m.end, m.prot, Kind.SPECIAL, name=path)
     if m.shared:
-        if path is None or path.startswith(("/memfd:", "/dev/zero", "/SYSV")) or (m.inode == 0):
-            return Region(m.start, m.end, m.prot, Kind.SHARED_ANON, path=path, offset=m.offset)
+        if path is None or path.startswith(SHMEM_PREFIXES) or m.inode == 0:
+            return Region(
+                m.start, m.end, m.prot, Kind.SHARED_ANON, path=path, offset=m.offset, inode=m.inode
+            )
         return Region(m.start, m.end, m.prot, Kind.SHARED_FILE, path=path, offset=m.offset)
     if m.inode == 0:
         name = path if path in ("[heap]", "[stack]") else None
@@ -175,6 +197,10 @@ def present_pages(
     )
 
 
+def _ip_sp(regs: Any) -> tuple[int, int]:
+    return int(regs.ip), int(regs.sp)
+
+
 def live_task(
     session: Any,
     page: int,
@@ -203,6 +229,7 @@ def live_task(
         pid=pid,
         regions=regions,
         threads=list(session.tids),
+        thread_ip_sp={tid: _ip_sp(session.get_regs(tid)) for tid in session.tids},
         exe=exe,
         present=present,
         anon=anon,

@@ -8,7 +8,12 @@ the live layout, plan, keep the undo copy, write, verify, reset tracking, detach
 
 Also measured: peak RSS of a separate process applying the full 1 GiB image.
 
-    python bench/bench_apply.py [--mib 1024] [--repeat 5]
+Every case first runs ``--warmup`` untimed rounds (floor and applier alike): the first writes
+after the dump split the target's transparent huge pages, and the first apply in a process
+allocates its undo spool and buffers, so without them a median of few repeats mixes a cold
+round with warm ones (``--warmup 0`` shows the cold figures).
+
+    python bench/bench_apply.py [--mib 1024] [--repeat 5] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before each case")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="applier-bench-"))
     target = Target(build_target(), args.mib)
@@ -159,8 +165,11 @@ def main() -> None:
             (10, "1% (only-dirty, tracker)"),
             (100, "10% (only-dirty, tracker)"),
         ):
-            floors, ours = [], []
-            for _ in range(args.repeat):
+            floors: list[float] = []
+            ours: list[float] = []
+            for round_ in range(args.warmup + args.repeat):
+                if round_ == args.warmup:
+                    floors, ours = [], []  # the rounds before were the warm-up
                 seed += 1
                 pages = target.dirty(permille, seed)
                 floors.append(raw_floor(target.proc.pid, pages, src, target.base))
@@ -178,7 +187,9 @@ def main() -> None:
             (False, False, "100% (--no-undo --no-verify)"),
         ):
             floors, ours = [], []
-            for _ in range(max(2, args.repeat // 2)):
+            for round_ in range(args.warmup + max(2, args.repeat // 2)):
+                if round_ == args.warmup:
+                    floors, ours = [], []
                 target.dirty(1000, 0)
                 floors.append(raw_floor(target.proc.pid, all_pages, src, target.base))
                 target.dirty(1000, 0)

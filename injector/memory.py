@@ -9,6 +9,9 @@ reaches read-only and PROT_NONE pages. Kernels can forbid forced access (``proc_
 since 6.12); then the last resort is an ``mprotect`` round trip injected into the target, which
 the owning session provides as a callback. ptrace word pokes are never used for page data.
 
+``read_iov``/``write_iov`` take the iovec arrays themselves ((n, 2) uint64 numpy arrays), for
+callers that compute addresses with numpy: no Python object per piece at all.
+
 Large ``write_runs`` calls are pipelined: a worker thread issues the ``process_vm_writev`` of one
 batch (the call releases the GIL) while the caller's thread builds the iovecs of the next, so
 the Python cost of building iovecs hides behind the kernel's copying. The worker never issues
@@ -100,7 +103,7 @@ class _Batch:
 
     local: npt.NDArray[np.uint64]  # (n, 2): iov_base, iov_len
     remote: npt.NDArray[np.uint64]
-    views: list[memoryview]  # keeps the local buffers alive and serves fallbacks
+    views: list[memoryview] | None  # keeps the local buffers alive; None: caller's memory
     total: int  # bytes in the batch
 
 
@@ -183,30 +186,48 @@ class MemoryIO:
         pieces; a piece that comes back short is finished by ``read_into`` (/proc/PID/mem,
         then the mprotect round trip)."""
         for batch in self._iter_batches(runs):
-            local, remote = batch.local, batch.remote
-            count = len(batch.views)
-            first = 0
-            while first < count:
-                try:
-                    n = _libc.process_vm_readv(
-                        self.pid,
-                        local.ctypes.data + first * 16,
-                        count - first,
-                        remote.ctypes.data + first * 16,
-                        count - first,
-                    )
-                except OSError as exc:
-                    if exc.errno != errno.EFAULT:
-                        raise self._translate(exc, int(remote[first, 0]), "read") from exc
-                    n = 0
-                if n == int(local[first:, 1].sum()):
-                    break
-                ends = np.cumsum(local[first:, 1])
-                full = int(np.searchsorted(ends, n, side="right"))
-                index = first + full
-                within = n - (int(ends[full - 1]) if full else 0)
-                self.read_into(int(remote[index, 0]) + within, batch.views[index][within:])
-                first = index + 1
+            self._read_batch(batch.local, batch.remote, batch.views)
+
+    def read_iov(self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]) -> None:
+        """``read_runs`` for callers that already hold iovec arrays: ``local`` and ``remote``
+        are (n, 2) uint64 arrays of (address, length) rows, row i of ``remote`` read into row
+        i of ``local`` (equal lengths). No Python object per piece; the local memory must be
+        writable and stay mapped for the call. Short counts are handled as in ``read_runs``."""
+        local, remote = _iov_pair(local, remote)
+        for i in range(0, len(local), _libc.IOV_MAX):
+            self._read_batch(local[i : i + _libc.IOV_MAX], remote[i : i + _libc.IOV_MAX], None)
+
+    def _read_batch(
+        self,
+        local: npt.NDArray[np.uint64],
+        remote: npt.NDArray[np.uint64],
+        views: list[memoryview] | None,
+    ) -> None:
+        """One process_vm_readv of at most IOV_MAX rows, continuing after short counts."""
+        count = len(local)
+        first = 0
+        while first < count:
+            try:
+                n = _libc.process_vm_readv(
+                    self.pid,
+                    local.ctypes.data + first * 16,
+                    count - first,
+                    remote.ctypes.data + first * 16,
+                    count - first,
+                )
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise self._translate(exc, int(remote[first, 0]), "read") from exc
+                n = 0
+            if n == int(local[first:, 1].sum()):
+                break
+            ends = np.cumsum(local[first:, 1])
+            full = int(np.searchsorted(ends, n, side="right"))
+            index = first + full
+            within = n - (int(ends[full - 1]) if full else 0)
+            view = _local_view(local, views, index)
+            self.read_into(int(remote[index, 0]) + within, view[within:])
+            first = index + 1
 
     def _read_slow(self, address: int, view: memoryview) -> int:
         """Read at least one byte at ``address`` past what process_vm_readv could reach."""
@@ -236,10 +257,23 @@ class MemoryIO:
         first = next(batches, None)
         if first is None:
             return
-        if len(first.views) < _libc.IOV_MAX:  # everything fits in one call: no pipeline
+        if len(first.local) < _libc.IOV_MAX:  # everything fits in one call: no pipeline
             refused = self._write_batch(first)
         else:
             refused = self._write_pipelined(first, batches)
+        for piece in refused:
+            self._round_trip(piece.address, piece.view, piece.err, write=True)
+
+    def write_iov(self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]) -> None:
+        """``write_runs`` for callers that already hold iovec arrays ((n, 2) uint64 rows of
+        (address, length), equal lengths row by row, rows must not overlap in the target).
+        The local memory must stay mapped for the call; refused pieces take the same
+        /proc/PID/mem and mprotect fallbacks as ``write_runs``."""
+        local, remote = _iov_pair(local, remote)
+        refused: list[_Refused] = []
+        for i in range(0, len(local), _libc.IOV_MAX):
+            part_l, part_r = local[i : i + _libc.IOV_MAX], remote[i : i + _libc.IOV_MAX]
+            refused += self._write_batch(_Batch(part_l, part_r, None, int(part_l[:, 1].sum())))
         for piece in refused:
             self._round_trip(piece.address, piece.view, piece.err, write=True)
 
@@ -301,7 +335,7 @@ class MemoryIO:
         /proc/PID/mem, and what that refuses too is returned."""
         refused: list[_Refused] = []
         local, remote = batch.local, batch.remote
-        count = len(batch.views)
+        count = len(local)
         first = 0  # index of the first iovec not fully written
         remaining = batch.total
         while first < count:
@@ -324,7 +358,7 @@ class MemoryIO:
             full = int(np.searchsorted(ends, n, side="right"))
             index = first + full
             within = n - (int(ends[full - 1]) if full else 0)
-            view = batch.views[index][within:]
+            view = _local_view(local, batch.views, index)[within:]
             address = int(remote[index, 0]) + within
             piece = self._write_proc_mem(address, view)
             if piece is not None:
@@ -368,6 +402,33 @@ class MemoryIO:
                 raise self._translate(OSError(errno.EFAULT, "short copy"), address + n, "copy")
 
         self._protect_round_trip(address, address + size, copy)
+
+
+def _iov_pair(
+    local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Checked, C-contiguous (n, 2) uint64 iovec arrays without empty rows."""
+    local = np.ascontiguousarray(local, dtype=np.uint64)
+    remote = np.ascontiguousarray(remote, dtype=np.uint64)
+    if local.ndim != 2 or local.shape[1:] != (2,) or local.shape != remote.shape:
+        raise ValueError("iovec arrays must both have shape (n, 2)")
+    if not np.array_equal(local[:, 1], remote[:, 1]):
+        raise ValueError("local and remote iovec lengths differ")
+    if len(local) and not local[:, 1].all():
+        keep = local[:, 1] != 0
+        local, remote = local[keep], remote[keep]
+    return local, remote
+
+
+def _local_view(
+    local: npt.NDArray[np.uint64], views: list[memoryview] | None, index: int
+) -> memoryview:
+    """The local buffer of iovec row ``index``: the caller's view, or one made from the
+    address (for ``read_iov``/``write_iov``, whose caller keeps the memory mapped)."""
+    if views is not None:
+        return views[index]
+    size = int(local[index, 1])
+    return memoryview((ctypes.c_char * size).from_address(int(local[index, 0]))).cast("B")
 
 
 def _make_batch(

@@ -122,8 +122,10 @@ def _undisturbed() -> Iterator[None]:
         os.sched_setscheduler(0, policy, param)
 
 
-def _status_fields(pid: int) -> dict[str, str]:
-    with open(f"{_PROC}/{pid}/status", "rb") as f:
+def _status_fields(pid: int, tid: int | None = None) -> dict[str, str]:
+    """Selected /proc/PID/status fields (of thread ``tid`` when given)."""
+    path = f"{_PROC}/{pid}/status" if tid is None else f"{_PROC}/{pid}/task/{tid}/status"
+    with open(path, "rb") as f:
         data = f.read()
     fields = {}
     for line in data.split(b"\n"):
@@ -256,6 +258,19 @@ class Session:
         except OSError:
             return False
 
+    def _refuse_if_thread_traced(self, tid: int, exc: OSError) -> None:
+        try:
+            tracer = int(_status_fields(self.pid, tid).get("TracerPid", "0") or 0)
+        except (OSError, ValueError):
+            return  # the thread is gone
+        if tracer and tracer != os.getpid():
+            raise PermissionDenied(
+                self.pid,
+                f"cannot trace: thread {tid} is already traced by pid {tracer} "
+                f"({_comm(tracer)}): detach gdb/strace first",
+                errno.EPERM,
+            ) from exc
+
     def _permission_error(self, exc: OSError) -> NoSuchProcess | PermissionDenied:
         """Name the likely reason a PTRACE_SEIZE of the leader was refused."""
         try:
@@ -315,8 +330,11 @@ class Session:
                 except OSError as exc:
                     if exc.errno in (errno.ESRCH, errno.EPERM) and self.pid in self._stop_signal:
                         # The leader is ours, so the thread's credentials are fine: it exited
-                        # between the scan and the seize (ESRCH) or is exiting (EPERM). The
-                        # next scan shows whether it is gone.
+                        # between the scan and the seize (ESRCH), is exiting (EPERM), or
+                        # another tracer holds that one thread (EPERM, refused at once).
+                        # Otherwise the next scan shows whether it is gone.
+                        if exc.errno == errno.EPERM:
+                            self._refuse_if_thread_traced(tid, exc)
                         continue
                     if exc.errno == errno.ESRCH:
                         raise TargetExited(self.pid, "exited while attaching", _errno(exc)) from exc
@@ -570,6 +588,10 @@ class Session:
         """Fill each (address, writable buffer) pair, batched like ``write_runs``."""
         self._mem().read_runs(runs)
 
+    def read_iov(self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]) -> None:
+        """``read_runs`` from (n, 2) uint64 iovec arrays (see ``MemoryIO.read_iov``)."""
+        self._mem().read_iov(local, remote)
+
     def write(self, address: int, data: Buffer) -> None:
         """Store ``data`` at ``address`` (read-only and PROT_NONE pages too)."""
         self._mem().write(address, data)
@@ -577,6 +599,10 @@ class Session:
     def write_runs(self, runs: Iterable[tuple[int, Buffer]]) -> None:
         """Store many non-overlapping (address, buffer) runs with batched process_vm_writev."""
         self._mem().write_runs(runs)
+
+    def write_iov(self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]) -> None:
+        """``write_runs`` from (n, 2) uint64 iovec arrays (see ``MemoryIO.write_iov``)."""
+        self._mem().write_iov(local, remote)
 
     def _protect_round_trip(self, start: int, end: int, action: Callable[[], None]) -> None:
         """Make ``[start, end)`` readable and writable with injected mprotect calls, run

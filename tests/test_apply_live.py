@@ -2,105 +2,25 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 
 from applier import execute
 from applier.api import apply, diff
 from applier.dump import dump
 from applier.errors import ApplyFailed, MismatchError, TargetGone
-from applier.model import Kind
 from applier.plan import SetRegs, WritePages
-from applier.regs import gpregs_values, restart_adjusted
-from applier.sides import region_from_mapping
 from formats.errors import ImageError
-from formats.imagedir import ImageDir
 from injector import attach
 from injector.errors import NoSuchProcess
+from tests.live_state import assert_same, checkpoint, command, snapshot
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
-
-
-@attrs.frozen
-class Snapshot:
-    """Everything apply promises to restore, read from a stopped target."""
-
-    layout: tuple[tuple[int, int, int, str, str | None, int], ...]
-    memory: dict[int, bytes]
-    regs: dict[int, dict[str, int]]
-    brk: int
-
-
-def snapshot(pid: int) -> Snapshot:
-    """Layout, private memory (all of it, unreadable pages too), registers and break.
-
-    Registers of a thread stopped inside a restartable syscall are taken as the values that
-    restart it (what apply sets), so a thread that re-entered the same call compares equal.
-    """
-    with attach(pid) as s:
-        layout, memory = [], {}
-        for m in s.maps():
-            r = region_from_mapping(m)
-            if r.kind is Kind.SPECIAL:
-                continue
-            layout.append((r.start, r.end, r.prot, r.kind.value, r.path, r.offset))
-            if r.kind.private:
-                memory[r.start] = s.read(r.start, r.end - r.start)
-        regs = {}
-        for tid in s.tids:
-            mask_rseq(memory, tid)
-            values = s.get_regs(tid).as_dict()
-            regs[tid] = restart_adjusted(values)[0]
-        brk = s.syscall(12, 0)
-    return Snapshot(tuple(layout), memory, regs, brk)
-
-
-def mask_rseq(memory: dict[int, bytes], tid: int) -> None:
-    """Zero the kernel-owned fields of the thread's rseq area (cpu_id_start, cpu_id, node_id,
-    mm_cid): the kernel rewrites them whenever the thread returns to user mode on another CPU."""
-    conf = (ctypes.c_uint64 * 3)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    if libc.ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(conf), conf) <= 0:
-        return
-    addr = int(conf[0])
-    for start, data in memory.items():
-        if start <= addr < start + len(data):
-            buf = bytearray(data)
-            off = addr - start
-            buf[off : off + 8] = bytes(8)
-            buf[off + 20 : off + 28] = bytes(8)
-            memory[start] = bytes(buf)
-
-
-def assert_same(want: Snapshot, got: Snapshot) -> None:
-    """Layout, break, registers and every private byte equal (first difference named)."""
-    assert got.layout == want.layout
-    assert got.brk == want.brk
-    for tid, values in want.regs.items():
-        differ = {k: (v, got.regs[tid][k]) for k, v in values.items() if got.regs[tid][k] != v}
-        assert not differ, f"thread {tid} registers differ: {differ}"
-    for start, data in want.memory.items():
-        other = got.memory[start]
-        if other != data:
-            i = next(k for k in range(len(data)) if data[k] != other[k])
-            pytest.fail(f"memory differs at {start + i:#x}: {data[i]:#x} != {other[i]:#x}")
-
-
-def command(t: Target, line: str, key: str) -> list[str]:
-    """Send a command, read its answer, wait until the target is idle in read() again."""
-    t.send(line)
-    words = t.expect(key)
-    t.wait_in_syscall(0)
-    return words
 
 
 @pytest.fixture
@@ -109,26 +29,6 @@ def target() -> Iterator[Target]:
         t.expect("ready")
         t.wait_in_syscall(0)
         yield t
-
-
-def checkpoint(t: Target, tmp_path: Path) -> tuple[Path, Snapshot, str]:
-    """Dump the target; the expected state is its memory now and the registers of the image.
-
-    (Registers come from the image because every stop and resume of a thread sleeping in
-    clock_nanosleep turns its saved call into restart_syscall.)
-    """
-
-    (checksum,) = command(t, "sum", "sum")
-    image = tmp_path / "checkpoint"
-    dump(t.pid, image)
-    snap = snapshot(t.pid)
-    img = ImageDir.open(image)
-    regs = {}
-    for tid in snap.regs:
-        info = img.core(tid).thread_info
-        assert info is not None
-        regs[tid] = restart_adjusted(gpregs_values(info.gpregs))[0]
-    return image, attrs.evolve(snap, regs=regs), checksum
 
 
 def test_apply_reverts_memory_layout_brk_and_registers(target: Target, tmp_path: Path) -> None:

@@ -4,18 +4,22 @@ tests/test_apply_live.py; these check the refusals that are hard to provoke in a
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from applier.errors import MismatchError
+from applier.errors import ApplyFailed, MismatchError
 from applier.execute import Executor
 from applier.model import Kind, Region
-from applier.plan import MapFile, Plan, SetRegs, Step
+from applier.plan import MapFile, Plan, SetMm, SetRegs, Step
+from applier.sides import MM_STAT_FIELDS
 from applier.undo import UndoLog
 from formats.core import CoreEntry, RseqEntry, ThreadCoreEntry, ThreadInfoX86, UserX86RegsEntry
+from injector.errors import InjectedSyscallError
 from injector.regs import X86Regs
 
 IP = 0x401000
@@ -96,3 +100,34 @@ def test_file_to_map_again_must_exist() -> None:
     ex = executor([MapFile(gone)], {}, FakeSession({}, None))
     with pytest.raises(MismatchError, match=re.escape("/nonexistent/lib.so")):
         ex.validate()
+
+
+class RefusingSession(FakeSession):
+    """A target whose kernel refuses prctl(PR_SET_MM) (e.g. an RLIMIT_DATA check)."""
+
+    def __init__(self) -> None:
+        super().__init__({}, None)
+        self.pid = os.getpid()  # a live pid: the executor checks the target is still there
+        self.calls: list[int] = []
+
+    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        self.calls.append(nr)
+        if nr == 157:  # prctl
+            raise InjectedSyscallError(self.pid, "prctl", errno.EINVAL)
+        return 0x10000 if nr == 9 else 0  # mmap gives the scratch page; brk(0), munmap
+
+    def write(self, addr: int, data: bytes) -> None:
+        pass
+
+
+def test_refused_mm_change_rolls_back_without_repeating_it() -> None:
+    """PR_SET_MM_MAP refused: ApplyFailed (exit 6, rolled back), the call is not repeated."""
+    fields = {name: (0x1000 * i, 0x1000 * i) for i, name in enumerate(MM_STAT_FIELDS.values(), 1)}
+    fields["mm_arg_start"], fields["mm_arg_end"] = (0x8000, 0x9000), (0x8100, 0x9100)
+    step = SetMm(tuple((name, old, new) for name, (old, new) in fields.items()))
+    session = RefusingSession()
+    plan = Plan(pid=100, image_pid=100, page_size=4096, steps=(step,), notes=())
+    ex = Executor(session, plan, {}, UndoLog.create())  # type: ignore[arg-type]
+    with pytest.raises(ApplyFailed, match="rolled back"):
+        ex.run()
+    assert session.calls.count(157) == 1

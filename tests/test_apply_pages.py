@@ -1,0 +1,204 @@
+"""The page write path: iovec-array memory I/O, write sets as arrays, read-back verification,
+--only-dirty content compare without a tracker, and the pooled undo spool."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from applier import execute, undo
+from applier.api import apply
+from applier.errors import VerifyFailed
+from applier.model import Kind, Region, SavedPages
+from applier.plan import SavedRuns, WritePages, clip_saved, restrict_to_pages
+from injector import attach
+from tests.live_state import assert_same, checkpoint, command, snapshot
+from tests.procs import Target, assert_untouched, build_c, spawn
+
+PAGE = 4096
+BASE = 0x10000000
+
+
+def _pages(runs: Any) -> list[tuple[int, object]]:
+    return sorted((r.vaddr + k * PAGE, r.source) for r in runs for k in range(r.nr_pages))
+
+
+def test_restrict_and_clip_match_page_by_page_reference() -> None:
+    """Array-based restrict_to_pages/clip_saved pick exactly the pages a per-page loop picks,
+    each with the source run it came from."""
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        saved, pos = [], 0
+        for i in range(int(rng.integers(0, 6))):
+            pos += int(rng.integers(0, 3))
+            n = int(rng.integers(1, 6))
+            saved.append(SavedPages(BASE + pos * PAGE, n, f"run{i}"))
+            pos += n
+        every = dict(_pages(saved))
+        dirty = np.unique(rng.integers(0, pos + 2, int(rng.integers(0, 12))))
+        dirty_pages = (dirty * PAGE + BASE).astype(np.uint64)
+        keep = []
+        if rng.random() < 0.5:
+            a = int(rng.integers(0, pos + 1))
+            keep.append((BASE + a * PAGE, BASE + (a + int(rng.integers(1, 4))) * PAGE))
+        got = restrict_to_pages(saved, dirty_pages, keep, PAGE)
+        want = {int(a) for a in dirty_pages} | {
+            a for a in every for s, e in keep if s <= a < e
+        }  # fmt: skip
+        assert _pages(got) == sorted((a, every[a]) for a in want if a in every)
+        regions = [
+            Region(BASE + 2 * PAGE, BASE + 5 * PAGE, 3, Kind.ANON),
+            Region(BASE + 5 * PAGE, BASE + 7 * PAGE, 3, Kind.SHARED_ANON),
+            Region(BASE + 9 * PAGE, BASE + 30 * PAGE, 3, Kind.FILE),
+        ]
+        clipped = clip_saved(saved, regions, PAGE)
+        private = [r for r in regions if r.kind.private]
+        assert _pages(clipped) == [
+            (a, s) for a, s in _pages(saved) if any(r.start <= a < r.end for r in private)
+        ]
+
+
+def test_write_pages_step_keeps_runs_view() -> None:
+    """WritePages takes SavedPages or SavedRuns; .runs reads back as SavedPages."""
+    runs = [SavedPages(BASE + PAGE, 2, "b"), SavedPages(BASE, 1, "a")]
+    step = WritePages(runs)
+    assert isinstance(step.runs, SavedRuns)
+    assert [(r.vaddr, r.nr_pages, r.source) for r in step.runs] == [
+        (BASE, 1, "a"),
+        (BASE + PAGE, 2, "b"),
+    ]
+    assert step.nr_pages == 3 and step == WritePages(SavedRuns.of(runs))
+    assert step.describe() == "write   3 saved pages in 2 runs"
+
+
+@pytest.mark.live
+def test_read_iov_and_write_iov_with_read_only_pages_and_many_rows() -> None:
+    """Raw iovec arrays: more rows than IOV_MAX, a read-only page in the middle (short
+    count, /proc/PID/mem fallback), byte-exact both ways."""
+    with spawn(build_c("inj_target.c")) as t:
+        t.expect("ready")
+        with attach(t.pid) as s:
+            npages = 2100
+            base = s.mmap(0, npages * PAGE, 3, 0x22)
+            s.mprotect(base + 1500 * PAGE, PAGE, 1)
+            rng = np.random.default_rng(3)
+            src = rng.integers(0, 256, npages * PAGE, dtype=np.uint8)
+            pages = np.arange(0, npages, 2, dtype=np.uint64)
+            pages = np.append(pages, np.uint64(1501))  # beside the read-only page
+            remote = np.stack((base + pages * PAGE, np.full(len(pages), PAGE, np.uint64)), 1)
+            local = np.stack((src.ctypes.data + pages * PAGE, remote[:, 1]), 1)
+            s.write_iov(local.astype(np.uint64), remote.astype(np.uint64))
+            back = np.zeros_like(src)
+            local_back = np.stack((back.ctypes.data + pages * PAGE, remote[:, 1]), 1)
+            s.read_iov(local_back.astype(np.uint64), remote.astype(np.uint64))
+            for p in pages.tolist():
+                assert bytes(back[p * PAGE : (p + 1) * PAGE]) == bytes(
+                    src[p * PAGE : (p + 1) * PAGE]
+                )
+            assert s.read(base + 1500 * PAGE, PAGE) == bytes(src[1500 * PAGE : 1501 * PAGE])
+            assert s.read(base + PAGE, PAGE) == b"\0" * PAGE  # odd pages untouched
+            with pytest.raises(ValueError):
+                s.write_iov(local[:2].astype(np.uint64), remote[:3].astype(np.uint64))
+            s.munmap(base, npages * PAGE)
+        assert_untouched(t)
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    with spawn(build_c("apply_target.c")) as t:
+        t.expect("ready")
+        t.wait_in_syscall(0)
+        yield t
+
+
+@pytest.mark.live
+def test_verify_catches_a_page_that_differs_after_writing(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A written page changed behind the executor's back: VerifyFailed names it and the
+    apply is rolled back."""
+    image, _, _ = checkpoint(target, tmp_path)
+    command(target, "scribble", "done")
+    changed = snapshot(target.pid)
+    real = execute.Executor._write_pages
+    spoiled: list[int] = []
+
+    def spoil(self: execute.Executor, step: WritePages) -> None:
+        real(self, step)
+        run = step.runs[len(step.runs) // 2]
+        addr = run.vaddr + (run.nr_pages - 1) * PAGE
+        self.session.write(addr + 8, b"\xff" * 8)
+        spoiled.append(addr)
+
+    monkeypatch.setattr(execute.Executor, "_write_pages", spoil)
+    with pytest.raises(VerifyFailed) as info:
+        apply(image, target.pid)
+    assert spoiled and f"page {spoiled[0]:#x} differs" in str(info.value)
+    assert_same(changed, snapshot(target.pid))
+    assert_untouched(target)
+
+
+@pytest.mark.live
+def test_only_dirty_without_undo_compares_and_skips(target: Target, tmp_path: Path) -> None:
+    """--only-dirty --no-undo (content compare in a scratch buffer): identical pages are
+    skipped, the result equals the checkpoint."""
+    image, before, checksum = checkpoint(target, tmp_path)
+    command(target, "scribble", "done")
+    result = apply(image, target.pid, only_dirty=True, undo=False)
+    st = result.stats
+    assert st.pages_skipped > 0 and st.pages_written > 0 and st.verified
+    assert st.pages_written + st.pages_skipped == result.plan.pages_to_write
+    assert_same(before, snapshot(target.pid))
+    assert command(target, "sum", "sum") == [checksum]
+
+
+def test_undo_spool_is_pooled_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed in-memory log leaves its memfd to the next one (cut down to POOL_BYTES);
+    the next log starts empty and appends at offset 0."""
+    monkeypatch.setattr(undo, "_pool", [])
+    monkeypatch.setattr(undo, "POOL_BYTES", 2 * PAGE)
+    first = undo.UndoLog.create()
+    assert first.spool is not None
+    fd = first.spool.fileno()
+    assert first.append(memoryview(b"a" * 3 * PAGE)) == 0
+    first.close()
+    assert not first.enabled
+    second = undo.UndoLog.create()
+    assert second.spool is not None and second.spool.fileno() == fd
+    assert second.capacity == 2 * PAGE and second.end == 0
+    assert second.append(memoryview(b"b" * PAGE)) == 0
+    (_, data) = next(second.iter_saved((undo.SavedRange(0x1000, PAGE, 0),)))
+    assert data == b"b" * PAGE
+    third = undo.UndoLog.create()  # the pool is empty now: a new memfd
+    assert third.spool is not None and third.spool.fileno() != fd
+    second.close()
+    third.close()  # the pool holds one memfd at most: this one is closed
+    assert len(undo._pool) == 1
+    undo._pool.pop().close()
+
+
+def test_undo_page_table_restores_through_write_iov() -> None:
+    """UndoPageTable records hand write_iov the spool bytes of every range."""
+    log = undo.UndoLog.create()
+    try:
+        off = log.append(memoryview(b"x" * PAGE + b"y" * PAGE))
+        rec = undo.UndoPageTable(
+            np.array([0x5000, 0x9000], dtype=np.uint64),
+            np.array([PAGE, PAGE], dtype=np.uint64),
+            np.array([off + PAGE, off], dtype=np.uint64),
+        )
+        seen: dict[int, bytes] = {}
+
+        def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
+            for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
+                seen[ra] = ctypes.string_at(lb, ln)
+
+        log.restore_table(rec, write_iov)
+        assert seen == {0x5000: b"y" * PAGE, 0x9000: b"x" * PAGE}
+    finally:
+        log.close()
