@@ -31,6 +31,7 @@ from applier.model import (
     format_prot,
     merge_regions,
 )
+from applier.ranges import covered, intervals, member, page_ranges
 
 __all__ = [
     "PARTS",
@@ -483,53 +484,10 @@ def _coalesce(
 # --------------------------------------------------------------------------- memory
 
 
-def _intervals(regions: Iterable[tuple[int, int]]) -> tuple[npt.NDArray[np.uint64], ...]:
-    pairs = sorted(regions)
-    starts = np.array([s for s, _ in pairs], dtype=np.uint64)
-    ends = np.array([e for _, e in pairs], dtype=np.uint64)
-    return starts, ends
-
-
-def _covered(
-    pages: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]
-) -> npt.NDArray[np.bool_]:
-    """For each page address, whether a [start, end) interval contains it."""
-    if len(starts) == 0:
-        return np.zeros(len(pages), dtype=bool)
-    idx = np.searchsorted(starts, pages, side="right").astype(np.int64) - 1
-    ok = idx >= 0
-    result = np.zeros(len(pages), dtype=bool)
-    result[ok] = pages[ok] < ends[idx[ok]]
-    return result
-
-
-def _member(
-    values: npt.NDArray[np.uint64], sorted_set: npt.NDArray[np.uint64]
-) -> npt.NDArray[np.bool_]:
-    """``np.isin`` for a sorted ``sorted_set``, by binary search (no sorting of ``values``)."""
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), dtype=bool)
-    idx = np.searchsorted(sorted_set, values)
-    idx[idx == len(sorted_set)] = 0
-    return np.asarray(sorted_set[idx] == values, dtype=bool)
-
-
-def _ranges(pages: npt.NDArray[np.uint64], page: int) -> tuple[tuple[int, int], ...]:
-    """Sorted page addresses -> coalesced [start, end) ranges."""
-    if len(pages) == 0:
-        return ()
-    breaks = np.nonzero(np.diff(pages) != page)[0]
-    firsts = np.concatenate(([0], breaks + 1))
-    lasts = np.concatenate((breaks, [len(pages) - 1]))
-    return tuple(
-        (int(pages[f]), int(pages[last]) + page) for f, last in zip(firsts, lasts, strict=True)
-    )
-
-
 def clip_saved(saved: Iterable[SavedPages], regions: Sequence[Region], page: int) -> SavedRuns:
     """Keep the saved pages that fall in private regions of the image (never vDSO, shared)."""
     runs = SavedRuns.of(saved)
-    r_starts, r_ends = _intervals((r.start, r.end) for r in regions if r.kind.private)
+    r_starts, r_ends = intervals((r.start, r.end) for r in regions if r.kind.private)
     starts, ends = runs.vaddr, runs.ends(page)
     # Every (run, region) pair that overlaps: regions from the first that ends after the
     # run starts to the last that starts before the run ends (both lists sorted, disjoint).
@@ -549,7 +507,7 @@ def _saved_intervals(
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     if isinstance(saved, SavedRuns):
         return saved.vaddr, saved.ends(page)
-    starts, ends = _intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in saved)
+    starts, ends = intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in saved)
     return starts, ends
 
 
@@ -565,20 +523,20 @@ def plan_discards(
     if len(present) == 0:
         return []
     s_starts, s_ends = _saved_intervals(saved, page)
-    keep = ~_covered(present, s_starts, s_ends)
-    r_starts, r_ends = _intervals(recreated)
-    keep &= ~_covered(present, r_starts, r_ends)
-    anon_starts, anon_ends = _intervals((r.start, r.end) for r in image if r.kind is Kind.ANON)
-    file_starts, file_ends = _intervals((r.start, r.end) for r in image if r.kind is Kind.FILE)
+    keep = ~covered(present, s_starts, s_ends)
+    r_starts, r_ends = intervals(recreated)
+    keep &= ~covered(present, r_starts, r_ends)
+    anon_starts, anon_ends = intervals((r.start, r.end) for r in image if r.kind is Kind.ANON)
+    file_starts, file_ends = intervals((r.start, r.end) for r in image if r.kind is Kind.FILE)
     candidates = present[keep]
-    zero = candidates[_covered(candidates, anon_starts, anon_ends)]
-    in_file = candidates[_covered(candidates, file_starts, file_ends)]
-    copied = in_file[_member(in_file, np.asarray(live.anon, dtype=np.uint64))]
+    zero = candidates[covered(candidates, anon_starts, anon_ends)]
+    in_file = candidates[covered(candidates, file_starts, file_ends)]
+    copied = in_file[member(in_file, np.asarray(live.anon, dtype=np.uint64))]
     out = []
     if len(zero):
-        out.append(Discard(_ranges(zero, page), "zero"))
+        out.append(Discard(page_ranges(zero, page), "zero"))
     if len(copied):
-        out.append(Discard(_ranges(copied, page), "file"))
+        out.append(Discard(page_ranges(copied, page), "file"))
     return out
 
 
@@ -636,8 +594,8 @@ def restrict_to_pages(
     dirty = np.asarray(dirty, dtype=np.uint64)
     if len(dirty) > 1 and not (dirty[1:] > dirty[:-1]).all():
         dirty = np.unique(dirty)
-    k_starts, k_ends = _intervals(keep)
-    dirty = dirty[~_covered(dirty, k_starts, k_ends)]  # those come in whole below
+    k_starts, k_ends = intervals(keep)
+    dirty = dirty[~covered(dirty, k_starts, k_ends)]  # those come in whole below
     run_of = np.searchsorted(starts, dirty, side="right").astype(np.intp) - 1
     inside = run_of >= 0
     inside[inside] = dirty[inside] < ends[run_of[inside]]
@@ -682,7 +640,7 @@ def restrict_to_scope(
             if lo < hi:
                 out.append(attrs.evolve(run, vaddr=lo, nr_pages=(hi - lo) // page))
     present = np.asarray(live.present, dtype=np.uint64)
-    inside = _covered(present, *_intervals(merged))
+    inside = covered(present, *intervals(merged))
     return out, attrs.evolve(live, present=present[inside])
 
 
@@ -746,7 +704,7 @@ def make_plan(
         saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)
         if dirty is not None:
             saved = restrict_to_pages(saved, dirty, recreated, page)
-            live = attrs.evolve(live, present=live.present[_member(live.present, dirty)])
+            live = attrs.evolve(live, present=live.present[member(live.present, dirty)])
         if scope is not None:
             saved, live = restrict_to_scope(saved, live, scope, page)
         # Discards and shared memory first: they inject syscalls (madvise), and every

@@ -41,7 +41,7 @@ import numpy.typing as npt
 from applier.dump import TaskEntries, task_entries
 from applier.errors import OutputDirError
 from applier.model import LiveTask
-from applier.plan import _covered, _intervals, _member, _ranges
+from applier.ranges import covered, intervals, member, page_ranges
 from applier.undo import SavedRange, UndoLog, UndoPages, UndoPageTable, UndoUnmap
 from formats.errors import ImageError
 from formats.imagewriter import ImageWriter, PageData
@@ -298,14 +298,14 @@ def write_undo_image(
     vmas = before.task.mm.vmas
     # Private memory: the task pagemap. The vDSO and VVAR are never written by an apply.
     private = _spans(vmas, S.ANON_PRIVATE | S.FILE_PRIVATE, S.VDSO | S.VVAR)
-    in_private = _covered(addrs, *_intervals(private))
+    in_private = covered(addrs, *intervals(private))
     scope_pages = addrs[in_private]
     keep = in_private.copy()
     if before.present is not None and before.anon is not None:
         # Pages that were not present (zero), or a private file mapping's own file pages:
         # left out, so applying the undo image discards them again (the scope covers them).
-        files = _covered(addrs, *_intervals(_spans(vmas, S.FILE_PRIVATE)))
-        was = np.where(files, _member(addrs, before.anon), _member(addrs, before.present))
+        files = covered(addrs, *intervals(_spans(vmas, S.FILE_PRIVATE)))
+        was = np.where(files, member(addrs, before.anon), member(addrs, before.present))
         keep &= was
     task_keys, task_offs = addrs[keep], offsets[keep]
 
@@ -325,7 +325,7 @@ def write_undo_image(
     scope = UndoScope(
         pid=int(before.task.proc.pid),
         parts=before.parts,
-        ranges=_ranges(scope_pages, page),
+        ranges=page_ranges(scope_pages, page),
         page_size=page,
         outcome=outcome,
         image=before.image,

@@ -104,7 +104,6 @@ class _Batch:
     local: npt.NDArray[np.uint64]  # (n, 2): iov_base, iov_len
     remote: npt.NDArray[np.uint64]
     views: list[memoryview] | None  # keeps the local buffers alive; None: caller's memory
-    total: int  # bytes in the batch
 
 
 @attrs.define
@@ -204,11 +203,25 @@ class MemoryIO:
         views: list[memoryview] | None,
     ) -> None:
         """One process_vm_readv of at most IOV_MAX rows, continuing after short counts."""
+        for index, within in self._transfer(_libc.process_vm_readv, local, remote, "read"):
+            view = _local_view(local, views, index)
+            self.read_into(int(remote[index, 0]) + within, view[within:])
+
+    def _transfer(
+        self,
+        call: Callable[[int, int, int, int, int], int],
+        local: npt.NDArray[np.uint64],
+        remote: npt.NDArray[np.uint64],
+        what: str,
+    ) -> Iterator[tuple[int, int]]:
+        """Run ``call`` (process_vm_readv/writev) over the iovec rows until all are done; at
+        each short count, yield (row, bytes of it done) for the caller to finish that row the
+        slow way, then continue after it. EFAULT counts as a short count of 0."""
         count = len(local)
-        first = 0
+        first = 0  # the first row not fully transferred
         while first < count:
             try:
-                n = _libc.process_vm_readv(
+                n = call(
                     self.pid,
                     local.ctypes.data + first * 16,
                     count - first,
@@ -217,16 +230,14 @@ class MemoryIO:
                 )
             except OSError as exc:
                 if exc.errno != errno.EFAULT:
-                    raise self._translate(exc, int(remote[first, 0]), "read") from exc
+                    raise self._translate(exc, int(remote[first, 0]), what) from exc
                 n = 0
-            if n == int(local[first:, 1].sum()):
-                break
             ends = np.cumsum(local[first:, 1])
+            if n == int(ends[-1]):
+                return
             full = int(np.searchsorted(ends, n, side="right"))
             index = first + full
-            within = n - (int(ends[full - 1]) if full else 0)
-            view = _local_view(local, views, index)
-            self.read_into(int(remote[index, 0]) + within, view[within:])
+            yield index, n - (int(ends[full - 1]) if full else 0)
             first = index + 1
 
     def _read_slow(self, address: int, view: memoryview) -> int:
@@ -273,7 +284,7 @@ class MemoryIO:
         refused: list[_Refused] = []
         for i in range(0, len(local), _libc.IOV_MAX):
             part_l, part_r = local[i : i + _libc.IOV_MAX], remote[i : i + _libc.IOV_MAX]
-            refused += self._write_batch(_Batch(part_l, part_r, None, int(part_l[:, 1].sum())))
+            refused += self._write_batch(_Batch(part_l, part_r, None))
         for piece in refused:
             self._round_trip(piece.address, piece.view, piece.err, write=True)
 
@@ -335,36 +346,11 @@ class MemoryIO:
         /proc/PID/mem, and what that refuses too is returned."""
         refused: list[_Refused] = []
         local, remote = batch.local, batch.remote
-        count = len(local)
-        first = 0  # index of the first iovec not fully written
-        remaining = batch.total
-        while first < count:
-            try:
-                n = _libc.process_vm_writev(
-                    self.pid,
-                    local.ctypes.data + first * 16,
-                    count - first,
-                    remote.ctypes.data + first * 16,
-                    count - first,
-                )
-            except OSError as exc:
-                if exc.errno != errno.EFAULT:
-                    raise self._translate(exc, int(remote[first, 0]), "write") from exc
-                n = 0
-            if n == remaining:
-                break
-            # Short: skip the complete iovecs, then take the faulting one the slow way.
-            ends = np.cumsum(local[first:, 1])
-            full = int(np.searchsorted(ends, n, side="right"))
-            index = first + full
-            within = n - (int(ends[full - 1]) if full else 0)
+        for index, within in self._transfer(_libc.process_vm_writev, local, remote, "write"):
             view = _local_view(local, batch.views, index)[within:]
-            address = int(remote[index, 0]) + within
-            piece = self._write_proc_mem(address, view)
+            piece = self._write_proc_mem(int(remote[index, 0]) + within, view)
             if piece is not None:
                 refused.append(piece)
-            first = index + 1
-            remaining = int(local[first:, 1].sum())
         return refused
 
     def _write_proc_mem(self, address: int, view: memoryview) -> _Refused | None:
@@ -441,4 +427,4 @@ def _make_batch(
     local[:, 1] = lengths
     remote[:, 0] = addresses
     remote[:, 1] = lengths
-    return _Batch(local, remote, views, sum(lengths))
+    return _Batch(local, remote, views)

@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +141,23 @@ def assert_untouched(target: Target) -> None:
             continue  # a short-lived thread exited meanwhile
         state = stat[stat.rindex(b")") + 2 :].split()[0]
         assert state not in (b"T", b"t", b"Z"), f"thread {task.name} left in state {state!r}"
+
+
+REPO = Path(__file__).resolve().parents[1]
+# setpriv arguments that drop to uid/gid 65534 with no capabilities
+NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+def run_applier(*args: str, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a separate process (as uid/gid 65534 without capabilities when
+    ``unprivileged``); never raises for a non-zero exit."""
+    prefix = ["setpriv", *NOBODY] if unprivileged else []
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "applier.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+    )

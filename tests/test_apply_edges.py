@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,27 +19,11 @@ from applier.dump import dump
 from applier.regs import gpregs_values, restart_adjusted
 from formats.imagedir import ImageDir
 from tests.live_state import Snapshot, assert_same, command, snapshot
-from tests.procs import Target, assert_untouched, build_c, spawn
+from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
 
-REPO = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGESIZE")
-NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-
-
-def applier(*args: str, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the CLI (as uid/gid 65534 without capabilities when ``unprivileged``)."""
-    prefix = ["setpriv", *NOBODY] if unprivileged else []
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "applier.cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
-    )
 
 
 def half_command(t: Target) -> None:
@@ -122,7 +105,7 @@ def _nobody_can_run_applier() -> str | None:
         return "needs root to switch to an unprivileged user"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is missing"
-    out = applier("--help", unprivileged=True)
+    out = run_applier("--help", unprivileged=True)
     return None if out.returncode == 0 else f"applier does not start as uid 65534: {out.stderr}"
 
 
@@ -146,7 +129,7 @@ def test_unprivileged_user_is_refused_with_exit_5(target: Target) -> None:
             ("diff", str(image), "--against", pid),
             ("dump", str(shared / "other"), "--from", pid),
         ):
-            out = applier(*args, unprivileged=True)
+            out = run_applier(*args, unprivileged=True)
             assert out.returncode == 5, out.stderr
             line = one_line_error(out)
             assert f"pid {pid}: cannot trace: target belongs to another user" in line
@@ -171,7 +154,7 @@ def test_target_traced_by_another_tracer_is_refused(target: Target, tmp_path: Pa
     with spawn(build_c("edge_tracer.c"), str(target.pid)) as tracer:
         tracer.expect("seized")
         assert target.tracer() == tracer.pid
-        out = applier("apply", str(image), "--into", str(target.pid))
+        out = run_applier("apply", str(image), "--into", str(target.pid))
         assert out.returncode == 5, out.stderr
         line = one_line_error(out)
         assert f"already traced by pid {tracer.pid} (edge_tracer" in line
@@ -193,7 +176,7 @@ def test_traced_thread_is_refused_at_once(target: Target, tmp_path: Path) -> Non
     with spawn(build_c("edge_tracer.c"), str(thread)) as tracer:
         tracer.expect("seized")
         started = time.monotonic()
-        out = applier("apply", str(image), "--into", str(target.pid))
+        out = run_applier("apply", str(image), "--into", str(target.pid))
         took = time.monotonic() - started
         for task in Path(f"/proc/{target.pid}/task").iterdir():
             state = (task / "stat").read_bytes().rsplit(b") ", 1)[1][:1]
@@ -214,7 +197,7 @@ def test_task_not_in_the_image_is_a_mismatch(target: Target, tmp_path: Path) -> 
     command(target, "poke", "poked")
     before = snapshot(target.pid)
     for verb, flag in (("apply", "--into"), ("diff", "--against")):
-        out = applier(verb, str(image), flag, str(target.pid), "--task", "1")
+        out = run_applier(verb, str(image), flag, str(target.pid), "--task", "1")
         assert out.returncode == 4, out.stderr
         line = one_line_error(out)
         assert f"{image}: no task 1 in pstree.img (tasks: {target.pid})" in line
@@ -312,11 +295,13 @@ def test_new_threads_survive_restore_without_regs(target: Target, tmp_path: Path
     image = tmp_path / "ckpt"
     dump(target.pid, image)
     command(target, "threads 2", "threads")
-    out = applier("apply", str(image), "--into", str(target.pid), "--restore", "memory,layout,brk")
+    out = run_applier(
+        "apply", str(image), "--into", str(target.pid), "--restore", "memory,layout,brk"
+    )
     assert out.returncode == 4, out.stderr
     assert "would crash" in out.stderr and out.stderr.count("\n") == 1
     assert_untouched(target)
-    out = applier("apply", str(image), "--into", str(target.pid), "--restore", "memory,brk")
+    out = run_applier("apply", str(image), "--into", str(target.pid), "--restore", "memory,brk")
     assert out.returncode == 0, out.stderr
     for _ in range(2):
         time.sleep(0.2)
@@ -336,7 +321,7 @@ def test_mm_arg_area_is_restored(target: Target, tmp_path: Path, move: str) -> N
     original = mm_args(target.pid)
     words = command(target, move, "moved")
     assert (int(words[0], 16), int(words[1], 16)) == mm_args(target.pid)[:2] != original[:2]
-    out = applier("apply", str(image), "--into", str(target.pid))
+    out = run_applier("apply", str(image), "--into", str(target.pid))
     assert_untouched(target)
     assert out.returncode == 0, out.stderr
     assert mm_args(target.pid) == original
@@ -347,6 +332,6 @@ def test_mm_arg_area_is_restored(target: Target, tmp_path: Path, move: str) -> N
 
 def test_demo_reverts_its_target() -> None:
     """applier demo builds the counter, checkpoints, lets it change, applies: exit 0, reverted."""
-    out = applier("demo")
+    out = run_applier("demo")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reverted: pid" in out.stdout and "NOT reverted" not in out.stdout

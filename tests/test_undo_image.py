@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from applier.undo_image import UNDO_FILE, UndoDirNotEmpty, load_scope
 from formats.imagedir import ImageDir
 from injector import attach
 from tests.live_state import assert_same, checkpoint, command, snapshot
-from tests.procs import Target, assert_untouched, build_c, spawn
+from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
 CRIT = shutil.which("crit") or "/usr/bin/crit"
@@ -239,26 +238,16 @@ def test_undo_image_of_another_pid_and_non_empty_dir_are_refused(
             apply(undo, other.pid)
 
 
-def applier(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "applier.cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_cli_undo_prints_where_the_undo_image_is(target: Target, tmp_path: Path) -> None:
     image, checksum = scribbled(target, tmp_path)
     undo = tmp_path / "undo"
-    out = applier("apply", str(image), "--into", str(target.pid), "--undo", str(undo))
+    out = run_applier("apply", str(image), "--into", str(target.pid), "--undo", str(undo))
     assert out.returncode == 0, out.stderr
     assert f"undo image in {undo}" in out.stdout
     assert f"'applier apply {undo} --into {target.pid}'" in out.stdout
-    again = applier("apply", str(image), "--into", str(target.pid), "--undo", str(undo))
+    again = run_applier("apply", str(image), "--into", str(target.pid), "--undo", str(undo))
     assert again.returncode == 2 and "not empty" in again.stderr
-    back = applier("apply", str(undo), "--into", str(target.pid), "--json")
+    back = run_applier("apply", str(undo), "--into", str(target.pid), "--json")
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout)["stats"]["verified"] is True
     assert command(target, "sum", "sum") == [checksum]
