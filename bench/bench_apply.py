@@ -161,9 +161,11 @@ def main() -> None:
         # the dump holds the region in one run starting at the region's base
         print(f"{'case':<31}{'floor ms':>10}{'applier ms':>12}{'ratio':>8}")
         seed = 1
-        for permille, label in (
-            (10, "1% (only-dirty, tracker)"),
-            (100, "10% (only-dirty, tracker)"),
+        for permille, safe, label in (
+            (10, True, "1% (only-dirty, tracker)"),
+            (10, False, "1% (... --no-undo --no-verify)"),
+            (100, True, "10% (only-dirty, tracker)"),
+            (100, False, "10% (... --no-undo --no-verify)"),
         ):
             floors: list[float] = []
             ours: list[float] = []
@@ -175,7 +177,7 @@ def main() -> None:
                 floors.append(raw_floor(target.proc.pid, pages, src, target.base))
                 target.dirty(permille, seed)  # the floor wrote them back: dirty them again
                 t0 = time.perf_counter()
-                res = apply(image, target.proc.pid, only_dirty=True)
+                res = apply(image, target.proc.pid, only_dirty=True, undo=safe, verify=safe)
                 ours.append(time.perf_counter() - t0)
                 assert res.stats.pages_written >= len(pages), res.stats
             f, o = statistics.median(floors), statistics.median(ours)

@@ -209,7 +209,12 @@ class _Reader:
         return self.stream.tell()
 
     def varint(self, what: str) -> int:
+        """One varint. Single-byte values (most tags and small numbers) are decoded here
+        directly; longer ones go through construct's VarInt, the codec's definition."""
         start = self.pos
+        if start < len(self.data) and self.data[start] < 0x80:
+            self.stream.seek(start + 1)
+            return self.data[start]
         try:
             value: int = PbVarInt.parse_stream(self.stream)
         except StreamError:
