@@ -107,6 +107,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="leave dirty-page tracking running in the target, so that a later "
         "'apply --only-dirty' writes only the pages written since",
     )
+    dp.add_argument(
+        "--parent",
+        metavar="DIR",
+        help="incremental dump on top of DIR, a tracked dump of the same process: only pages "
+        "written since are stored, the rest point into DIR (tracking moves on to this image)",
+    )
     dp.add_argument("--json", action="store_true", help="print the result as JSON")
     dp.set_defaults(func=run_dump)
 
@@ -212,7 +218,7 @@ def _summary(result: ApplyResult) -> str:
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    stats = dump(args.pid, args.image_dir, track=args.track)
+    stats = dump(args.pid, args.image_dir, track=args.track, parent=args.parent)
     if args.json:
         json.dump(stats.as_dict(), sys.stdout, indent=2)
         print()
@@ -220,6 +226,7 @@ def run_dump(args: argparse.Namespace) -> int:
         print(
             f"dumped pid {stats.pid} into {args.image_dir}: {stats.threads} threads, "
             f"{stats.vmas} VMAs, {stats.pages} pages in {stats.seconds * 1000:.1f} ms"
+            + (f", {stats.parent_pages} left to {args.parent}" if args.parent else "")
         )
         if stats.tracking:
             print(f"dirty-page tracking ({stats.tracking}) left running in pid {stats.pid}")

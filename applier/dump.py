@@ -15,6 +15,7 @@ File descriptors, sockets, signals and namespaces are not dumped: an image writt
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -27,8 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from applier import xsave
-from applier.errors import OutputDirError
+from applier.errors import MismatchError, OutputDirError
 from applier.model import Kind
+from applier.ranges import covered, intervals, member
 from applier.sides import read_mm_fields, region_from_mapping
 from formats.core import (
     CoreEntry,
@@ -41,14 +43,15 @@ from formats.core import (
     UserX86XsaveEntry,
 )
 from formats.files import FileEntry
+from formats.imagedir import ImageDir
 from formats.imagewriter import ImageWriter, PageData, regular_file
 from formats.inventory import PstreeEntry
 from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, MmEntry, VmaEntry
 from formats.mm import VmaStatus as S
-from formats.pagemap import PE_LAZY, PE_PRESENT
+from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from injector import attach
-from injector.maps import Mapping, read_page_flags
-from injector.tracking import TrackingError, open_tracker
+from injector.maps import Mapping, holds_data, read_page_flags
+from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
 
 __all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
 
@@ -57,7 +60,7 @@ __all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
 TRACKING_FILE = "applier-tracking.json"
 
 CHUNK_PAGES = 2048  # 8 MiB of page data per pagemap entry at most
-PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
+PM_FILE = 1 << 61
 
 
 @attrs.define
@@ -66,6 +69,7 @@ class DumpStats:
     threads: int = 0
     vmas: int = 0
     pages: int = 0
+    parent_pages: int = 0  # incremental dumps: pages left to the parent (PE_PARENT)
     seconds: float = 0.0
     tracking: str | None = None  # tracker backend left running, if any
     tracking_note: str | None = None  # why tracking was not started
@@ -96,7 +100,7 @@ def _status(m: Mapping) -> tuple[int, int]:
 
 def _selected(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes)."""
-    present = (flags & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
+    present = holds_data(flags)
     if m.path == "[vdso]":
         return np.ones(len(flags), dtype=bool)
     if region_from_mapping(m).kind is Kind.FILE:
@@ -104,13 +108,18 @@ def _selected(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_
     return np.asarray(present)
 
 
-def _runs(sel: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(first index, count) of the True runs of ``sel``."""
-    if not sel.any():
+def _runs(
+    sel: npt.NDArray[np.bool_], hole: npt.NDArray[np.bool_]
+) -> Iterator[tuple[int, int, bool]]:
+    """(first index, count, is a hole) of the selected pages, in order: consecutive selected
+    pages of the same kind (hole or data) form one run."""
+    kind = np.where(sel, np.where(hole, 2, 1), 0).astype(np.int8)
+    if not kind.any():
         return
-    edges = np.diff(np.concatenate(([0], sel.astype(np.int8), [0])))
-    for a, b in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True):
-        yield int(a), int(b - a)
+    edges = np.nonzero(np.diff(np.concatenate(([0], kind, [0]))))[0]
+    for a, b in itertools.pairwise(edges):
+        if kind[a]:
+            yield int(a), int(b - a), bool(kind[a] == 2)
 
 
 def _core(session: Any, tid: int, leader: bool, comm: str) -> CoreEntry:
@@ -230,17 +239,24 @@ def dump(
     *,
     page_size: int = 4096,
     track: bool = False,
+    parent: str | os.PathLike[str] | None = None,
 ) -> DumpStats:
     """Checkpoint ``pid`` (all threads) into ``image_dir`` (created; must be empty if it exists).
 
     ``track``: also start dirty-page tracking in the target at the moment of the checkpoint
     (userfaultfd write-protect, or soft-dirty where the kernel has it) and record its state
     in ``TRACKING_FILE``, so ``apply --only-dirty`` writes only the pages written since.
+
+    ``parent``: an incremental dump on top of a tracked checkpoint of the same process (CRIU's
+    ``--prev-images-dir``): pages the tracker saw written since, or that the parent chain does
+    not hold, are stored; every other page is a ``PE_PARENT`` hole. The tracker moves on to
+    this image (its state file leaves the parent), so tracking continues from here.
     """
     out = Path(image_dir)
+    base = _Parent.load(Path(parent), pid) if parent is not None else None
     created = prepare_output_dir(out)
     try:
-        return _dump(pid, out, page_size, track)
+        return _dump(pid, out, page_size, track, base)
     except BaseException:
         # Leave nothing half-written behind: what was there before was an empty directory.
         if created:
@@ -266,24 +282,74 @@ def prepare_output_dir(out: Path) -> bool:
     return created
 
 
-def _dump(pid: int, out: Path, page_size: int, track: bool) -> DumpStats:
+@attrs.frozen
+class _Parent:
+    """What an incremental dump needs of its parent image: where it is, the tracker state it
+    owns, and which page addresses its pagemap chain holds."""
+
+    path: Path
+    state: TrackerState
+    starts: npt.NDArray[np.uint64]
+    ends: npt.NDArray[np.uint64]
+
+    @classmethod
+    def load(cls, path: Path, pid: int) -> _Parent:
+        img = ImageDir.open(path)  # validated in full (and its own parents) before anything
+        try:
+            state = TrackerState.from_json((path / TRACKING_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise MismatchError(
+                f"{path}: no dirty tracking of pid {pid} to build on (dump the parent with "
+                "--track, or take a full dump)",
+            ) from exc
+        if state.pid != pid:
+            raise MismatchError(f"{path}: its tracker follows pid {state.pid}, not {pid}")
+        page = img.page_size
+        starts, ends = intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in img.page_runs(pid))
+        return cls(path, state, starts, ends)
+
+
+def _dump(
+    pid: int, out: Path, page_size: int, track: bool, base: _Parent | None = None
+) -> DumpStats:
     started = time.perf_counter()
     stats = DumpStats(pid=pid)
     with attach(pid) as s:
+        tracker = None
+        changed = None
+        if base is not None:
+            try:
+                tracker = resume_tracker(s, base.state)
+                changed = tracker.dirty_pages()
+            except TrackingError as exc:
+                raise MismatchError(
+                    f"{base.path}: the tracking of pid {pid} was lost since ({exc}); take a "
+                    "full dump",
+                ) from exc
         maps = s.maps()
         task = task_entries(s, maps)
         proc, mm, cores, vmas = task.proc, task.mm, task.cores, task.mm.vmas
-        writer = ImageWriter(out, page_size=page_size)
+        link = os.path.relpath(base.path.resolve(), out.resolve()) if base else None
+        writer = ImageWriter(out, page_size=page_size, parent=link)
         for entry in task.files:
             writer.add_file(entry)
-        writer.add_process(
-            proc, mm=mm, cores=cores, runs=_page_data(s, maps, vmas, page_size, stats)
-        )
+        holes = None
+        if base is not None and changed is not None:
+            holes = (changed, base.starts, base.ends)
+        runs = _page_data(s, maps, vmas, page_size, stats, holes=holes)
+        writer.add_process(proc, mm=mm, cores=cores, runs=runs)
         for inode, windows in _shared_objects(maps).items():
             runs = _shared_data(s, inode, windows, page_size, stats)
             writer.write_shmem_pagemap(inode, runs)
         writer.finish()
-        if track:
+        if tracker is not None and base is not None:
+            # The new image owns the baseline now; the parent's state must not be used again
+            # (an apply --only-dirty of the parent would trust a baseline that has moved).
+            tracker.reset()
+            (out / TRACKING_FILE).write_text(tracker.release().to_json() + "\n")
+            (base.path / TRACKING_FILE).unlink()
+            stats.tracking = tracker.backend_name
+        elif track:
             _start_tracking(s, out, stats)
         stats.threads = len(s.tids)
         stats.vmas = len(vmas)
@@ -345,9 +411,21 @@ def _shared_data(
                 yield off, n // page, PE_PRESENT, bytes(buf)
 
 
+Holes = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
+
+
 def _page_data(
-    s: Any, maps: list[Mapping], vmas: list[VmaEntry], page: int, stats: DumpStats
+    s: Any,
+    maps: list[Mapping],
+    vmas: list[VmaEntry],
+    page: int,
+    stats: DumpStats,
+    *,
+    holes: Holes | None = None,
 ) -> Iterator[PageData]:
+    """The task pagemap's runs, in address order. With ``holes`` = (pages written since the
+    parent, parent chain starts, ends): a page neither written nor missing from the parent
+    becomes a PE_PARENT hole (no data), as CRIU's incremental dumps do."""
     fd = os.open(f"/proc/{s.pid}/pagemap", os.O_RDONLY)
     try:
         for m, vma in zip(maps, vmas, strict=True):
@@ -355,7 +433,16 @@ def _page_data(
                 continue
             sel = _selected(m, read_page_flags(fd, m.start, m.end, page))
             lazy = PE_LAZY if vma.status & S.ANON_PRIVATE and not vma.status & S.VDSO else 0
-            for first, count in _runs(sel):
+            in_parent = np.zeros(len(sel), dtype=bool)
+            if holes is not None:
+                changed, p_starts, p_ends = holes
+                addrs = np.arange(m.start, m.end, page, dtype=np.uint64)
+                in_parent = sel & covered(addrs, p_starts, p_ends) & ~member(addrs, changed)
+            for first, count, hole in _runs(sel, in_parent):
+                if hole:
+                    stats.parent_pages += count
+                    yield m.start + first * page, count, PE_PARENT, None
+                    continue
                 for off in range(0, count, CHUNK_PAGES):
                     n = min(CHUNK_PAGES, count - off)
                     addr = m.start + (first + off) * page

@@ -33,14 +33,14 @@ from applier.model import (
     SavedPages,
     SharedObject,
 )
-from injector.maps import Mapping, read_page_flags
+from injector.maps import Mapping, holds_data, read_page_flags
 
 __all__ = ["MM_STAT_FIELDS", "image_task", "live_task", "region_from_mapping", "region_from_vma"]
 
 # /proc/PID/maps names of shmem objects: shared anonymous memory, memfd, SysV segments
 SHMEM_PREFIXES = ("/memfd:", "/dev/zero", "/SYSV")
 SPECIAL_NAMES = {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]", "[vectors]"}
-PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
+PM_FILE = 1 << 61
 
 # /proc/PID/stat field (1-based, proc(5)) -> mm_entry field that PR_SET_MM can set
 MM_STAT_FIELDS = {
@@ -185,7 +185,7 @@ def present_pages(
                 continue
             flags = read_page_flags(fd, r.start, r.end, page)
             addrs = np.arange(r.start, r.end, page, dtype=np.uint64)
-            here = (flags & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
+            here = holds_data(flags)
             present.append(addrs[here])
             anon.append(addrs[here & ((flags & np.uint64(PM_FILE)) == 0)])
     finally:

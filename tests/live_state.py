@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from applier.dump import dump
-from applier.model import Kind
+from applier.model import Kind, merge_regions
 from applier.regs import gpregs_values, restart_adjusted
 from applier.sides import region_from_mapping
 from formats.imagedir import ImageDir
@@ -36,16 +36,18 @@ class Snapshot:
 def snapshot(pid: int, *, unread: Sequence[int] = ()) -> Snapshot:
     """Layout, private memory (all of it, unreadable pages too), registers and break.
 
-    Regions starting at an address in ``unread`` are left out of ``memory`` (reading makes
-    pages present: the zero page).
+    Regions (merged like the planner's) starting at an address in ``unread`` are left out of
+    ``memory`` (reading makes pages present: the zero page).
 
     Registers of a thread stopped inside a restartable syscall are taken as the values that
     restart it (what apply sets), so a thread that re-entered the same call compares equal.
     """
     with attach(pid) as s:
         layout, memory = [], {}
-        for m in s.maps():
-            r = region_from_mapping(m)
+        # Merged as the planner merges them: the kernel may keep two adjacent VMAs of the same
+        # kind and protection apart (different anon_vma), which no program can observe.
+        regions = merge_regions(region_from_mapping(m) for m in s.maps())
+        for r in regions:
             if r.kind is Kind.SPECIAL:
                 continue
             layout.append((r.start, r.end, r.prot, r.kind.value, r.path, r.offset))

@@ -4,6 +4,7 @@
 //                old memory, grows the heap (brk + malloc), changes protections; "done"
 //   sum       -> "sum <checksum of globals+heap+anon+ro+gone+stackvar>"
 //   threads N -> starts N threads that sleep in nanosleep / block in read on a pipe; "threads"
+//   touch     -> writes a few bytes of globals and heap (safe to repeat); "touched"
 //   quit      -> exits
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -114,6 +115,10 @@ int main(void) {
                 }
                 while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < goal) usleep(100);
                 answer("threads\n");
+            } else if (!strcmp(line, "touch")) {
+                globals[7] ^= 0x5a;
+                heap[4096 * 3 + 9] ^= 0xa5;
+                answer("touched\n");
             } else if (!strcmp(line, "quit")) {
                 return 0;
             }
