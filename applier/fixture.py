@@ -1,0 +1,105 @@
+"""Checkpoints for resetting a live process many times: test fixtures, warmed-up servers.
+
+>>> with Checkpoint.take(server.pid) as cp:   # dump + dirty tracking, once
+...     for case in cases:
+...         run(case, server)                 # the server changes its memory
+...         cp.restore()                      # back to the checkpoint, in place, fast
+
+``take`` writes a CRIU image of the process and leaves a dirty-page tracker in it, so each
+``restore`` writes only the pages written since the previous one (``apply --only-dirty``).
+``close`` stops the tracker inside the process and deletes the image if ``take`` made a
+temporary one. The process keeps its pid, sockets and open files throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+import attrs
+
+from applier.api import apply
+from applier.dump import TRACKING_FILE, DumpStats, dump
+from applier.execute import ApplyStats
+from applier.plan import PARTS
+from injector import attach
+from injector.errors import InjectorError
+from injector.tracking import TrackerState, resume_tracker
+
+__all__ = ["Checkpoint"]
+
+
+@attrs.define
+class Checkpoint:
+    """A checkpoint of process ``pid`` kept in ``path``, restorable in place."""
+
+    pid: int
+    path: Path
+    dump_stats: DumpStats
+    owns_path: bool = False
+    restores: int = 0
+    closed: bool = False
+
+    @classmethod
+    def take(cls, pid: int, directory: str | os.PathLike[str] | None = None) -> Checkpoint:
+        """Checkpoint ``pid`` now (into ``directory``, or a temporary one) and start tracking."""
+        owns = directory is None
+        if directory is None:
+            path = Path(tempfile.mkdtemp(prefix=f"applier-{pid}-"))
+        else:
+            path = Path(directory)
+        try:
+            stats = dump(pid, path, track=True)
+        except BaseException:
+            if owns:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return cls(pid, path, stats, owns_path=owns)
+
+    @property
+    def tracked(self) -> bool:
+        """Whether restores can use the dirty tracker (else they compare contents)."""
+        return (self.path / TRACKING_FILE).exists()
+
+    def restore(
+        self, *, parts: Iterable[str] = PARTS, verify: bool = True, undo: bool = True
+    ) -> ApplyStats:
+        """Put the process back to the checkpoint (only the pages changed since last time)."""
+        if self.closed:
+            raise ValueError(f"checkpoint of pid {self.pid} is closed")
+        result = apply(self.path, self.pid, parts=parts, only_dirty=True, verify=verify, undo=undo)
+        self.restores += 1
+        return result.stats
+
+    def close(self) -> None:
+        """Stop the tracker inside the process (if it still runs) and drop a temporary image."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            state = TrackerState.from_json((self.path / TRACKING_FILE).read_text())
+        except (OSError, ValueError):
+            state = None
+        if state is not None and state.pid == self.pid:
+            # The process may have exited (a fixture torn down first), or the tracker may be
+            # gone: nothing left to stop (TrackingError is an InjectorError).
+            with contextlib.suppress(InjectorError), attach(self.pid) as session:
+                resume_tracker(session, state).close()
+        if self.owns_path:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

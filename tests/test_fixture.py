@@ -1,0 +1,61 @@
+"""Checkpoint / pytest plugin: one checkpoint, many in-place resets of a live process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from applier.fixture import Checkpoint
+from tests.live_state import assert_same, command, snapshot
+from tests.procs import Target, assert_untouched, build_c, spawn
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    with spawn(build_c("apply_target.c")) as t:
+        t.expect("ready")
+        t.wait_in_syscall(0)
+        yield t
+
+
+def userfaultfds(pid: int) -> int:
+    """How many userfaultfd descriptors the process holds."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(os.readlink(fds / fd) == "anon_inode:[userfaultfd]" for fd in os.listdir(fds))
+
+
+def test_checkpoint_restores_many_times_and_cleans_up(target: Target) -> None:
+    """take, then scribble/restore three times: equal each time; close leaves nothing behind."""
+    (checksum,) = command(target, "sum", "sum")
+    with Checkpoint.take(target.pid) as cp:
+        at_checkpoint = snapshot(target.pid)
+        assert cp.tracked and userfaultfds(target.pid) == 1
+        for _ in range(3):
+            command(target, "scribble", "done")
+            stats = cp.restore()
+            assert stats.verified and stats.pages_written > 0
+            assert_same(at_checkpoint, snapshot(target.pid))
+            assert command(target, "sum", "sum") == [checksum]
+        path = cp.path
+    assert cp.restores == 3 and not path.exists()
+    assert userfaultfds(target.pid) == 0
+    assert_untouched(target)
+    with pytest.raises(ValueError, match="closed"):
+        cp.restore()
+
+
+def test_plugin_fixture(applier_checkpoint: Callable[[int], Checkpoint], target: Target) -> None:
+    """The pytest plugin's factory checkpoints once per pid and restores in place."""
+    cp = applier_checkpoint(target.pid)
+    assert applier_checkpoint(target.pid) is cp
+    (checksum,) = command(target, "sum", "sum")
+    command(target, "touch", "touched")
+    assert command(target, "sum", "sum") != [checksum]
+    cp.restore()
+    assert command(target, "sum", "sum") == [checksum]
+    cp.close()  # the target dies with this test; the session-end close must not mind
