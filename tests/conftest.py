@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.procs import Target, build_c, spawn
 
 # The project's clone sits next to shared/ (on developer machines and in CI alike).
 SHARED = Path(os.environ.get("APPLIER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -18,3 +21,13 @@ def golden_dir() -> Path:
     if not GOLDEN.exists():
         pytest.fail(f"golden images missing: {GOLDEN}")
     return GOLDEN
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    """A running tests/targets/apply_target.c, idle in read(); killed (by pid) afterwards.
+    Test files whose target is another program define their own ``target``."""
+    with spawn(build_c("apply_target.c")) as t:
+        t.expect("ready")
+        t.wait_in_syscall(0)
+        yield t

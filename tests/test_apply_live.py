@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,6 @@ from tests.live_state import assert_same, checkpoint, command, snapshot
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def target() -> Iterator[Target]:
-    with spawn(build_c("apply_target.c")) as t:
-        t.expect("ready")
-        t.wait_in_syscall(0)
-        yield t
 
 
 def test_apply_reverts_memory_layout_brk_and_registers(target: Target, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +105,6 @@ def test_read_iov_and_write_iov_with_read_only_pages_and_many_rows() -> None:
                 s.write_iov(local[:2].astype(np.uint64), remote[:3].astype(np.uint64))
             s.munmap(base, npages * PAGE)
         assert_untouched(t)
-
-
-@pytest.fixture
-def target() -> Iterator[Target]:
-    with spawn(build_c("apply_target.c")) as t:
-        t.expect("ready")
-        t.wait_in_syscall(0)
-        yield t
 
 
 @pytest.mark.live

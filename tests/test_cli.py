@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,6 @@ import pytest
 from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def target() -> Iterator[Target]:
-    with spawn(build_c("apply_target.c")) as t:
-        t.expect("ready")
-        t.wait_in_syscall(0)
-        yield t
 
 
 def scribble(t: Target) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,9 @@ from applier.errors import MismatchError
 from formats.imagedir import ImageDir
 from formats.pagemap import PE_PARENT
 from tests.live_state import assert_same, command, snapshot
-from tests.procs import Target, assert_untouched, build_c, spawn
+from tests.procs import Target, assert_untouched
 
 pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def target() -> Iterator[Target]:
-    with spawn(build_c("apply_target.c")) as t:
-        t.expect("ready")
-        t.wait_in_syscall(0)
-        yield t
 
 
 def test_incremental_layer_stores_only_written_pages(target: Target, tmp_path: Path) -> None:

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from applier.fixture import Checkpoint
 from tests.live_state import assert_same, command, snapshot
-from tests.procs import Target, assert_untouched, build_c, spawn
+from tests.procs import Target, assert_untouched
 
 pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def target() -> Iterator[Target]:
-    with spawn(build_c("apply_target.c")) as t:
-        t.expect("ready")
-        t.wait_in_syscall(0)
-        yield t
 
 
 def userfaultfds(pid: int) -> int:

@@ -7,7 +7,6 @@ import itertools
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,6 @@ from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
 CRIT = shutil.which("crit") or "/usr/bin/crit"
-
-
-@pytest.fixture
-def target() -> Iterator[Target]:
-    with spawn(build_c("apply_target.c")) as t:
-        t.expect("ready")
-        t.wait_in_syscall(0)
-        yield t
 
 
 def crit_decode(directory: Path) -> dict[str, Any]:
