@@ -24,9 +24,10 @@ import numpy.typing as npt
 
 from applier.dump import TRACKING_FILE
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed, VerifyFailed
-from applier.execute import ApplyStats, Executor, rollback
+from applier.execute import ApplyStats, Executor
 from applier.plan import PARTS, Plan, SetRegs, make_plan
 from applier.sides import image_task, live_task
+from applier.target_ops import rollback
 from applier.undo import UndoLog
 from applier.undo_image import (
     UNDO_FILE,
