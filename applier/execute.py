@@ -22,7 +22,6 @@ import numpy.typing as npt
 from applier import regs as regmod
 from applier import shared, xsave
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed, TargetGone, VerifyFailed
-from applier.model import Region
 from applier.pieces import (
     CHUNK,
     U64,
@@ -259,7 +258,8 @@ class Executor:
             # Recorded after the call: a call the kernel refused changed nothing to undo.
             self.undo.add(UndoMm(tuple(step.old.items())))
         elif isinstance(step, Unmap):
-            saved = self._save(_saveable(step.region, self.page, s))
+            # all of it: the contents must survive the unmap (rollback maps it again)
+            saved = self._save([(step.region.start, step.region.end)])
             self.undo.add(UndoUnmap(step.region, saved))
             s.syscall(SYS_munmap, step.start, step.end - step.start)
             self.stats.layout_changes += 1
@@ -519,9 +519,3 @@ def _align(x: int, page: int) -> int:
 def _u64(view: memoryview) -> np.ndarray:
     """A page-aligned byte view as uint64 words, for fast numpy compares."""
     return np.frombuffer(view, dtype=np.uint64)
-
-
-def _saveable(region: Region, page: int, s: SessionLike) -> list[tuple[int, int]]:
-    """Ranges of a region worth saving before it goes away (all of it: contents must survive)."""
-    del page, s
-    return [(region.start, region.end)]
