@@ -75,7 +75,9 @@ _GROUP_STOP_SIGNALS: Final = frozenset(
 )
 _DEFERRED_SIGNALS: Final = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 _XSTATE_MAX: Final = 1 << 16
-_STATUS_KEYS: Final = frozenset({b"State", b"Tgid", b"PPid", b"TracerPid", b"Uid", b"CapEff"})
+_STATUS_KEYS: Final = frozenset(
+    {b"State", b"Tgid", b"PPid", b"TracerPid", b"Uid", b"CapEff", b"Seccomp"}
+)
 _SPIN_NS: Final = 200_000  # how long a wait polls waitpid before it starts sleeping
 
 # What a waited-for thread reported.
@@ -169,6 +171,9 @@ class Session:
         self._pidfd = -1
         self._memory: MemoryIO | None = None
         self._insn: int | None = None
+        # Seccomp filters are suspended for traced threads where the kernel lets us
+        # (CAP_SYS_ADMIN): an injected call a filter forbids would otherwise kill the target.
+        self.seccomp_suspended = True
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -258,6 +263,21 @@ class Session:
         except OSError:
             return False
 
+    def _seize(self, tid: int) -> None:
+        """PTRACE_SEIZE with seccomp suspended; without CAP_SYS_ADMIN (EPERM for that option
+        alone) again without it, remembering that injection is then unsafe under seccomp."""
+        options = _libc.PTRACE_O_TRACESYSGOOD
+        if self.seccomp_suspended:
+            try:
+                _libc.ptrace(_libc.PTRACE_SEIZE, tid, 0, options | _libc.PTRACE_O_SUSPEND_SECCOMP)
+            except OSError as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+            else:
+                return
+            self.seccomp_suspended = False
+        _libc.ptrace(_libc.PTRACE_SEIZE, tid, 0, options)
+
     def _refuse_if_thread_traced(self, tid: int, exc: OSError) -> None:
         try:
             tracer = int(_status_fields(self.pid, tid).get("TracerPid", "0") or 0)
@@ -326,7 +346,7 @@ class Session:
             seized = []
             for tid in new:
                 try:
-                    _libc.ptrace(_libc.PTRACE_SEIZE, tid, 0, _libc.PTRACE_O_TRACESYSGOOD)
+                    self._seize(tid)
                 except OSError as exc:
                     if exc.errno in (errno.ESRCH, errno.EPERM) and self.pid in self._stop_signal:
                         # The leader is ours, so the thread's credentials are fine: it exited
@@ -731,6 +751,15 @@ class Session:
         if len(args) > 6:
             raise TypeError("a syscall takes at most six arguments")
         tid = self._check(self.pid if tid is None else tid)
+        if not self.seccomp_suspended:
+            mode = _status_fields(self.pid, tid).get("Seccomp", "0")
+            if mode != "0":
+                raise InjectorError(
+                    self.pid,
+                    f"thread {tid} runs under seccomp (mode {mode}) and seccomp could not be "
+                    f"suspended (needs CAP_SYS_ADMIN): an injected {syscall_name(self.arch, nr)}"
+                    "() could kill it",
+                )
         insn = self.syscall_site()
         with _signals_deferred():
             result = self._inject(tid, nr, args, insn)
