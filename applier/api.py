@@ -25,6 +25,7 @@ import numpy.typing as npt
 from applier.dump import TRACKING_FILE
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed, VerifyFailed
 from applier.execute import ApplyStats, Executor
+from applier.model import ImageTask
 from applier.plan import PARTS, Plan, SetRegs, make_plan
 from applier.sides import image_task, live_task
 from applier.target_ops import rollback
@@ -130,6 +131,20 @@ def apply(
             raise ValueError("undo_dir needs undo=True")
         check_undo_dir(undo_path)
     state = _tracking_state(Path(image_dir), pid) if only_dirty else None
+    req = _Request(
+        img=img,
+        image=image,
+        image_dir=Path(image_dir),
+        pid=pid,
+        parts=tuple(parts),
+        scope=scope,
+        undo_path=undo_path,
+        leave_shared=leave_shared,
+        only_dirty=only_dirty,
+        verify=verify,
+        dry_run=dry_run,
+        progress=progress,
+    )
     log = (
         UndoLog.create(undo_path)  # with --undo, the spool is a (nameless) file in DIR
         if undo
@@ -138,77 +153,116 @@ def apply(
     try:
         with attach(pid) as session:
             tracker, dirty = _resume(session, state)
-            live = live_task(session, image.page_size, dirty=dirty)
-            plan = make_plan(
-                image, live, parts, dirty=dirty, leave_shared=leave_shared, scope=_ranges(scope)
-            )
-            executor = Executor(
-                session,
-                plan,
-                _cores(img, plan),
-                log,
-                only_dirty=only_dirty and dirty is None,
-                progress=progress,
-            )
-            source = (
-                f"tracker:{tracker.backend_name}"
-                if tracker
-                else ("content" if only_dirty else None)
-            )
             try:
-                if dry_run:
-                    executor.validate()
-                    return ApplyResult(plan, executor.stats, dry_run=True, dirty_source=source)
-                before = (
-                    capture(
-                        session,
-                        live,
-                        parts,
-                        exact_presence=dirty is None,
-                        image=str(Path(image_dir).resolve()),
-                    )
-                    if undo_path is not None
-                    else None
-                )
-                try:
-                    stats = executor.run()
-                except RollbackFailed as exc:
-                    if undo_path is None or before is None or not log.records:
-                        raise
-                    try:
-                        _write_undo(undo_path, before, log, image.page_size, "rollback-failed")
-                    except Exception as undo_exc:
-                        raise RollbackFailed(
-                            f"{exc}; writing the undo image to {undo_path} failed too ({undo_exc})"
-                        ) from exc
-                    raise RollbackFailed(
-                        f"{exc}; what the apply overwrote is in {undo_path}: "
-                        f"'applier apply {undo_path} --into {pid}' puts it back",
-                    ) from exc
-                if verify:
-                    try:
-                        executor.verify()
-                    except VerifyFailed as exc:
-                        if not log.enabled:
-                            raise
-                        rollback(session, log)
-                        raise VerifyFailed(
-                            f"{exc}; pid {pid} was rolled back to its state before the apply"
-                        ) from exc
-                kept = None
-                if undo_path is not None and before is not None:
-                    kept = _undo_or_roll_back(session, undo_path, before, log, image.page_size)
+                result = _apply_in_session(req, session, log, dirty=dirty, tracker=tracker)
             except BaseException:
                 if tracker is not None:
                     tracker.release()  # keep tracking: the target is as it was
                 raise
             if tracker is not None:
-                # The target now equals the image: "written since" starts again from here.
-                tracker.reset()
-                _save_tracking(Path(image_dir), tracker.release())
-            return ApplyResult(plan, stats, dirty_source=source, undo=kept)
+                if not result.dry_run:
+                    # The target now equals the image: "written since" starts again here.
+                    tracker.reset()
+                    _save_tracking(Path(image_dir), tracker.release())
+                else:
+                    tracker.release()
+            return result
     finally:
         log.close()
+
+
+@attrs.frozen
+class _Request:
+    """One apply's inputs, decided before the target is stopped."""
+
+    img: ImageDir
+    image: ImageTask
+    image_dir: Path
+    pid: int
+    parts: tuple[str, ...]
+    scope: UndoScope | None
+    undo_path: Path | None
+    leave_shared: bool
+    only_dirty: bool
+    verify: bool
+    dry_run: bool
+    progress: bool
+
+
+def _apply_in_session(
+    req: _Request,
+    session: Session,
+    log: UndoLog,
+    *,
+    dirty: npt.NDArray[np.uint64] | None,
+    tracker: DirtyTracker | None,
+) -> ApplyResult:
+    """Plan, validate, run, verify and keep the undo image, with the target stopped."""
+    live = live_task(session, req.image.page_size, dirty=dirty)
+    plan = make_plan(
+        req.image,
+        live,
+        req.parts,
+        dirty=dirty,
+        leave_shared=req.leave_shared,
+        scope=_ranges(req.scope),
+    )
+    executor = Executor(
+        session,
+        plan,
+        _cores(req.img, plan),
+        log,
+        only_dirty=req.only_dirty and dirty is None,
+        progress=req.progress,
+    )
+    source = None
+    if tracker is not None:
+        source = f"tracker:{tracker.backend_name}"
+    elif req.only_dirty:
+        source = "content"
+    if req.dry_run:
+        executor.validate()
+        return ApplyResult(plan, executor.stats, dry_run=True, dirty_source=source)
+    before = (
+        capture(
+            session,
+            live,
+            req.parts,
+            exact_presence=dirty is None,
+            image=str(req.image_dir.resolve()),
+        )
+        if req.undo_path is not None
+        else None
+    )
+    try:
+        stats = executor.run()
+    except RollbackFailed as exc:
+        if req.undo_path is None or before is None or not log.records:
+            raise
+        try:
+            _write_undo(req.undo_path, before, log, req.image.page_size, "rollback-failed")
+        except Exception as undo_exc:
+            raise RollbackFailed(
+                f"{exc}; writing the undo image to {req.undo_path} failed too ({undo_exc})"
+            ) from exc
+        raise RollbackFailed(
+            f"{exc}; what the apply overwrote is in {req.undo_path}: "
+            f"'applier apply {req.undo_path} --into {req.pid}' puts it back",
+        ) from exc
+    if req.verify:
+        try:
+            executor.verify()
+        except VerifyFailed as exc:
+            if not log.enabled:
+                raise
+            rollback(session, log)
+            raise VerifyFailed(
+                f"{exc}; pid {req.pid} was rolled back to its state before the apply"
+            ) from exc
+    kept = None
+    if req.undo_path is not None and before is not None:
+        kept = _undo_or_roll_back(session, req.undo_path, before, log, req.image.page_size)
+    return ApplyResult(plan, stats, dirty_source=source, undo=kept)
 
 
 def _scoped_parts(parts: Iterable[str], scope: UndoScope | None, pid: int) -> tuple[str, ...]:

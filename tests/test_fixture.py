@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from applier.api import apply
+from applier.errors import MismatchError
 from applier.fixture import Checkpoint
 from tests.live_state import assert_same, command, snapshot
 from tests.procs import Target, assert_untouched
@@ -51,3 +53,21 @@ def test_plugin_fixture(applier_checkpoint: Callable[[int], Checkpoint], target:
     cp.restore()
     assert command(target, "sum", "sum") == [checksum]
     cp.close()  # the target dies with this test; the session-end close must not mind
+
+
+def test_dry_runs_and_refusals_leak_no_descriptors(target: Target) -> None:
+    """apply --only-dirty resumes the tracker; dry runs and refused plans release it again."""
+    with Checkpoint.take(target.pid) as cp:
+        command(target, "touch", "touched")
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            result = apply(cp.path, target.pid, only_dirty=True, dry_run=True)
+            assert result.dry_run and result.dirty_source == "tracker:uffd-wp"
+        command(target, "threads 1", "threads")  # now refused in the session (thread count)
+        for _ in range(3):
+            with pytest.raises(MismatchError, match="threads"):
+                apply(cp.path, target.pid, only_dirty=True)
+        assert len(os.listdir("/proc/self/fd")) == before
+        # the tracker still works afterwards (registers left out: the thread counts differ)
+        assert cp.restore(parts=["memory", "brk"]).pages_written > 0
+    assert_untouched(target)
