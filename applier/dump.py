@@ -50,7 +50,7 @@ from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, Mm
 from formats.mm import VmaStatus as S
 from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from injector import attach
-from injector.maps import Mapping, holds_data, read_page_flags
+from injector.maps import Mapping, holds_data, own_copies
 from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
 
 __all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
@@ -60,7 +60,6 @@ __all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
 TRACKING_FILE = "applier-tracking.json"
 
 CHUNK_PAGES = 2048  # 8 MiB of page data per pagemap entry at most
-PM_FILE = 1 << 61
 
 
 @attrs.define
@@ -100,12 +99,11 @@ def _status(m: Mapping) -> tuple[int, int]:
 
 def _selected(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes)."""
-    present = holds_data(flags)
     if m.path == "[vdso]":
         return np.ones(len(flags), dtype=bool)
     if region_from_mapping(m).kind is Kind.FILE:
-        return np.asarray(present & ((flags & np.uint64(PM_FILE)) == 0))  # own copies only
-    return np.asarray(present)
+        return own_copies(flags)
+    return holds_data(flags)
 
 
 def _runs(
@@ -426,32 +424,28 @@ def _page_data(
     """The task pagemap's runs, in address order. With ``holes`` = (pages written since the
     parent, parent chain starts, ends): a page neither written nor missing from the parent
     becomes a PE_PARENT hole (no data), as CRIU's incremental dumps do."""
-    fd = os.open(f"/proc/{s.pid}/pagemap", os.O_RDONLY)
-    try:
-        for m, vma in zip(maps, vmas, strict=True):
-            if not vma.has_pagemap or vma.status & S.VVAR:
+    for m, vma in zip(maps, vmas, strict=True):
+        if not vma.has_pagemap or vma.status & S.VVAR:
+            continue
+        sel = _selected(m, s.page_flags(m.start, m.end))
+        lazy = PE_LAZY if vma.status & S.ANON_PRIVATE and not vma.status & S.VDSO else 0
+        in_parent = np.zeros(len(sel), dtype=bool)
+        if holes is not None:
+            changed, p_starts, p_ends = holes
+            addrs = np.arange(m.start, m.end, page, dtype=np.uint64)
+            in_parent = sel & covered(addrs, p_starts, p_ends) & ~member(addrs, changed)
+        for first, count, hole in _runs(sel, in_parent):
+            if hole:
+                stats.parent_pages += count
+                yield m.start + first * page, count, PE_PARENT, None
                 continue
-            sel = _selected(m, read_page_flags(fd, m.start, m.end, page))
-            lazy = PE_LAZY if vma.status & S.ANON_PRIVATE and not vma.status & S.VDSO else 0
-            in_parent = np.zeros(len(sel), dtype=bool)
-            if holes is not None:
-                changed, p_starts, p_ends = holes
-                addrs = np.arange(m.start, m.end, page, dtype=np.uint64)
-                in_parent = sel & covered(addrs, p_starts, p_ends) & ~member(addrs, changed)
-            for first, count, hole in _runs(sel, in_parent):
-                if hole:
-                    stats.parent_pages += count
-                    yield m.start + first * page, count, PE_PARENT, None
-                    continue
-                for off in range(0, count, CHUNK_PAGES):
-                    n = min(CHUNK_PAGES, count - off)
-                    addr = m.start + (first + off) * page
-                    buf = bytearray(n * page)
-                    s.read_into(addr, memoryview(buf))
-                    stats.pages += n
-                    yield addr, n, PE_PRESENT | lazy, bytes(buf)
-    finally:
-        os.close(fd)
+            for off in range(0, count, CHUNK_PAGES):
+                n = min(CHUNK_PAGES, count - off)
+                addr = m.start + (first + off) * page
+                buf = bytearray(n * page)
+                s.read_into(addr, memoryview(buf))
+                stats.pages += n
+                yield addr, n, PE_PRESENT | lazy, bytes(buf)
 
 
 def _start_tracking(session: Any, out: Path, stats: DumpStats) -> None:

@@ -68,10 +68,10 @@ from applier.undo import (
     UndoUnmap,
 )
 from injector.errors import TargetExited
+from injector.maps import PAGEMAP_FILE, PAGEMAP_PRESENT
 
 __all__ = ["ApplyStats", "Executor", "Progress"]
 
-PM_PRESENT, PM_FILE = 1 << 63, 1 << 61  # /proc/PID/pagemap bits
 DIRECT_MAX = 8  # batches of at most this many pieces are compared piece by piece, in place
 
 
@@ -477,8 +477,8 @@ class Executor:
                 # that pagemap shows with the swap bit set.
                 for a, b in step.ranges:
                     flags = self.session.page_flags(a, b)
-                    present = (flags & np.uint64(PM_PRESENT)) != 0
-                    own = present & ((flags & np.uint64(PM_FILE)) == 0)
+                    present = (flags & PAGEMAP_PRESENT) != 0
+                    own = present & ((flags & PAGEMAP_FILE) == 0)
                     left = np.nonzero(own if step.reason == "file" else present)[0]
                     if len(left):
                         raise VerifyFailed(

@@ -16,13 +16,13 @@ import numpy as np
 from applier.errors import VerifyFailed
 from applier.plan import WriteShared
 from applier.undo import UndoLog, UndoPages
+from injector.maps import PAGEMAP_PRESENT
 
 __all__ = ["verify_shared", "write_shared"]
 
 SYS_madvise = 28
 MADV_REMOVE = 9
 CHUNK = 8 << 20
-PM_PRESENT = 1 << 63
 
 
 def _pieces(step: WriteShared, page: int) -> list[tuple[int, memoryview]]:
@@ -55,7 +55,7 @@ def verify_shared(session: Any, step: WriteShared, page: int) -> None:
         if live != data:
             raise VerifyFailed(f"pid {session.pid}: shared memory near {addr:#x} differs")
     for a, b in step.holes:
-        present = (session.page_flags(a, b) & np.uint64(PM_PRESENT)) != 0
+        present = (session.page_flags(a, b) & PAGEMAP_PRESENT) != 0
         if present.any():
             addr = a + int(np.argmax(present)) * page
             raise VerifyFailed(f"pid {session.pid}: shared memory at {addr:#x} not punched")

@@ -33,14 +33,13 @@ from applier.model import (
     SavedPages,
     SharedObject,
 )
-from injector.maps import Mapping, holds_data, read_page_flags
+from injector.maps import Mapping, holds_data, own_copies
 
 __all__ = ["MM_STAT_FIELDS", "image_task", "live_task", "region_from_mapping", "region_from_vma"]
 
 # /proc/PID/maps names of shmem objects: shared anonymous memory, memfd, SysV segments
 SHMEM_PREFIXES = ("/memfd:", "/dev/zero", "/SYSV")
 SPECIAL_NAMES = {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]", "[vectors]"}
-PM_FILE = 1 << 61
 
 # /proc/PID/stat field (1-based, proc(5)) -> mm_entry field that PR_SET_MM can set
 MM_STAT_FIELDS = {
@@ -173,23 +172,18 @@ def read_mm_fields(pid: int) -> dict[str, int]:
 
 
 def present_pages(
-    pid: int, regions: Iterable[Region], page: int
+    session: Any, regions: Iterable[Region], page: int
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """(present pages, present pages that are anonymous) of the private regions, from pagemap."""
+    """(pages holding data, those that are the process's own copies) of the private regions."""
     present: list[npt.NDArray[np.uint64]] = []
     anon: list[npt.NDArray[np.uint64]] = []
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    try:
-        for r in regions:
-            if not r.kind.private:
-                continue
-            flags = read_page_flags(fd, r.start, r.end, page)
-            addrs = np.arange(r.start, r.end, page, dtype=np.uint64)
-            here = holds_data(flags)
-            present.append(addrs[here])
-            anon.append(addrs[here & ((flags & np.uint64(PM_FILE)) == 0)])
-    finally:
-        os.close(fd)
+    for r in regions:
+        if not r.kind.private:
+            continue
+        flags = session.page_flags(r.start, r.end)
+        addrs = np.arange(r.start, r.end, page, dtype=np.uint64)
+        present.append(addrs[holds_data(flags)])
+        anon.append(addrs[own_copies(flags)])
     empty = np.zeros(0, dtype=np.uint64)
     return (
         np.concatenate(present) if present else empty,
@@ -217,7 +211,7 @@ def live_task(
     pid = int(session.pid)
     regions = sorted((region_from_mapping(m) for m in session.maps()), key=lambda r: r.start)
     if dirty is None:
-        present, anon = present_pages(pid, regions, page)
+        present, anon = present_pages(session, regions, page)
     else:
         present = anon = np.asarray(dirty, dtype=np.uint64)
     try:

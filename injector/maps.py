@@ -231,6 +231,12 @@ def holds_data(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     return np.asarray(data)
 
 
+def own_copies(flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """Pages with data of the process's own: in a private file mapping, the copied-on-write
+    pages (not the file's page cache page, which pagemap marks file-backed)."""
+    return np.asarray(holds_data(flags) & ((flags & PAGEMAP_FILE) == 0))
+
+
 def read_page_flags(
     pagemap_fd: int, start: int, end: int, page_size: int = 4096
 ) -> npt.NDArray[np.uint64]:
