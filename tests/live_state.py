@@ -102,21 +102,26 @@ def command(t: Target, line: str, key: str) -> list[str]:
     return words
 
 
-def checkpoint(t: Target, tmp_path: Path) -> tuple[Path, Snapshot, str]:
-    """Dump the target; the expected state is its memory now and the registers of the image.
+def dumped_state(pid: int, image: Path) -> Snapshot:
+    """Dump ``pid`` into ``image``; the expected state is its memory now and the registers of
+    the image (what apply sets).
 
     (Registers come from the image because every stop and resume of a thread sleeping in
     clock_nanosleep turns its saved call into restart_syscall.)
     """
-
-    (checksum,) = command(t, "sum", "sum")
-    image = tmp_path / "checkpoint"
-    dump(t.pid, image)
-    snap = snapshot(t.pid)
+    dump(pid, image)
+    snap = snapshot(pid)
     img = ImageDir.open(image)
     regs = {}
     for tid in snap.regs:
         info = img.core(tid).thread_info
         assert info is not None
         regs[tid] = restart_adjusted(gpregs_values(info.gpregs))[0]
-    return image, attrs.evolve(snap, regs=regs), checksum
+    return attrs.evolve(snap, regs=regs)
+
+
+def checkpoint(t: Target, tmp_path: Path) -> tuple[Path, Snapshot, str]:
+    """The target's checksum, then ``dumped_state`` into ``tmp_path/checkpoint``."""
+    (checksum,) = command(t, "sum", "sum")
+    image = tmp_path / "checkpoint"
+    return image, dumped_state(t.pid, image), checksum

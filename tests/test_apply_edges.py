@@ -16,9 +16,7 @@ import pytest
 
 from applier.api import apply
 from applier.dump import dump
-from applier.regs import gpregs_values, restart_adjusted
-from formats.imagedir import ImageDir
-from tests.live_state import Snapshot, assert_same, command, snapshot
+from tests.live_state import Snapshot, assert_same, command, dumped_state, snapshot
 from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
@@ -52,19 +50,6 @@ def target() -> Iterator[Target]:
 def info(t: Target) -> dict[str, int]:
     data, gone, ro, brk = command(t, "info", "info")
     return {"data": int(data, 16), "gone": int(gone, 16), "ro": int(ro, 16), "brk": int(brk, 16)}
-
-
-def checkpoint(t: Target, image: Path) -> Snapshot:
-    """Dump the target; its state now, with the registers of the image (what apply sets)."""
-    dump(t.pid, image)
-    snap = snapshot(t.pid)
-    img = ImageDir.open(image)
-    regs = {}
-    for tid in snap.regs:
-        thread_info = img.core(tid).thread_info
-        assert thread_info is not None
-        regs[tid] = restart_adjusted(gpregs_values(thread_info.gpregs))[0]
-    return attrs.evolve(snap, regs=regs)
 
 
 def mem_at(snap: Snapshot, addr: int, size: int) -> bytes | None:
@@ -229,7 +214,7 @@ def assert_answers(t: Target) -> None:
 def test_restore_memory_only(target: Target, tmp_path: Path) -> None:
     """--restore memory: page contents revert; layout, break and registers stay as changed."""
     image = tmp_path / "ckpt"
-    at_ckpt = checkpoint(target, image)
+    at_ckpt = dumped_state(target.pid, image)
     where = change_everything(target)
     changed = snapshot(target.pid)
     assert changed.regs != at_ckpt.regs and changed.layout != at_ckpt.layout
@@ -254,7 +239,7 @@ def test_restore_memory_only(target: Target, tmp_path: Path) -> None:
 def test_restore_regs_only(target: Target, tmp_path: Path) -> None:
     """--restore regs: every register back to the image; memory, layout, break untouched."""
     image = tmp_path / "ckpt"
-    at_ckpt = checkpoint(target, image)
+    at_ckpt = dumped_state(target.pid, image)
     change_everything(target)
     changed = snapshot(target.pid)
     assert changed.regs != at_ckpt.regs
@@ -272,7 +257,7 @@ def test_restore_layout_and_brk_only(target: Target, tmp_path: Path) -> None:
     """--restore layout,brk: mappings, protections and break back; re-created memory is
     empty (zero), memory that stayed mapped and the registers keep their changes."""
     image = tmp_path / "ckpt"
-    at_ckpt = checkpoint(target, image)
+    at_ckpt = dumped_state(target.pid, image)
     where = change_everything(target)
     changed = snapshot(target.pid)
     result = apply(image, target.pid, parts=("layout", "brk"))
