@@ -31,7 +31,6 @@ __all__ = ["POOL_BYTES", "SavedRange", "UndoLog", "UndoPageTable"]
 
 CHUNK = 4 << 20
 IOV_BATCH = 1024  # ranges per batched read: what one process_vm_readv call takes
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+: allocate a whole window in one call
 # Spool bytes a closed in-memory log leaves allocated for the next one in this process (one
 # memfd kept at most); 0 disables the pool.
 POOL_BYTES = 256 << 20
@@ -165,37 +164,10 @@ class UndoLog:
             raise RuntimeError("the undo log is disabled")
         return self.spool
 
-    @contextlib.contextmanager
-    def window(self, length: int) -> Iterator[tuple[int, memoryview]]:
-        """(spool offset, writable view) of ``length`` new bytes at the end of the spool.
-
-        The caller reads target memory straight into the view (one copy, no bounce buffer);
-        afterwards the window is dropped from this process's memory, the bytes stay in the
-        spool. Every slice of the view must be gone when the ``with`` block ends.
-        """
-        spool = self._spool()
-        offset = -(-self.end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
-        if offset + length > self.capacity:
-            os.ftruncate(spool.fileno(), offset + length)
-            self.capacity = offset + length
-        self.end = offset + length
-        m = mmap.mmap(spool.fileno(), length, offset=offset)
-        with contextlib.suppress(OSError):
-            m.madvise(_MADV_POPULATE_WRITE, 0, length)
-        view = memoryview(m)
-        try:
-            yield offset, view
-        finally:
-            view.release()
-            m.madvise(mmap.MADV_DONTNEED)  # keeps the RSS small even if a slice lingers
-            with contextlib.suppress(BufferError):
-                m.close()
-            self.saved_bytes += length
-
     def append(self, data: memoryview) -> int:
         """Store ``data`` at the end of the spool; returns its spool offset. A ``pwrite`` from
         the caller's buffer: into a memfd that is a memcpy (plus the allocation of new pages),
-        about twice as fast as mapping a window of the spool."""
+        measured about twice as fast here as mapping the spool and reading into it."""
         spool = self._spool()
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         offset = self.end
