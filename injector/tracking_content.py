@@ -62,11 +62,6 @@ class ContentTracker(DirtyTracker):
         tracker.reset()
         return tracker
 
-    @property
-    def snapshot_bytes(self) -> int:
-        """Bytes held by the saved copy."""
-        return sum(c.end - c.start for c in self._copies)
-
     def state(self) -> TrackerState:
         raise TrackingError(self.pid, "the content tracker's copy lives in this process only")
 
