@@ -30,7 +30,7 @@ import numpy.typing as npt
 from applier import xsave
 from applier.errors import MismatchError, OutputDirError
 from applier.model import Kind
-from applier.ranges import covered, intervals, member
+from applier.ranges import align_up, covered, intervals, member
 from applier.sides import read_mm_fields, region_from_mapping
 from formats.core import (
     CoreEntry,
@@ -383,7 +383,7 @@ def _data_ranges(pid: int, m: Mapping, page: int) -> list[tuple[int, int]]:
             if data >= hi:
                 break
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
-            out.append((data - data % page, -(-hole // page) * page))
+            out.append((data - data % page, align_up(hole, page)))
             pos = hole
     finally:
         os.close(fd)

@@ -44,6 +44,7 @@ from applier.plan import (
     WritePages,
     WriteShared,
 )
+from applier.ranges import align_up
 from applier.target_ops import (
     MADV_DONTNEED,
     SessionLike,
@@ -244,7 +245,7 @@ class Executor:
         s = self.session
         if isinstance(step, SetBrk):
             old = s.syscall(SYS_brk, 0)
-            lost = (_align(step.new, self.page), _align(old, self.page))
+            lost = (align_up(step.new, self.page), align_up(old, self.page))
             if lost[0] < lost[1]:
                 # brk shrinking unmaps the heap's tail: keep it; on rollback brk(old) comes
                 # first (records replay newest first) and these pages are rewritten after it.
@@ -510,10 +511,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
-
-
-def _align(x: int, page: int) -> int:
-    return (x + page - 1) // page * page
 
 
 def _u64(view: memoryview) -> np.ndarray:

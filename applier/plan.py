@@ -31,7 +31,7 @@ from applier.model import (
     format_prot,
     merge_regions,
 )
-from applier.ranges import covered, intervals, member, page_ranges
+from applier.ranges import align_up, covered, intervals, member, page_ranges
 
 __all__ = [
     "PARTS",
@@ -397,7 +397,7 @@ def _at(regions: Sequence[Region], starts: list[int], addr: int) -> Region | Non
 
 def _simulate_brk(live: Sequence[Region], old: int, new: int, page: int) -> list[Region]:
     """Live regions as they will be after ``brk(new)``: the heap shrinks or grows at its end."""
-    old_end, new_end = _align_up(old, page), _align_up(new, page)
+    old_end, new_end = align_up(old, page), align_up(new, page)
     out: list[Region] = []
     for r in live:
         if r.name == "[heap]" and r.end == old_end:
@@ -408,10 +408,6 @@ def _simulate_brk(live: Sequence[Region], old: int, new: int, page: int) -> list
     if new_end > old_end and not any(r.name == "[heap]" for r in out):
         out.append(Region(old_end, new_end, 3, Kind.ANON, name="[heap]"))
     return sorted(out, key=lambda r: r.start)
-
-
-def _align_up(x: int, page: int) -> int:
-    return (x + page - 1) // page * page
 
 
 def plan_layout(image: Sequence[Region], live: Sequence[Region]) -> tuple[list[Step], list[str]]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["covered", "intervals", "member", "page_ranges"]
+__all__ = ["align_up", "covered", "intervals", "member", "page_ranges"]
 
 
 def intervals(regions: Iterable[tuple[int, int]]) -> tuple[npt.NDArray[np.uint64], ...]:
@@ -53,3 +53,8 @@ def page_ranges(pages: npt.NDArray[np.uint64], page: int) -> tuple[tuple[int, in
     return tuple(
         (int(pages[f]), int(pages[last]) + page) for f, last in zip(firsts, lasts, strict=True)
     )
+
+
+def align_up(x: int, page: int) -> int:
+    """``x`` rounded up to a multiple of ``page``."""
+    return -(-x // page) * page
