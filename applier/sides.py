@@ -12,20 +12,6 @@ import numpy.typing as npt
 
 from applier.errors import MismatchError
 from applier.model import (
-    MAP_GROWSDOWN,
-    VMA_ANON_PRIVATE,
-    VMA_ANON_SHARED,
-    VMA_AREA_AIORING,
-    VMA_AREA_HEAP,
-    VMA_AREA_MEMFD,
-    VMA_AREA_SOCKET,
-    VMA_AREA_UPROBES,
-    VMA_AREA_VDSO,
-    VMA_AREA_VSYSCALL,
-    VMA_AREA_VVAR,
-    VMA_EXT_PLUGIN,
-    VMA_FILE_PRIVATE,
-    VMA_FILE_SHARED,
     ImageTask,
     Kind,
     LiveTask,
@@ -33,6 +19,8 @@ from applier.model import (
     SavedPages,
     SharedObject,
 )
+from formats.mm import MAP_GROWSDOWN
+from formats.mm import VmaStatus as S
 from injector.maps import Mapping, holds_data, own_copies
 
 __all__ = ["MM_STAT_FIELDS", "image_task", "live_task", "region_from_mapping", "region_from_vma"]
@@ -65,26 +53,26 @@ def region_from_vma(vma: Any, path: str | None) -> Region | None:
     if vma.is_guard:
         return None
     growsdown = bool(int(vma.flags) & MAP_GROWSDOWN)
-    if st & VMA_AREA_VDSO:
+    if st & S.VDSO:
         return Region(start, end, prot, Kind.SPECIAL, name="[vdso]")
-    if st & VMA_AREA_VVAR:
+    if st & S.VVAR:
         return Region(start, end, prot, Kind.SPECIAL, name="[vvar]")
-    if st & (VMA_AREA_VSYSCALL | VMA_AREA_UPROBES):
+    if st & (S.VSYSCALL | S.UPROBES):
         return Region(start, end, prot, Kind.SPECIAL, name="[vsyscall]")
-    if st & (VMA_AREA_AIORING | VMA_AREA_SOCKET | VMA_EXT_PLUGIN):
+    if st & (S.AIORING | S.SOCKET | S.EXT_PLUGIN):
         return Region(start, end, prot, Kind.OTHER, path=path)
-    if st & VMA_FILE_SHARED and not st & VMA_AREA_MEMFD:
+    if st & S.FILE_SHARED and not st & S.MEMFD:
         return Region(start, end, prot, Kind.SHARED_FILE, path=path, offset=int(vma.pgoff))
-    if st & (VMA_ANON_SHARED | VMA_AREA_MEMFD):
+    if st & (S.ANON_SHARED | S.MEMFD):
         # VMA_ANON_SHARED: shmid is the shmem inode; memfd-style entries name a files.img id
-        inode = int(vma.shmid) if st & VMA_ANON_SHARED else -1
+        inode = int(vma.shmid) if st & S.ANON_SHARED else -1
         return Region(
             start, end, prot, Kind.SHARED_ANON, path=path, offset=int(vma.pgoff), inode=inode
         )
-    if st & VMA_FILE_PRIVATE:
+    if st & S.FILE_PRIVATE:
         return Region(start, end, prot, Kind.FILE, path=path, offset=int(vma.pgoff))
-    if st & VMA_ANON_PRIVATE:
-        name = "[heap]" if st & VMA_AREA_HEAP else ("[stack]" if growsdown else None)
+    if st & S.ANON_PRIVATE:
+        name = "[heap]" if st & S.HEAP else ("[stack]" if growsdown else None)
         return Region(start, end, prot, Kind.ANON, name=name, growsdown=growsdown)
     return Region(start, end, prot, Kind.OTHER, path=path)
 
@@ -100,9 +88,7 @@ def image_task(img: Any, pid: int | None = None) -> ImageTask:
     regions = []
     for vma in mm.vmas:
         path = (
-            img.vma_path(pid, vma)
-            if int(vma.status) & (VMA_FILE_PRIVATE | VMA_FILE_SHARED)
-            else None
+            img.vma_path(pid, vma) if int(vma.status) & (S.FILE_PRIVATE | S.FILE_SHARED) else None
         )
         region = region_from_vma(vma, path)
         if region is not None:

@@ -46,6 +46,7 @@ class VmaStatus:
     SHSTK = 0x8000
     GUARD = 0x10000
     UPROBES = 0x20000
+    EXT_PLUGIN = 0x08000000  # a device mapping a CRIU plugin handles
 
 
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x1, 0x2, 0x20, 0x100
