@@ -50,7 +50,7 @@ from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, Mm
 from formats.mm import VmaStatus as S
 from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from injector import attach
-from injector.maps import Mapping, holds_data, own_copies
+from injector.maps import Mapping, holds_data, own_copies, read_stat
 from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
 
 __all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
@@ -149,8 +149,7 @@ def _auxv(pid: int) -> list[int]:
 
 def _stat_ids(pid: int) -> tuple[int, int, int]:
     """(ppid, pgrp, session) from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_bytes()
-    rest = stat[stat.rindex(b")") + 2 :].split()
+    rest = read_stat(pid)
     return int(rest[1]), int(rest[2]), int(rest[3])
 
 

@@ -69,7 +69,7 @@ from applier.undo import (
     UndoUnmap,
 )
 from injector.errors import TargetExited
-from injector.maps import PAGEMAP_FILE, PAGEMAP_PRESENT
+from injector.maps import PAGEMAP_FILE, PAGEMAP_PRESENT, read_stat
 
 __all__ = ["ApplyStats", "Executor", "Progress"]
 
@@ -506,11 +506,9 @@ def _rseq_text(rseq: tuple[int, int] | None) -> str:
 def _alive(pid: int) -> bool:
     """Whether ``pid`` still exists and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
+        return read_stat(pid)[0][:1] not in (b"Z", b"X")
     except OSError:
         return False
-    return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def _u64(view: memoryview) -> np.ndarray:

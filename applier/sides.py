@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from applier.model import (
 )
 from formats.mm import MAP_GROWSDOWN
 from formats.mm import VmaStatus as S
-from injector.maps import Mapping, holds_data, own_copies
+from injector.maps import Mapping, holds_data, own_copies, read_stat
 
 __all__ = ["MM_STAT_FIELDS", "image_task", "live_task", "region_from_mapping", "region_from_vma"]
 
@@ -147,9 +146,7 @@ def region_from_mapping(m: Mapping) -> Region:
 
 
 def read_mm_fields(pid: int) -> dict[str, int]:
-    stat = Path(f"/proc/{pid}/stat").read_bytes()
-    # fields after the command name (which may hold spaces and parentheses) start at field 3
-    rest = stat[stat.rindex(b")") + 2 :].split()
+    rest = read_stat(pid)  # field 3 (state) first
     out: dict[str, int] = {}
     for number, name in MM_STAT_FIELDS.items():
         if number - 3 < len(rest):

@@ -55,7 +55,15 @@ from injector.errors import (
     TargetExited,
     ZombieProcess,
 )
-from injector.maps import PROT_READ, PROT_WRITE, Mapping, read_maps, read_page_flags, read_vmflags
+from injector.maps import (
+    PROT_READ,
+    PROT_WRITE,
+    Mapping,
+    read_maps,
+    read_page_flags,
+    read_stat,
+    read_vmflags,
+)
 from injector.memory import MemoryIO
 from injector.regs import Arch, UserRegsStruct, X86Regs
 from injector.syscalls import NR, syscall_name
@@ -501,19 +509,17 @@ class Session:
 
     def _thread_state(self, tid: int) -> bytes | None:
         try:
-            stat = Path(f"{_PROC}/{self.pid}/task/{tid}/stat").read_bytes()
+            return read_stat(self.pid, tid, Path(_PROC))[0][:1]
         except OSError:
             return None
-        return stat[stat.rindex(b")") + 2 :][:1]
 
     # ---- error translation -------------------------------------------------------------
 
     def _gone(self) -> bool:
         try:
-            stat = Path(f"{_PROC}/{self.pid}/stat").read_bytes()
+            return read_stat(self.pid, procfs=Path(_PROC))[0][:1] in (b"Z", b"X", b"x")
         except OSError:
             return True
-        return stat[stat.rindex(b")") + 2 :][:1] in (b"Z", b"X", b"x")
 
     def _ptrace(self, request: int, tid: int, addr: int = 0, data: int = 0) -> int:
         try:

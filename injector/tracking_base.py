@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from injector.errors import InjectorError
+from injector.maps import read_stat
 
 __all__ = [
     "PAGE_SIZE",
@@ -188,8 +189,7 @@ def tracked_ranges(maps: Iterable[MappingLike]) -> tuple[list[Range], list[Range
 
 def process_start_time(pid: int, procfs: Path = Path("/proc")) -> int:
     """Field 22 of /proc/PID/stat (start time in clock ticks): tells a reused pid apart."""
-    stat = (procfs / str(pid) / "stat").read_bytes()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    return int(read_stat(pid, procfs=procfs)[19])
 
 
 def _ranges_field(value: Iterable[Iterable[int]]) -> tuple[Range, ...]:
