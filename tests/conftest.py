@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,17 +9,22 @@ import pytest
 
 from tests.procs import Target, build_c, spawn
 
-# The project's clone sits next to shared/ (on developer machines and in CI alike).
-SHARED = Path(os.environ.get("APPLIER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-GOLDEN = SHARED / "criu-golden" / "basic-criu-4.2"
+# Real CRIU 4.2 dumps kept in the repository (tests/data/README.md says what they hold).
+DATA = Path(__file__).resolve().parent / "data"
+GOLDEN = DATA / "basic-criu-4.2"
+GOLDEN_STATE = DATA / "state-criu-4.2"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """The real CRIU 4.2 dump shipped in ../shared/criu-golden/."""
-    if not GOLDEN.exists():
-        pytest.fail(f"golden images missing: {GOLDEN}")
+    """The real CRIU 4.2 dump of memory and threads (tests/data/basic-criu-4.2)."""
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_state_dir() -> Path:
+    """The real CRIU 4.2 dump of descriptors, signals and timers (tests/data/state-criu-4.2)."""
+    return GOLDEN_STATE
 
 
 @pytest.fixture
