@@ -12,6 +12,7 @@ The target is stopped for the duration of the call and always detached at the en
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -22,11 +23,13 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from applier.compare import narrow
 from applier.dump import TRACKING_FILE
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed, VerifyFailed
 from applier.execute import ApplyStats, Executor
 from applier.model import ImageTask
-from applier.plan import PARTS, Plan, SetRegs, make_plan
+from applier.parts import Part
+from applier.plan import Plan, SetRegs, make_plan
 from applier.sides import image_task, live_task
 from applier.target_ops import rollback
 from applier.undo import UndoLog
@@ -44,7 +47,9 @@ from formats.imagedir import ImageDir
 from injector import Session, attach
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
 
-__all__ = ["ApplyResult", "apply", "diff", "parse_parts"]
+__all__ = ["ApplyResult", "apply", "diff"]
+
+logger = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -54,17 +59,6 @@ class ApplyResult:
     dry_run: bool = False
     dirty_source: str | None = None  # "tracker:<backend>", "content" or None (all pages)
     undo: UndoImageStats | None = None  # the undo image written (``undo_dir``)
-
-
-def parse_parts(text: str | None) -> tuple[str, ...]:
-    """``--restore memory,layout`` -> ('memory', 'layout'); None/'all' -> every part."""
-    if text is None or text.strip() in ("", "all"):
-        return PARTS
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
-    return parts
 
 
 def _open(image_dir: str | os.PathLike[str]) -> ImageDir:
@@ -80,19 +74,28 @@ def diff(
     pid: int,
     *,
     task: int | None = None,
-    parts: Iterable[str] = PARTS,
+    parts: Part | Iterable[str] = Part.ALL,
     leave_shared: bool = False,
 ) -> Plan:
-    """The plan that would make ``pid`` equal to the image; the target is not changed."""
-    img = _open(image_dir)
-    image = image_task(img, task)
-    scope = load_scope(Path(image_dir))
-    parts = _scoped_parts(parts, scope, pid)
-    with attach(pid) as session:
-        live = live_task(session, image.page_size)
-        plan = make_plan(image, live, parts, leave_shared=leave_shared, scope=_ranges(scope))
-        Executor(session, plan, _cores(img, plan), UndoLog.disabled()).validate()
-    return plan
+    """What differs between ``pid`` and the image, as the plan narrowed to it: the steps and
+    pages whose effect would change the target (``applier.compare``). An empty plan means
+    equal. The target is not changed."""
+    with _open(image_dir) as img:
+        image = image_task(img, task)
+        scope = load_scope(Path(image_dir))
+        parts = _scoped_parts(parts, scope, pid)
+        with attach(pid) as session:
+            live = live_task(session, image.page_size)
+            plan = make_plan(image, live, parts, leave_shared=leave_shared, scope=_ranges(scope))
+            cores = _cores(img, plan)
+            Executor(session, plan, cores, UndoLog.disabled()).validate()
+            return _narrowed(session, plan, cores)
+
+
+def _narrowed(session: Session, plan: Plan, cores: dict[int, Any]) -> Plan:
+    """The plan with only what differs, marked as compared."""
+    got = narrow(session, plan, cores)
+    return attrs.evolve(got.plan, compared=True, pages_unchanged=got.pages_unchanged)
 
 
 def apply(
@@ -100,7 +103,7 @@ def apply(
     pid: int,
     *,
     task: int | None = None,
-    parts: Iterable[str] = PARTS,
+    parts: Part | Iterable[str] = Part.ALL,
     leave_shared: bool = False,
     only_dirty: bool = False,
     verify: bool = True,
@@ -121,54 +124,54 @@ def apply(
     leaves it too. ``image_dir`` may itself be an undo image: then only its scope (the pages
     the earlier apply touched) and the parts that apply restored are written.
     """
-    img = _open(image_dir)
-    image = image_task(img, task)
-    scope = load_scope(Path(image_dir))
-    parts = _scoped_parts(parts, scope, pid)
-    undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
-    if undo_path is not None:
-        if not undo:
-            raise ValueError("undo_dir needs undo=True")
-        check_undo_dir(undo_path)
-    state = _tracking_state(Path(image_dir), pid) if only_dirty else None
-    req = _Request(
-        img=img,
-        image=image,
-        image_dir=Path(image_dir),
-        pid=pid,
-        parts=tuple(parts),
-        scope=scope,
-        undo_path=undo_path,
-        leave_shared=leave_shared,
-        only_dirty=only_dirty,
-        verify=verify,
-        dry_run=dry_run,
-        progress=progress,
-    )
-    log = (
-        UndoLog.create(undo_path)  # with --undo, the spool is a (nameless) file in DIR
-        if undo
-        else UndoLog.disabled()
-    )
-    try:
-        with attach(pid) as session:
-            tracker, dirty = _resume(session, state)
-            try:
-                result = _apply_in_session(req, session, log, dirty=dirty, tracker=tracker)
-            except BaseException:
+    with _open(image_dir) as img:
+        image = image_task(img, task)
+        scope = load_scope(Path(image_dir))
+        parts = _scoped_parts(parts, scope, pid)
+        undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
+        if undo_path is not None:
+            if not undo:
+                raise ValueError("undo_dir needs undo=True")
+            check_undo_dir(undo_path)
+        state = _tracking_state(Path(image_dir), pid) if only_dirty else None
+        req = _Request(
+            img=img,
+            image=image,
+            image_dir=Path(image_dir),
+            pid=pid,
+            parts=parts,
+            scope=scope,
+            undo_path=undo_path,
+            leave_shared=leave_shared,
+            only_dirty=only_dirty,
+            verify=verify,
+            dry_run=dry_run,
+            progress=progress,
+        )
+        log = (
+            UndoLog.create(undo_path)  # with --undo, the spool is a (nameless) file in DIR
+            if undo
+            else UndoLog.disabled()
+        )
+        try:
+            with attach(pid) as session:
+                tracker, dirty = _resume(session, state)
+                try:
+                    result = _apply_in_session(req, session, log, dirty=dirty, tracker=tracker)
+                except BaseException:
+                    if tracker is not None:
+                        tracker.release()  # keep tracking: the target is as it was
+                    raise
                 if tracker is not None:
-                    tracker.release()  # keep tracking: the target is as it was
-                raise
-            if tracker is not None:
-                if not result.dry_run:
-                    # The target now equals the image: "written since" starts again here.
-                    tracker.reset()
-                    _save_tracking(Path(image_dir), tracker.release())
-                else:
-                    tracker.release()
-            return result
-    finally:
-        log.close()
+                    if not result.dry_run:
+                        # The target now equals the image: "written since" starts again here.
+                        tracker.reset()
+                        _save_tracking(Path(image_dir), tracker.release())
+                    else:
+                        tracker.release()
+                return result
+        finally:
+            log.close()
 
 
 @attrs.frozen
@@ -179,7 +182,7 @@ class _Request:
     image: ImageTask
     image_dir: Path
     pid: int
-    parts: tuple[str, ...]
+    parts: Part
     scope: UndoScope | None
     undo_path: Path | None
     leave_shared: bool
@@ -215,6 +218,13 @@ def _apply_in_session(
         only_dirty=req.only_dirty and dirty is None,
         progress=req.progress,
     )
+    logger.info(
+        "pid %d: %d steps planned (%d pages to write, %d layout changes)",
+        plan.pid,
+        len(plan.steps),
+        plan.pages_to_write,
+        plan.summary()["layout_changes"],
+    )
     source = None
     if tracker is not None:
         source = f"tracker:{tracker.backend_name}"
@@ -222,6 +232,9 @@ def _apply_in_session(
         source = "content"
     if req.dry_run:
         executor.validate()
+        if req.only_dirty:  # count what the apply would find unchanged and skip
+            plan = _narrowed(session, plan, executor.cores)
+            executor.stats.pages_skipped = plan.pages_unchanged
         return ApplyResult(plan, executor.stats, dry_run=True, dirty_source=source)
     before = (
         capture(
@@ -236,6 +249,9 @@ def _apply_in_session(
     )
     try:
         stats = executor.run()
+        logger.info(
+            "pid %d: %d steps done in %.1f ms", plan.pid, len(plan.steps), stats.seconds * 1e3
+        )
     except RollbackFailed as exc:
         if req.undo_path is None or before is None or not log.records:
             raise
@@ -265,13 +281,14 @@ def _apply_in_session(
     return ApplyResult(plan, stats, dirty_source=source, undo=kept)
 
 
-def _scoped_parts(parts: Iterable[str], scope: UndoScope | None, pid: int) -> tuple[str, ...]:
+def _scoped_parts(parts: Part | Iterable[str], scope: UndoScope | None, pid: int) -> Part:
     """An undo image restores at most the parts the apply it undoes changed, in that pid."""
+    parts = Part.of(parts)
     if scope is None:
-        return tuple(parts)
+        return parts
     if scope.pid != pid:
         raise MismatchError(f"{UNDO_FILE}: this undo image is of pid {scope.pid}, not {pid}")
-    return tuple(p for p in parts if p in scope.parts)
+    return parts & Part.of(scope.parts)
 
 
 def _ranges(scope: UndoScope | None) -> tuple[tuple[int, int], ...] | None:
@@ -333,7 +350,10 @@ def _resume(
     try:
         tracker = resume_tracker(session, state)
         return tracker, tracker.dirty_pages()
-    except TrackingError:
+    except TrackingError as exc:
+        logger.warning(
+            "dirty tracking of pid %d lost (%s): comparing page contents", state.pid, exc
+        )
         return None, None
 
 

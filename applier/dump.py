@@ -16,6 +16,7 @@ File descriptors, sockets, signals and namespaces are not dumped: an image writt
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ import numpy.typing as npt
 from applier import xsave
 from applier.errors import MismatchError, OutputDirError
 from applier.model import Kind
+from applier.progress import Progress
 from applier.ranges import align_up, covered, intervals, member
 from applier.sides import read_mm_fields, region_from_mapping
 from formats.core import (
@@ -58,6 +60,8 @@ __all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
 # Not a CRIU image: the state of the dirty tracker a tracked dump leaves in the target, so a
 # later ``apply --only-dirty`` knows which pages changed since (CRIU ignores unknown files).
 TRACKING_FILE = "applier-tracking.json"
+
+logger = logging.getLogger(__name__)
 
 CHUNK_PAGES = 2048  # 8 MiB of page data per pagemap entry at most
 
@@ -225,8 +229,10 @@ def task_entries(s: Any, maps: list[Mapping]) -> TaskEntries:
         vmas=vmas,
     )
     cores = {tid: _core(s, tid, tid == pid, comm) for tid in s.tids}
-    ppid, pgid, sid = _stat_ids(pid)
-    proc = PstreeEntry(pid=pid, ppid=ppid, pgid=pgid, sid=sid, threads=list(s.tids))
+    _ppid, pgid, sid = _stat_ids(pid)
+    # ppid 0: the root of the dumped tree, as CRIU writes it (crit x ps looks parents up in
+    # the image and fails on a pid that is not there).
+    proc = PstreeEntry(pid=pid, ppid=0, pgid=pgid, sid=sid, threads=list(s.tids))
     return TaskEntries(proc, mm, cores, files)
 
 
@@ -237,6 +243,7 @@ def dump(
     page_size: int = 4096,
     track: bool = False,
     parent: str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> DumpStats:
     """Checkpoint ``pid`` (all threads) into ``image_dir`` (created; must be empty if it exists).
 
@@ -248,12 +255,14 @@ def dump(
     ``--prev-images-dir``): pages the tracker saw written since, or that the parent chain does
     not hold, are stored; every other page is a ``PE_PARENT`` hole. The tracker moves on to
     this image (its state file leaves the parent), so tracking continues from here.
+
+    ``progress``: show a progress bar on stderr while pages are copied (a terminal only).
     """
     out = Path(image_dir)
     base = _Parent.load(Path(parent), pid) if parent is not None else None
     created = prepare_output_dir(out)
     try:
-        return _dump(pid, out, page_size, track, base)
+        return _dump(pid, out, page_size, track, base, progress=progress)
     except BaseException:
         # Leave nothing half-written behind: what was there before was an empty directory.
         if created:
@@ -307,7 +316,13 @@ class _Parent:
 
 
 def _dump(
-    pid: int, out: Path, page_size: int, track: bool, base: _Parent | None = None
+    pid: int,
+    out: Path,
+    page_size: int,
+    track: bool,
+    base: _Parent | None = None,
+    *,
+    progress: bool = False,
 ) -> DumpStats:
     started = time.perf_counter()
     stats = DumpStats(pid=pid)
@@ -333,8 +348,10 @@ def _dump(
         holes = None
         if base is not None and changed is not None:
             holes = (changed, base.starts, base.ends)
-        runs = _page_data(s, maps, vmas, page_size, stats, holes=holes)
-        writer.add_process(proc, mm=mm, cores=cores, runs=runs)
+        plan = _select(s, maps, vmas, page_size, holes)
+        bar = Progress(plan.data_pages * page_size, progress, verb="dumping")
+        writer.add_process(proc, mm=mm, cores=cores, runs=_page_data(s, plan, stats, bar))
+        bar.finish()
         for inode, windows in _shared_objects(maps).items():
             runs = _shared_data(s, inode, windows, page_size, stats)
             writer.write_shmem_pagemap(inode, runs)
@@ -351,6 +368,13 @@ def _dump(
         stats.threads = len(s.tids)
         stats.vmas = len(vmas)
     stats.seconds = time.perf_counter() - started
+    logger.info(
+        "dumped pid %d: %d pages, %d VMAs in %.1f ms",
+        pid,
+        stats.pages,
+        stats.vmas,
+        stats.seconds * 1e3,
+    )
     return stats
 
 
@@ -411,18 +435,29 @@ def _shared_data(
 Holes = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
 
 
-def _page_data(
+@attrs.frozen
+class _Selection:
+    """The pages a dump stores: per mapping, (start, runs of (first index, count, is a
+    PE_PARENT hole), PE_LAZY or 0 for its data runs), and the number of data pages."""
+
+    mappings: list[tuple[int, list[tuple[int, int, bool]], int]]
+    data_pages: int
+    page: int
+
+
+def _select(
     s: Any,
     maps: list[Mapping],
     vmas: list[VmaEntry],
     page: int,
-    stats: DumpStats,
-    *,
-    holes: Holes | None = None,
-) -> Iterator[PageData]:
-    """The task pagemap's runs, in address order. With ``holes`` = (pages written since the
-    parent, parent chain starts, ends): a page neither written nor missing from the parent
-    becomes a PE_PARENT hole (no data), as CRIU's incremental dumps do."""
+    holes: Holes | None,
+) -> _Selection:
+    """Which pages the task pagemap holds, in address order (read from pagemap before any page
+    is copied, so that the copy can show its progress). With ``holes`` = (pages written since
+    the parent, parent chain starts, ends): a page neither written nor missing from the
+    parent becomes a PE_PARENT hole (no data), as CRIU's incremental dumps do."""
+    out: list[tuple[int, list[tuple[int, int, bool]], int]] = []
+    data = 0
     for m, vma in zip(maps, vmas, strict=True):
         if not vma.has_pagemap or vma.status & S.VVAR:
             continue
@@ -433,17 +468,28 @@ def _page_data(
             changed, p_starts, p_ends = holes
             addrs = np.arange(m.start, m.end, page, dtype=np.uint64)
             in_parent = sel & covered(addrs, p_starts, p_ends) & ~member(addrs, changed)
-        for first, count, hole in _runs(sel, in_parent):
+        runs = list(_runs(sel, in_parent))
+        data += sum(count for _, count, hole in runs if not hole)
+        out.append((m.start, runs, lazy))
+    return _Selection(out, data, page)
+
+
+def _page_data(s: Any, sel: _Selection, stats: DumpStats, bar: Progress) -> Iterator[PageData]:
+    """The task pagemap's runs with their bytes, read from the target in chunks."""
+    page = sel.page
+    for start, runs, lazy in sel.mappings:
+        for first, count, hole in runs:
             if hole:
                 stats.parent_pages += count
-                yield m.start + first * page, count, PE_PARENT, None
+                yield start + first * page, count, PE_PARENT, None
                 continue
             for off in range(0, count, CHUNK_PAGES):
                 n = min(CHUNK_PAGES, count - off)
-                addr = m.start + (first + off) * page
+                addr = start + (first + off) * page
                 buf = bytearray(n * page)
                 s.read_into(addr, memoryview(buf))
                 stats.pages += n
+                bar.advance(n * page)
                 yield addr, n, PE_PRESENT | lazy, bytes(buf)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -44,6 +43,7 @@ from applier.plan import (
     WritePages,
     WriteShared,
 )
+from applier.progress import Progress
 from applier.ranges import align_up
 from applier.target_ops import (
     MADV_DONTNEED,
@@ -71,7 +71,7 @@ from applier.undo import (
 from injector.errors import TargetExited
 from injector.maps import PAGEMAP_FILE, PAGEMAP_PRESENT, read_stat
 
-__all__ = ["ApplyStats", "Executor", "Progress"]
+__all__ = ["ApplyStats", "Executor"]
 
 DIRECT_MAX = 8  # batches of at most this many pieces are compared piece by piece, in place
 
@@ -94,27 +94,6 @@ class ApplyStats:
 T = TypeVar("T")
 IovIO = Callable[[U64, U64], None]  # read_iov / write_iov: (local, remote) iovec arrays
 Reader = Callable[[int, int, int, IovIO], T]  # (first, end, buffer slot, read_iov)
-
-
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done = max(total, 1), 0
-        self.enabled = enabled and sys.stderr.isatty() and total >= (64 << 20)
-        self.last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.1 or self.done >= self.total):
-            self.last = now
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\rapplying [{bar:<30}] {frac:4.0%} {self.done >> 20} MiB")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 @attrs.define

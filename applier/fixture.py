@@ -26,7 +26,7 @@ import attrs
 from applier.api import apply
 from applier.dump import TRACKING_FILE, DumpStats, dump
 from applier.execute import ApplyStats
-from applier.plan import PARTS
+from applier.parts import Part
 from injector import attach
 from injector.errors import InjectorError
 from injector.tracking import TrackerState, resume_tracker
@@ -67,7 +67,7 @@ class Checkpoint:
         return (self.path / TRACKING_FILE).exists()
 
     def restore(
-        self, *, parts: Iterable[str] = PARTS, verify: bool = True, undo: bool = True
+        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
     ) -> ApplyStats:
         """Put the process back to the checkpoint (only the pages changed since last time)."""
         if self.closed:

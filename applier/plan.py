@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import attrs
 import numpy as np
@@ -31,10 +31,10 @@ from applier.model import (
     format_prot,
     merge_regions,
 )
+from applier.parts import Part
 from applier.ranges import align_up, covered, intervals, member, page_ranges
 
 __all__ = [
-    "PARTS",
     "Discard",
     "MapAnon",
     "MapFile",
@@ -51,7 +51,27 @@ __all__ = [
     "make_plan",
 ]
 
-PARTS = ("memory", "layout", "brk", "regs")
+
+def _hex(value: int) -> str:
+    return f"{value:#x}"
+
+
+def _ranges_json(ranges: Iterable[tuple[int, int]]) -> list[list[str]]:
+    return [[_hex(a), _hex(b)] for a, b in ranges]
+
+
+def _region_json(op: str, region: Region) -> dict[str, Any]:
+    """The fields of a step about one region (docs/json.md)."""
+    return {
+        "op": op,
+        "start": _hex(region.start),
+        "end": _hex(region.end),
+        "prot": format_prot(region.prot),
+        "kind": region.kind.value,
+        "path": region.path,
+        "name": region.name,
+        "offset": _hex(region.offset) if region.kind is not Kind.ANON else None,
+    }
 
 
 @attrs.frozen
@@ -69,6 +89,9 @@ class Unmap:
     def describe(self) -> str:
         return f"unmap   {self.region.describe()}"
 
+    def as_dict(self) -> dict[str, Any]:
+        return _region_json("unmap", self.region)
+
 
 @attrs.frozen
 class MapAnon:
@@ -77,6 +100,9 @@ class MapAnon:
     def describe(self) -> str:
         return f"map     {self.region.describe()}"
 
+    def as_dict(self) -> dict[str, Any]:
+        return _region_json("map", self.region)
+
 
 @attrs.frozen
 class MapFile:
@@ -84,6 +110,9 @@ class MapFile:
 
     def describe(self) -> str:
         return f"map     {self.region.describe()} @{self.region.offset:#x}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return _region_json("map", self.region)
 
 
 @attrs.frozen
@@ -99,6 +128,15 @@ class Protect:
             f"{format_prot(self.new)}"
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "protect",
+            "start": _hex(self.start),
+            "end": _hex(self.end),
+            "prot": format_prot(self.new),
+            "old_prot": format_prot(self.old),
+        }
+
 
 @attrs.frozen
 class SetBrk:
@@ -108,6 +146,13 @@ class SetBrk:
     def describe(self) -> str:
         old = "?" if self.old is None else f"{self.old:#x}"
         return f"brk     {old} -> {self.new:#x}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "brk",
+            "old": None if self.old is None else _hex(self.old),
+            "new": _hex(self.new),
+        }
 
 
 @attrs.frozen
@@ -131,6 +176,16 @@ class SetMm:
             f"{name} {old:#x} -> {new:#x}" for name, old, new in self.fields if old != new
         )
         return f"prctl   PR_SET_MM_MAP {changed}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "mm",
+            "fields": {
+                name: {"old": _hex(old), "new": _hex(new)}
+                for name, old, new in self.fields
+                if old != new
+            },
+        }
 
 
 class SavedRuns(Sequence[SavedPages]):
@@ -225,6 +280,16 @@ class WritePages:
     def describe(self) -> str:
         return f"write   {self.nr_pages} saved pages in {len(self.runs)} runs"
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "write",
+            "pages": self.nr_pages,
+            "runs": [
+                [_hex(a), n]
+                for a, n in zip(self.runs.vaddr.tolist(), self.runs.npages.tolist(), strict=True)
+            ],
+        }
+
 
 @attrs.frozen
 class Discard:
@@ -241,6 +306,14 @@ class Discard:
         what = "zero" if self.reason == "zero" else "re-read from file"
         return f"discard {len(self.ranges)} ranges, {self.nr_bytes} bytes ({what})"
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "discard",
+            "reason": self.reason,
+            "bytes": self.nr_bytes,
+            "ranges": _ranges_json(self.ranges),
+        }
+
 
 @attrs.frozen
 class SetRegs:
@@ -249,6 +322,9 @@ class SetRegs:
 
     def describe(self) -> str:
         return f"regs    thread {self.tid} <- core-{self.image_tid}.img"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "regs", "thread": self.tid, "image_thread": self.image_tid}
 
 
 @attrs.frozen
@@ -271,6 +347,13 @@ class WriteShared:
             f"{len(self.holes)} zero ranges"
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **_region_json("shared", self.region),
+            "pages": self.nr_pages,
+            "holes": _ranges_json(self.holes),
+        }
+
 
 Step = (
     Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
@@ -290,6 +373,10 @@ class Plan:
     page_size: int
     steps: tuple[Step, ...]
     notes: tuple[str, ...]
+    # Set once the plan was narrowed to what really differs (``applier.compare``): the saved
+    # pages that compared equal to the live ones and were left out.
+    compared: bool = False
+    pages_unchanged: int = 0
 
     def of(self, kind: type[S]) -> list[S]:
         """The steps of one kind, in order."""
@@ -307,9 +394,22 @@ class Plan:
         layout = (Unmap, MapAnon, MapFile, Protect)
         return {
             "pages_to_write": self.pages_to_write,
+            "pages_unchanged": self.pages_unchanged,
             "pages_to_discard": self.bytes_to_discard // self.page_size,
             "layout_changes": sum(isinstance(s, layout) for s in self.steps),
             "threads": sum(isinstance(s, SetRegs) for s in self.steps),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready values (the schema is in docs/json.md)."""
+        return {
+            "pid": self.pid,
+            "image_pid": self.image_pid,
+            "page_size": self.page_size,
+            "compared": self.compared,
+            "summary": self.summary(),
+            "steps": [step.as_dict() for step in self.steps],
+            "notes": list(self.notes),
         }
 
 
@@ -643,7 +743,7 @@ def restrict_to_scope(
 def make_plan(
     image: ImageTask,
     live: LiveTask,
-    parts: Iterable[str] = PARTS,
+    parts: Part | Iterable[str] = Part.ALL,
     *,
     dirty: npt.NDArray[np.uint64] | None = None,
     leave_shared: bool = False,
@@ -659,21 +759,18 @@ def make_plan(
     undo image, ``applier/undo_image.py``, holds just the pages an apply touched): pages are
     written and discarded inside it only, memory outside it is left as it is.
     """
-    parts = set(parts)
-    unknown = parts - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {PARTS}")
+    parts = Part.of(parts)
     check_same_process(image, live)
     page = image.page_size
     steps: list[Step] = []
     notes: list[str] = []
     live_regions = list(live.regions)
 
-    if "brk" in parts and live.brk != image.brk:
+    if Part.BRK in parts and live.brk != image.brk:
         steps.append(SetBrk(live.brk, image.brk))
         if live.brk is not None:
             live_regions = _simulate_brk(live_regions, live.brk, image.brk, page)
-    if "layout" in parts and image.mm_fields:
+    if Part.LAYOUT in parts and image.mm_fields:
         fields = tuple(
             (name, live.mm_fields[name], value)
             for name, value in sorted(image.mm_fields.items())
@@ -686,7 +783,7 @@ def make_plan(
 
     image_regions = _merge(image.regions)
     recreated: list[tuple[int, int]] = []
-    if "layout" in parts:
+    if Part.LAYOUT in parts:
         layout, layout_notes = plan_layout(image_regions, _merge(live_regions))
         steps.extend(layout)
         notes.extend(layout_notes)
@@ -696,7 +793,7 @@ def make_plan(
     else:
         image_regions = _restrict_to_live(image_regions, _merge(live_regions))
 
-    if "memory" in parts:
+    if Part.MEMORY in parts:
         saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)
         if dirty is not None:
             saved = restrict_to_pages(saved, dirty, recreated, page)
@@ -725,7 +822,7 @@ def make_plan(
         if saved:
             steps.append(WritePages(SavedRuns.of(saved)))
 
-    if "regs" in parts:
+    if Part.REGS in parts:
         steps.extend(SetRegs(t, i) for t, i in match_threads(image, live))
     check_running_threads(steps, live)
     return Plan(

@@ -21,6 +21,7 @@ from injector.regs import REG_NAMES
 __all__ = [
     "ERESTART_CODES",
     "GP_FIELDS",
+    "NR_RESTART_SYSCALL",
     "SYSCALL_INSN",
     "gpregs_values",
     "restart_adjusted",
@@ -35,6 +36,7 @@ ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 ERESTART_CODES = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
 SYSCALL_INSN = b"\x0f\x05"
+NR_RESTART_SYSCALL = 219  # what a thread resumed into -ERESTART_RESTARTBLOCK runs
 _U64 = (1 << 64) - 1
 
 

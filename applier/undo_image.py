@@ -41,6 +41,7 @@ import numpy.typing as npt
 from applier.dump import TaskEntries, task_entries
 from applier.errors import OutputDirError
 from applier.model import LiveTask
+from applier.parts import Part
 from applier.ranges import covered, intervals, member, page_ranges
 from applier.undo import SavedRange, UndoLog, UndoPages, UndoPageTable, UndoUnmap
 from formats.errors import ImageError
@@ -152,7 +153,7 @@ class Before:
 def capture(
     session: Any,
     live: LiveTask,
-    parts: Iterable[str],
+    parts: Part,
     *,
     exact_presence: bool,
     image: str | None = None,
@@ -161,7 +162,7 @@ def capture(
     task = task_entries(session, session.maps())
     return Before(
         task=task,
-        parts=tuple(parts),
+        parts=parts.labels(),
         image=image,
         present=np.asarray(live.present, dtype=np.uint64) if exact_presence else None,
         anon=np.asarray(live.anon, dtype=np.uint64) if exact_presence else None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from applier import show
+from applier.cli import show
 from formats.errors import ImageError
 from formats.imagewriter import ImageWriter, anon_vma, regular_file, x86_core
 from formats.inventory import InventoryEntry, PstreeEntry
@@ -34,10 +34,62 @@ def test_golden_text(golden_dir: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "process 27235 (ppid 0, pgid 27235, sid 27235) exe /tmp/golden/golden" in out
     assert "thread 27237 X86_64 ip 0x7f0574412545 sp 0x7f05742ede50" in out
     assert "pages-1.img: 487424 bytes" in out
-    assert "0x555daf5ac000-0x555daf5cd000     rw-p heap  runs 1: present 2, parent 0, lazy 2" in out
+    assert (
+        "0x0000555daf5ac000-0x0000555daf5cd000 rw-p heap  runs 1: present 2, parent 0, lazy 2"
+        in out
+    )
     assert "r-xp file-private /usr/lib/x86_64-linux-gnu/libc.so.6" in out
     for kind in ("vdso", "vvar", "vsyscall", "stack"):
         assert f" {kind}" in out
+
+
+def test_text_columns_align_totals_and_legend(
+    golden_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every VMA row starts its prot column at the same place (vsyscall too), totals and the
+    column legend are printed."""
+    assert _run(str(golden_dir)) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("  0x")]
+    assert len(rows) == 27
+    assert {row.index(" ", 3) for row in rows} == {39}  # "  START-END " is 39 chars wide
+    assert any("0xffffffffff600000-0xffffffffff601000 --xp vsyscall" in r for r in rows)
+    assert "pages: 119 present (0.5 MiB), 0 in a parent, 104 lazy" in out
+    assert out.rstrip().endswith("a subset of PRESENT)") and "columns: START-END" in out
+
+
+def test_threads_name_the_syscall_they_were_stopped_in(
+    golden_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both golden threads slept in clock_nanosleep: show names it, with its arguments."""
+    assert _run("--json", str(golden_dir)) == 0
+    doc = json.loads(capsys.readouterr().out)
+    calls = [t["syscall"] for t in doc["processes"][0]["threads"]]
+    assert all(c.startswith("clock_nanosleep(which_clock=0, flags=0, rqtp=0x7f") for c in calls)
+    assert doc["totals"] == {
+        "pages_present": 119, "pages_in_parent": 0, "pages_lazy": 104, "bytes_present": 487424
+    }  # fmt: skip
+
+
+def test_two_vvar_areas_are_one_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Linux 6.13+ has [vvar] and [vvar_vclock] side by side: one vvar row, 2 areas."""
+    from formats.mm import VmaEntry, VmaStatus  # noqa: PLC0415
+
+    vvar = VmaStatus.REGULAR | VmaStatus.ANON_PRIVATE | VmaStatus.VVAR
+    areas = [
+        VmaEntry(start=BASE + a, end=BASE + b, pgoff=0, shmid=0, prot=1, flags=0x22,
+                 status=vvar, fd=-1)
+        for a, b in ((0, 4 * P), (4 * P, 6 * P))
+    ]  # fmt: skip
+    mm = MmEntry(exe_file_id=1, vmas=[anon_vma(BASE - 2 * P, BASE), *areas])
+    with ImageWriter(tmp_path) as w:
+        w.add_file(regular_file(1, "/bin/app"))
+        w.add_process(PstreeEntry(pid=1, ppid=0, pgid=1, sid=1, threads=[1]), mm=mm,
+                      cores={1: x86_core(0x400000, BASE)}, runs=[])  # fmt: skip
+    assert _run(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count(" vvar") == 1
+    assert f"{BASE:#018x}-{BASE + 6 * P:#018x} r--p vvar (2 areas)" in out
 
 
 def test_golden_json(golden_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from applier.api import ApplyResult, apply, diff, parse_parts
-from applier.dump import dump
-from applier.plan import Plan
+from applier.errors import EXIT_DIFFERENT, EXIT_OK
+from applier.parts import Part
 
-__all__ = ["plan_as_dict", "print_plan", "register"]
+if TYPE_CHECKING:
+    from applier.api import ApplyResult
+    from applier.plan import Plan
+
+__all__ = ["pid_arg", "print_plan", "register"]
 
 
-def _pid(text: str) -> int:
+def pid_arg(text: str) -> int:
+    """argparse type of a process id."""
     try:
         value = int(text)
     except ValueError:
@@ -24,9 +28,9 @@ def _pid(text: str) -> int:
     return value
 
 
-def _parts(text: str) -> tuple[str, ...]:
+def _parts(text: str) -> Part:
     try:
-        return parse_parts(text)
+        return Part.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -37,27 +41,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restore",
         type=_parts,
-        default=parse_parts(None),
+        default=Part.ALL,
         metavar="PARTS",
-        help="comma-separated parts to restore: memory,layout,brk,regs (default: all)",
+        help=f"comma-separated parts to restore: {','.join(Part.names())} (default: all)",
     )
     p.add_argument(
         "--leave-shared",
         action="store_true",
         help="leave shared memory the image holds no pagemap-shmem for as it is (default: refuse)",
     )
-    p.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    p.add_argument(
+        "--json", action="store_true", help="print the result (or the error) as one JSON document"
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser(
         "diff",
-        help="print what apply would change in a live process",
-        description="Print the plan that would make the live process equal to the checkpoint. "
-        "The target is stopped for a moment and not changed.",
+        help="compare a live process with a checkpoint",
+        description="Report what differs between the live process and the checkpoint: pages "
+        "whose contents differ, layout, program break, mm fields and registers, as the steps "
+        "an apply would need. The target is stopped for a moment and not changed. Exit "
+        "status as diff(1): 0 same, 1 different, 2 and up trouble.",
     )
     _common(d)
-    d.add_argument("--against", type=_pid, required=True, metavar="PID", help="live process")
+    d.add_argument("--against", type=pid_arg, required=True, metavar="PID", help="live process")
     d.set_defaults(func=run_diff)
 
     a = sub.add_parser(
@@ -68,7 +76,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "validated first; if a step fails the process is put back as it was.",
     )
     _common(a)
-    a.add_argument("--into", type=_pid, required=True, metavar="PID", help="live process")
+    a.add_argument("--into", type=pid_arg, required=True, metavar="PID", help="live process")
     a.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     a.add_argument(
         "--only-dirty",
@@ -93,49 +101,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     a.set_defaults(func=run_apply)
 
-    dp = sub.add_parser(
-        "dump",
-        help="checkpoint a live process into a CRIU image directory",
-        description="Stop every thread of PID, write its memory, layout and registers as a "
-        "CRIU image directory (inventory, pstree, core, mm, pagemap, pages, files), detach.",
-    )
-    dp.add_argument("image_dir", metavar="IMAGE_DIR", help="directory to create (must be empty)")
-    dp.add_argument("--from", dest="pid", type=_pid, required=True, metavar="PID")
-    dp.add_argument(
-        "--track",
-        action="store_true",
-        help="leave dirty-page tracking running in the target, so that a later "
-        "'apply --only-dirty' writes only the pages written since",
-    )
-    dp.add_argument(
-        "--parent",
-        metavar="DIR",
-        help="incremental dump on top of DIR, a tracked dump of the same process: only pages "
-        "written since are stored, the rest point into DIR (tracking moves on to this image)",
-    )
-    dp.add_argument("--json", action="store_true", help="print the result as JSON")
-    dp.set_defaults(func=run_dump)
-
-
-def plan_as_dict(plan: Plan) -> dict[str, Any]:
-    steps: list[dict[str, Any]] = []
-    for step in plan.steps:
-        steps.append({"op": type(step).__name__, "text": step.describe().split(None, 1)[1]})
-    return {
-        "pid": plan.pid,
-        "image_pid": plan.image_pid,
-        "page_size": plan.page_size,
-        "summary": plan.summary(),
-        "steps": steps,
-        "notes": list(plan.notes),
-    }
-
 
 def print_plan(plan: Plan) -> None:
     s = plan.summary()
+    unchanged = f" ({s['pages_unchanged']} unchanged)" if plan.compared else ""
     print(
         f"plan for pid {plan.pid} (image task {plan.image_pid}): "
-        f"{s['pages_to_write']} pages to write, {s['pages_to_discard']} to discard, "
+        f"{s['pages_to_write']} pages to write{unchanged}, {s['pages_to_discard']} to discard, "
         f"{s['layout_changes']} layout changes, {s['threads']} threads"
     )
     for step in plan.steps:
@@ -145,6 +117,8 @@ def print_plan(plan: Plan) -> None:
 
 
 def run_diff(args: argparse.Namespace) -> int:
+    from applier.api import diff  # noqa: PLC0415 - the CLI imports per command
+
     plan = diff(
         args.image_dir,
         args.against,
@@ -152,15 +126,35 @@ def run_diff(args: argparse.Namespace) -> int:
         parts=args.restore,
         leave_shared=args.leave_shared,
     )
+    differs = bool(plan.steps)
     if args.json:
-        json.dump(plan_as_dict(plan), sys.stdout, indent=2)
+        json.dump({**plan.as_dict(), "differs": differs}, sys.stdout, indent=2)
         print()
+    elif not differs:
+        print(
+            f"pid {plan.pid} is the same as image task {plan.image_pid} of {args.image_dir} "
+            f"({plan.pages_unchanged} saved pages compared)"
+        )
+        for note in plan.notes:
+            print(f"  note: {note}")
     else:
-        print_plan(plan)
-    return 0
+        s = plan.summary()
+        print(
+            f"pid {plan.pid} differs from image task {plan.image_pid} of {args.image_dir}: "
+            f"{s['pages_to_write']} pages differ ({s['pages_unchanged']} the same), "
+            f"{s['pages_to_discard']} pages to discard, {s['layout_changes']} layout changes, "
+            f"{s['threads']} threads with other registers"
+        )
+        for step in plan.steps:
+            print(f"  {step.describe()}")
+        for note in plan.notes:
+            print(f"  note: {note}")
+    return EXIT_DIFFERENT if differs else EXIT_OK
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    from applier.api import apply  # noqa: PLC0415 - the CLI imports per command
+
     result = apply(
         args.image_dir,
         args.into,
@@ -175,19 +169,7 @@ def run_apply(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     if args.json:
-        out = plan_as_dict(result.plan)
-        out["dry_run"] = result.dry_run
-        out["dirty_source"] = result.dirty_source
-        if result.undo is not None:
-            out["undo"] = {
-                "path": str(result.undo.path),
-                "pages": result.undo.pages,
-                "scope_pages": result.undo.scope_pages,
-                "seconds": result.undo.seconds,
-            }
-        if not result.dry_run:
-            out["stats"] = result.stats.as_dict()
-        json.dump(out, sys.stdout, indent=2)
+        json.dump(apply_json(result), sys.stdout, indent=2)
         print()
     elif result.dry_run:
         print_plan(result.plan)
@@ -200,7 +182,24 @@ def run_apply(args: argparse.Namespace) -> int:
                 f"'applier apply {u.path} --into {result.plan.pid}' puts pid "
                 f"{result.plan.pid} back as it was before this apply"
             )
-    return 0
+    return EXIT_OK
+
+
+def apply_json(result: ApplyResult) -> dict[str, Any]:
+    """The ``apply --json`` document (docs/json.md)."""
+    out = result.plan.as_dict()
+    out["dry_run"] = result.dry_run
+    out["dirty_source"] = result.dirty_source
+    if result.undo is not None:
+        out["undo"] = {
+            "path": str(result.undo.path),
+            "pages": result.undo.pages,
+            "scope_pages": result.undo.scope_pages,
+            "seconds": result.undo.seconds,
+        }
+    if not result.dry_run:
+        out["stats"] = result.stats.as_dict()
+    return out
 
 
 def _summary(result: ApplyResult) -> str:
@@ -215,21 +214,3 @@ def _summary(result: ApplyResult) -> str:
         parts.insert(1, f"{st.pages_skipped} unchanged")
     text = ", ".join(parts) + f" in {st.seconds * 1000:.1f} ms"
     return text + (" (verified)" if st.verified else "")
-
-
-def run_dump(args: argparse.Namespace) -> int:
-    stats = dump(args.pid, args.image_dir, track=args.track, parent=args.parent)
-    if args.json:
-        json.dump(stats.as_dict(), sys.stdout, indent=2)
-        print()
-    else:
-        print(
-            f"dumped pid {stats.pid} into {args.image_dir}: {stats.threads} threads, "
-            f"{stats.vmas} VMAs, {stats.pages} pages in {stats.seconds * 1000:.1f} ms"
-            + (f", {stats.parent_pages} left to {args.parent}" if args.parent else "")
-        )
-        if stats.tracking:
-            print(f"dirty-page tracking ({stats.tracking}) left running in pid {stats.pid}")
-        elif args.track:
-            print(f"no dirty-page tracking: {stats.tracking_note}", file=sys.stderr)
-    return 0

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from applier.api import apply
 from applier.dump import dump
-from applier.errors import ApplierError
+from applier.errors import UsageError
 
-__all__ = ["register", "run"]
+__all__ = ["run"]
 
-SOURCE = Path(__file__).parent / "demo" / "counter.c"
+SOURCE = Path(__file__).parent / "counter.c"
 
 
 def _build() -> Path:
@@ -32,7 +32,7 @@ def _build() -> Path:
     if not binary.exists():
         gcc = shutil.which("gcc") or shutil.which("cc")
         if gcc is None:
-            raise ApplierError("the demo needs a C compiler (apt-get install gcc)")
+            raise UsageError("the demo needs a C compiler (apt-get install gcc)")
         cache.mkdir(parents=True, exist_ok=True)
         tmp = binary.with_suffix(f".{os.getpid()}")
         subprocess.run([gcc, "-O1", "-o", str(tmp), str(SOURCE)], check=True)
@@ -116,16 +116,3 @@ def run(args: argparse.Namespace) -> int:
         target.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="revert a built-in demo process to a checkpoint",
-        description="Start a demo server, checkpoint it, let it change for a while, apply the "
-        "checkpoint into it and show that it is back, with the same pid, still running.",
-    )
-    p.add_argument("--warmup", type=float, default=0.5, help="seconds before the checkpoint")
-    p.add_argument("--run", type=float, default=1.5, help="seconds of change after it")
-    p.add_argument("--keep", action="store_true", help="keep the checkpoint directory")
-    p.set_defaults(func=run)

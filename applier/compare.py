@@ -1,0 +1,236 @@
+"""What really differs between a live process and an image: a plan narrowed to the steps and
+pages whose effect would change something (``applier diff``, ``apply --dry-run --only-dirty``).
+
+A plan says what an apply *does*; for a process equal to its image it still writes every saved
+page. Narrowing reads the target (nothing is written) and keeps:
+
+* of a page write, the pages whose live bytes differ from the image's;
+* of a discard, the anonymous pages that hold non-zero bytes and the copied file pages whose
+  bytes differ from the file at their offset;
+* of shared memory, the objects whose saved pages differ or whose holes hold pages;
+* of the register steps, the threads whose general-purpose registers differ (an interrupted
+  syscall compares as the call it restarts, so a thread resumed into ``restart_syscall`` since
+  the checkpoint is the same thread at the same place);
+* every layout, break and mm-field step as it is (the planner emits those only for differences).
+
+The kernel rewrites the rseq fields ``cpu_id_start``, ``cpu_id``, ``node_id`` and ``mm_cid`` of
+every thread whenever it returns to user mode; those bytes are left out of the page compare.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from applier import regs as regmod
+from applier.pieces import CHUNK, U64, Pieces, expand_ranges, iov_rows
+from applier.plan import (
+    Discard,
+    MapAnon,
+    MapFile,
+    Plan,
+    SetRegs,
+    Step,
+    WritePages,
+    WriteShared,
+    restrict_to_pages,
+)
+from applier.ranges import page_ranges
+from applier.sides import region_from_mapping
+from injector.maps import PAGEMAP_PRESENT
+
+__all__ = ["Narrowed", "narrow"]
+
+RSEQ_KERNEL_FIELDS = ((0, 8), (20, 28))  # cpu_id_start, cpu_id; node_id, mm_cid
+_SEGMENTS = frozenset({"fs", "gs", "ds", "es", "cs", "ss"})
+
+
+@attrs.frozen
+class Narrowed:
+    """The plan narrowed to differences, and how many saved pages compared equal."""
+
+    plan: Plan
+    pages_unchanged: int
+
+
+def narrow(session: Any, plan: Plan, cores: dict[int, Any]) -> Narrowed:
+    """``plan`` with only the steps and pages that would change the target."""
+    page = plan.page_size
+    masks = _rseq_masks(session, page)
+    recreated = [
+        (s.region.start, s.region.end) for s in plan.steps if isinstance(s, MapAnon | MapFile)
+    ]
+    steps: list[Step] = []
+    unchanged = 0
+    for step in plan.steps:
+        if isinstance(step, WritePages):
+            differ = differing_pages(session, step, page, masks, skip=recreated)
+            kept = restrict_to_pages(step.runs, differ, recreated, page)
+            unchanged += step.nr_pages - kept.nr_pages
+            if len(kept):
+                steps.append(WritePages(kept))
+        elif isinstance(step, Discard):
+            ranges = _discard_differs(session, step, page)
+            if ranges:
+                steps.append(Discard(ranges, step.reason))
+        elif isinstance(step, WriteShared):
+            if _shared_differs(session, step, page):
+                steps.append(step)
+        elif isinstance(step, SetRegs):
+            if regs_differ(session, step, cores):
+                steps.append(step)
+        else:
+            steps.append(step)
+    return Narrowed(attrs.evolve(plan, steps=tuple(steps)), unchanged)
+
+
+def _rseq_masks(session: Any, page: int) -> dict[int, list[tuple[int, int]]]:
+    """Page address -> byte ranges inside that page the kernel owns (rseq fields)."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for tid in session.tids:
+        conf = session.rseq_config(tid)
+        if conf is None:
+            continue
+        for lo, hi in RSEQ_KERNEL_FIELDS:
+            a, b = conf[0] + lo, conf[0] + hi
+            while a < b:
+                base = a - a % page
+                end = min(b, base + page)
+                out.setdefault(base, []).append((a - base, end - base))
+                a = end
+    return out
+
+
+def differing_pages(
+    session: Any,
+    step: WritePages,
+    page: int,
+    masks: dict[int, list[tuple[int, int]]] | None = None,
+    *,
+    skip: Sequence[tuple[int, int]] = (),
+) -> npt.NDArray[np.uint64]:
+    """Sorted addresses of the pages of ``step`` whose live bytes differ from the image's
+    (one process_vm_readv and one numpy compare per batch of at most CHUNK bytes). Pages in
+    ``skip`` ranges (regions the plan maps anew) are not read."""
+    pieces = Pieces(step.runs, page)
+    found: list[npt.NDArray[np.uint64]] = []
+    live = np.empty(CHUNK // 8, dtype=np.uint64)
+    want_buf = np.empty(CHUNK // 8, dtype=np.uint64)
+    keep = np.ones(len(pieces.vaddr), dtype=bool)
+    for a, b in skip:
+        keep &= ~((pieces.vaddr >= np.uint64(a)) & (pieces.vaddr < np.uint64(b)))
+    try:
+        for i, j in pieces.bounds():
+            sel = keep[i:j]
+            if not sel.any():
+                continue
+            length = pieces.length[i:j][sel]
+            pos = np.cumsum(length) - length
+            base = np.uint64(live.ctypes.data)
+            session.read_iov(iov_rows(base + pos, length), iov_rows(pieces.vaddr[i:j][sel], length))
+            want = pieces.image_rows(i, j, want_buf, sel)
+            have = live[: want.size].reshape(want.shape)
+            differs = (want != have).any(axis=1)
+            addrs = expand_ranges(pieces.vaddr[i:j][sel], length, page)
+            if masks:
+                _unmask(differs, addrs, want, have, masks)
+            found.append(addrs[differs])
+            pieces.used(i, j)
+    finally:
+        pieces.close()
+    if not found:
+        return np.zeros(0, dtype=np.uint64)
+    return np.sort(np.concatenate(found))
+
+
+def _unmask(
+    differs: npt.NDArray[np.bool_],
+    addrs: U64,
+    want: U64,
+    have: U64,
+    masks: dict[int, list[tuple[int, int]]],
+) -> None:
+    """Compare again, without the kernel-owned bytes, the differing pages that hold some."""
+    for k in np.nonzero(differs)[0].tolist():
+        ranges = masks.get(int(addrs[k]))
+        if not ranges:
+            continue
+        a = bytearray(want[k].tobytes())
+        b = bytearray(have[k].tobytes())
+        for lo, hi in ranges:
+            a[lo:hi] = b[lo:hi] = bytes(hi - lo)
+        differs[k] = a != b
+
+
+def _read_pages(session: Any, addrs: Iterable[int], page: int) -> Iterable[tuple[int, bytes]]:
+    for addr in addrs:
+        yield addr, session.read(addr, page)
+
+
+def _discard_differs(session: Any, step: Discard, page: int) -> tuple[tuple[int, int], ...]:
+    """The ranges of ``step`` whose discarding would change bytes: non-zero anonymous pages,
+    or copied file pages that differ from the file."""
+    pages = np.concatenate(
+        [np.arange(a, b, page, dtype=np.uint64) for a, b in step.ranges]
+        or [np.zeros(0, dtype=np.uint64)]
+    )
+    zero = bytes(page)
+    backing: Callable[[int], bytes] = (
+        (lambda _addr: zero) if step.reason == "zero" else _file_pages(session, page)
+    )
+    changed = [a for a, data in _read_pages(session, pages.tolist(), page) if data != backing(a)]
+    return page_ranges(np.array(changed, dtype=np.uint64), page)
+
+
+def _file_pages(session: Any, page: int) -> Callable[[int], bytes]:
+    """addr -> the bytes the mapped file holds for that page (what a discard brings back)."""
+    regions = [region_from_mapping(m) for m in session.maps()]
+
+    def read(addr: int) -> bytes:
+        for r in regions:
+            if r.start <= addr < r.end and r.path:
+                try:
+                    fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return b""  # cannot tell: count it as differing
+                try:
+                    data = os.pread(fd, page, r.offset + addr - r.start)
+                finally:
+                    os.close(fd)
+                return data.ljust(page, b"\0")
+        return b""
+
+    return read
+
+
+def _shared_differs(session: Any, step: WriteShared, page: int) -> bool:
+    for run in step.runs:
+        src: Any = run.source
+        for off in range(0, run.nr_pages * page, CHUNK):
+            n = min(CHUNK, run.nr_pages * page - off)
+            if session.read(run.vaddr + off, n) != bytes(src.pages.view(src.offset + off, n)):
+                return True
+    return any(((session.page_flags(a, b) & PAGEMAP_PRESENT) != 0).any() for a, b in step.holes)
+
+
+def regs_differ(session: Any, step: SetRegs, cores: dict[int, Any]) -> bool:
+    """Whether the live thread's general-purpose registers differ from the image's (both
+    taken as the values that restart an interrupted call; segment selectors ignored)."""
+    ti = getattr(cores.get(step.image_tid), "thread_info", None)
+    if ti is None:
+        return True
+    want, _ = regmod.restart_adjusted(regmod.gpregs_values(ti.gpregs))
+    have, _ = regmod.restart_adjusted(session.get_regs(step.tid).as_dict())
+    ignore = set(_SEGMENTS)
+    if have.get("ax") == regmod.NR_RESTART_SYSCALL and have["ip"] == want["ip"]:
+        ignore |= {"ax"}  # resumed once since: the same call, restarted by the kernel
+    return any(
+        (have[name] & ((1 << 64) - 1)) != value
+        for name, value in want.items()
+        if name not in ignore
+    )
