@@ -94,7 +94,16 @@ def diff(
 
 def _narrowed(session: Session, plan: Plan, cores: dict[int, Any]) -> Plan:
     """The plan with only what differs, marked as compared."""
+    started = time.perf_counter()
     got = narrow(session, plan, cores)
+    logger.info(
+        "pid %d: %d saved pages differ, %d the same, %d steps differ (compared in %.1f ms)",
+        plan.pid,
+        got.plan.pages_to_write,
+        got.pages_unchanged,
+        len(got.plan.steps),
+        (time.perf_counter() - started) * 1e3,
+    )
     return attrs.evolve(got.plan, compared=True, pages_unchanged=got.pages_unchanged)
 
 

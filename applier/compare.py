@@ -36,6 +36,7 @@ from applier.plan import (
     Plan,
     SetRegs,
     Step,
+    ThreadCall,
     WritePages,
     WriteShared,
     restrict_to_pages,
@@ -43,6 +44,8 @@ from applier.plan import (
 from applier.ranges import page_ranges
 from applier.sides import region_from_mapping
 from injector.maps import PAGEMAP_PRESENT
+from injector.regs import Arch
+from injector.syscalls import ARG_REGS, format_call
 
 __all__ = ["Narrowed", "narrow"]
 
@@ -86,7 +89,25 @@ def narrow(session: Any, plan: Plan, cores: dict[int, Any]) -> Narrowed:
                 steps.append(step)
         else:
             steps.append(step)
-    return Narrowed(attrs.evolve(plan, steps=tuple(steps)), unchanged)
+    calls = tuple(thread_calls(session, plan, cores))
+    return Narrowed(attrs.evolve(plan, steps=tuple(steps), threads=calls), unchanged)
+
+
+def _call(values: dict[str, int]) -> str | None:
+    """The system call a thread's registers say it is in (``orig_ax``), with its arguments."""
+    if values["orig_ax"] >= 1 << 63:  # -1: not in a system call
+        return None
+    args = [values[r] for r in ARG_REGS[Arch.X86_64]]
+    return format_call(Arch.X86_64, values["orig_ax"], args)
+
+
+def thread_calls(session: Any, plan: Plan, cores: dict[int, Any]) -> Iterable[ThreadCall]:
+    """For each thread the plan pairs with the image, the call it is in now and then."""
+    for step in plan.of(SetRegs):
+        ti = getattr(cores.get(step.image_tid), "thread_info", None)
+        then = _call(regmod.gpregs_values(ti.gpregs)) if ti is not None else None
+        now = _call(session.get_regs(step.tid).as_dict())
+        yield ThreadCall(step.tid, step.image_tid, now, then)
 
 
 def _rseq_masks(session: Any, page: int) -> dict[int, list[tuple[int, int]]]:

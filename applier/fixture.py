@@ -9,6 +9,11 @@
 ``restore`` writes only the pages written since the previous one (``apply --only-dirty``).
 ``close`` stops the tracker inside the process and deletes the image if ``take`` made a
 temporary one. The process keeps its pid, sockets and open files throughout.
+
+One process has at most one open Checkpoint at a time, across all processes (a
+``checkpoint`` claim of ``applier.lock``): a second ``take`` of the same process, say by
+another pytest-xdist worker that was handed the same server, raises ``TargetBusy`` instead of
+letting the two reset each other's state.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import attrs
 from applier.api import apply
 from applier.dump import TRACKING_FILE, DumpStats, dump
 from applier.execute import ApplyStats
+from applier.lock import TargetLock
 from applier.parts import Part
 from injector import attach
 from injector.errors import InjectorError
@@ -44,22 +50,34 @@ class Checkpoint:
     owns_path: bool = False
     restores: int = 0
     closed: bool = False
+    claim: TargetLock | None = None
 
     @classmethod
-    def take(cls, pid: int, directory: str | os.PathLike[str] | None = None) -> Checkpoint:
-        """Checkpoint ``pid`` now (into ``directory``, or a temporary one) and start tracking."""
+    def take(
+        cls, pid: int, directory: str | os.PathLike[str] | None = None, *, label: str = ""
+    ) -> Checkpoint:
+        """Checkpoint ``pid`` now (into ``directory``, or a temporary one) and start tracking.
+        ``label`` names the owner in the refusal another ``take`` of the same pid gets (the
+        pytest plugin passes its xdist worker id)."""
+        claim = TargetLock.acquire(
+            pid, "checkpoint", f"checkpointed ({label})" if label else "checkpointed"
+        )
         owns = directory is None
-        if directory is None:
-            path = Path(tempfile.mkdtemp(prefix=f"applier-{pid}-"))
-        else:
-            path = Path(directory)
         try:
-            stats = dump(pid, path, track=True)
+            if directory is None:
+                path = Path(tempfile.mkdtemp(prefix=f"applier-{pid}-"))
+            else:
+                path = Path(directory)
+            try:
+                stats = dump(pid, path, track=True)
+            except BaseException:
+                if owns:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
         except BaseException:
-            if owns:
-                shutil.rmtree(path, ignore_errors=True)
+            claim.release()
             raise
-        return cls(pid, path, stats, owns_path=owns)
+        return cls(pid, path, stats, owns_path=owns, claim=claim)
 
     @property
     def tracked(self) -> bool:
@@ -92,6 +110,8 @@ class Checkpoint:
                 resume_tracker(session, state).close()
         if self.owns_path:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self.claim is not None:
+            self.claim.release()
 
     def __enter__(self) -> Checkpoint:
         return self

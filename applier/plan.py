@@ -45,6 +45,7 @@ __all__ = [
     "SetMm",
     "SetRegs",
     "Step",
+    "ThreadCall",
     "Unmap",
     "WritePages",
     "WriteShared",
@@ -355,6 +356,27 @@ class WriteShared:
         }
 
 
+@attrs.frozen
+class ThreadCall:
+    """The system call a thread is in, live and in the image (None: running user code);
+    reported by ``diff``, never executed."""
+
+    tid: int
+    image_tid: int
+    now: str | None
+    image: str | None
+
+    def describe(self) -> str:
+        def text(call: str | None) -> str:
+            return f"in {call}" if call else "in user code"
+
+        return f"thread {self.tid}: {text(self.now)} now, {text(self.image)} in the image"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"thread": self.tid, "image_thread": self.image_tid, "now": self.now,
+                "image": self.image}  # fmt: skip
+
+
 Step = (
     Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
     | SetRegs
@@ -377,6 +399,7 @@ class Plan:
     # pages that compared equal to the live ones and were left out.
     compared: bool = False
     pages_unchanged: int = 0
+    threads: tuple[ThreadCall, ...] = ()
 
     def of(self, kind: type[S]) -> list[S]:
         """The steps of one kind, in order."""
@@ -410,6 +433,7 @@ class Plan:
             "summary": self.summary(),
             "steps": [step.as_dict() for step in self.steps],
             "notes": list(self.notes),
+            "threads": [t.as_dict() for t in self.threads],
         }
 
 

@@ -135,8 +135,7 @@ def run_diff(args: argparse.Namespace) -> int:
             f"pid {plan.pid} is the same as image task {plan.image_pid} of {args.image_dir} "
             f"({plan.pages_unchanged} saved pages compared)"
         )
-        for note in plan.notes:
-            print(f"  note: {note}")
+        _print_threads_and_notes(plan)
     else:
         s = plan.summary()
         print(
@@ -147,9 +146,15 @@ def run_diff(args: argparse.Namespace) -> int:
         )
         for step in plan.steps:
             print(f"  {step.describe()}")
-        for note in plan.notes:
-            print(f"  note: {note}")
+        _print_threads_and_notes(plan)
     return EXIT_DIFFERENT if differs else EXIT_OK
+
+
+def _print_threads_and_notes(plan: Plan) -> None:
+    for call in plan.threads:
+        print(f"  {call.describe()}")
+    for note in plan.notes:
+        print(f"  note: {note}")
 
 
 def run_apply(args: argparse.Namespace) -> int:

@@ -1,0 +1,109 @@
+"""Claims on a target process that other applier processes can see: an exclusive ``flock`` on
+a small file named after the target's pid and start time (a reused pid gets another file).
+
+Two kinds of claim exist, each its own file:
+
+* ``work``: held while an apply or a dump has the target stopped; a second one is refused
+  with a message that names the applier holding it (not "detach gdb first");
+* ``checkpoint``: held by an open :class:`applier.fixture.Checkpoint` for as long as it lives,
+  so two test workers that were handed the same server by accident are told so, instead of
+  resetting each other's state.
+
+The lock files live in ``/run/applier`` when it can be created (root), else in
+``$XDG_RUNTIME_DIR/applier`` or ``/tmp/applier-<uid>``. A lock is released when its holder
+releases it (the file is removed) or dies (the kernel drops ``flock`` locks with the last
+descriptor; the file stays until the next claim of that process takes and removes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from applier.errors import UsageError
+
+__all__ = ["TargetBusy", "TargetLock", "lock_dir"]
+
+
+class TargetBusy(UsageError):
+    """Another applier holds a claim on the target."""
+
+
+def lock_dir() -> Path:
+    """Where lock files are kept (created on first use, mode 0700 outside /run)."""
+    candidates = [Path("/run/applier")]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        candidates.append(Path(runtime) / "applier")
+    candidates.append(Path(tempfile.gettempdir()) / f"applier-{os.getuid()}")
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            path.mkdir(mode=0o700, exist_ok=True)
+            if path.is_dir() and os.access(path, os.W_OK) and path.stat().st_uid == os.getuid():
+                return path
+    raise OSError("no directory for applier's lock files")
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(b")") + 2 :].split()[19].decode()
+
+
+class TargetLock:
+    """An exclusive claim of ``kind`` on process ``pid``; ``acquire`` or raise TargetBusy."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, pid: int, kind: str, purpose: str) -> TargetLock:
+        """Claim ``pid`` for ``purpose`` (shown to whoever is refused next)."""
+        path = lock_dir() / f"{kind}-{pid}-{_start_time(pid)}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise TargetBusy(f"pid {pid} is busy: {holder or 'another applier'}") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us may have unlinked the file after we opened it: then our
+            # lock is on a file nobody else will find. Start over on the one at the path.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        argv = " ".join(sys.argv[:3]) if sys.argv and sys.argv[0] else "python"
+        note = f"{purpose} by applier pid {os.getpid()} ({argv})".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        """Let the claim go and remove the file (idempotent); removed while still locked, so
+        that a process that opened it meanwhile notices (``acquire`` checks) and retries."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TargetLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
