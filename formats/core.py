@@ -1,7 +1,12 @@
 """``core-<tid>.img`` messages: registers and per-task / per-thread state (CRIU images/core.proto,
-core-x86.proto, core-aarch64.proto, creds.proto, sa.proto, rlimit.proto, rseq.proto).
+core-x86.proto, core-aarch64.proto, creds.proto, sa.proto, rlimit.proto, rseq.proto; timers and
+pending signals from timer.proto and siginfo.proto, in :mod:`formats.signals`).
 
-Timers and pending signals are not modelled; they stay unknown fields and round-trip exactly.
+Signal state: the leader's ``tc`` holds the process-wide part (``sigactions`` in
+:data:`~formats.signals.SIGACTION_SIGNALS` order, the leader's blocked mask ``blk_sigset``, the
+shared pending queue ``signals_s``, ``timers``); every thread's ``thread_core`` holds its own
+blocked mask (``blk_sigset``; CRIU leaves it out of the leader's, whose mask is ``tc.blk_sigset``)
+and private pending queue ``signals_p``.
 """
 
 # Message fields are attrs field specifiers made by formats.pb, not mutable defaults:
@@ -13,6 +18,7 @@ import attrs
 
 from formats.inventory import TaskKobjIdsEntry
 from formats.pb import Kind, Message, optional, repeated, required
+from formats.signals import SIGACTION_SIGNALS, SignalQueueEntry, TaskTimersEntry
 
 __all__ = [
     "MTYPES",
@@ -203,7 +209,7 @@ class TaskRlimitsEntry(Message):
 
 @attrs.define(kw_only=True)
 class TaskCoreEntry(Message):
-    """task_core_entry: per-process state (leader's core only); timers/signals kept unknown."""
+    """task_core_entry: per-process state (leader's core only)."""
 
     task_state: int = required(1, U32)
     exit_code: int = required(2, U32)
@@ -211,8 +217,10 @@ class TaskCoreEntry(Message):
     flags: int = required(4, U32)
     blk_sigset: int = required(5, U64)
     comm: str = required(6, STR)
+    timers: TaskTimersEntry | None = optional(7, MSG, message=TaskTimersEntry)
     rlimits: TaskRlimitsEntry | None = optional(8, MSG, message=TaskRlimitsEntry)
     cg_set: int | None = optional(9, U32)
+    signals_s: SignalQueueEntry | None = optional(10, MSG, message=SignalQueueEntry)
     old_seccomp_mode: int | None = optional(11, ENUM)
     old_seccomp_filter: int | None = optional(12, U32)
     loginuid: int | None = optional(13, U32)
@@ -222,6 +230,15 @@ class TaskCoreEntry(Message):
     blk_sigset_extended: int | None = optional(20, U64)
     stop_signo: int | None = optional(21, U32)
     membarrier_registration_mask: int | None = optional(22, U32)
+
+    def sigaction_for(self, signo: int) -> SaEntry:
+        """The ``sa_entry`` of signal ``signo`` (``sigactions`` skips SIGKILL and SIGSTOP)."""
+        if signo not in SIGACTION_SIGNALS:
+            raise ValueError(f"signal {signo} has no sigaction entry")
+        index = SIGACTION_SIGNALS.index(signo)
+        if index >= len(self.sigactions):
+            raise ValueError(f"signal {signo}: only {len(self.sigactions)} sigactions saved")
+        return self.sigactions[index]
 
 
 @attrs.define(kw_only=True)
@@ -270,7 +287,7 @@ class RseqEntry(Message):
 
 @attrs.define(kw_only=True)
 class ThreadCoreEntry(Message):
-    """thread_core_entry: per-thread state; pending signals (9) kept unknown."""
+    """thread_core_entry: per-thread state."""
 
     futex_rla: int = required(1, U64)
     futex_rla_len: int = required(2, U32)
@@ -280,6 +297,7 @@ class ThreadCoreEntry(Message):
     blk_sigset: int | None = optional(6, U64)
     sas: ThreadSasEntry | None = optional(7, MSG, message=ThreadSasEntry)
     pdeath_sig: int | None = optional(8, U32)
+    signals_p: SignalQueueEntry | None = optional(9, MSG, message=SignalQueueEntry)
     creds: CredsEntry | None = optional(10, MSG, message=CredsEntry)
     seccomp_mode: int | None = optional(11, ENUM)
     seccomp_filter: int | None = optional(12, U32)

@@ -1,5 +1,6 @@
 """A CRIU image directory: every image decoded and validated, the ``parent`` chain followed, the
-pagemaps resolved to page runs (format doc sections 1, 5.4 and 8; criu/cr-restore.c, mem.c).
+pagemaps resolved to page runs (format doc sections 1, 5.4 and 8; criu/cr-restore.c, mem.c); the
+files, descriptor tables, fs and pipe contents through :class:`~formats.fdstate.FdState`.
 
 Page bytes are never read here: :class:`~formats.pages.PagesFile` maps them on demand.
 """
@@ -13,10 +14,12 @@ from typing import Any
 
 from formats.core import CoreEntry
 from formats.errors import ImageError
-from formats.files import FileEntry
+from formats.fdkinds import MemfdInodeEntry, PipeDataEntry
+from formats.fdstate import FdState
+from formats.files import FdinfoEntry, FileEntry, FsEntry
 from formats.imagefile import load_image
 from formats.imagewriter import ImageWriter
-from formats.inventory import InventoryEntry, PstreeEntry
+from formats.inventory import InventoryEntry, PstreeEntry, TaskKobjIdsEntry
 from formats.mm import AT_PAGESZ, MmEntry, VmaEntry, VmaStatus
 from formats.pagemap import Pagemap, PageRun, check_within_vmas, load_pagemap, resolve_runs
 from formats.pages import PagesFile
@@ -61,9 +64,6 @@ class ImageDir:
         if not self.pstree:
             raise ImageError(path / "pstree.img", "no processes in pstree", offset=0)
         self.root_pid: int = self.pstree[0].pid
-        files_img = path / "files.img"
-        entries: list[FileEntry] = _load(files_img, "FILES") if files_img.exists() else []
-        self.files: dict[int, FileEntry] = {f.id: f for f in entries}
         self._mms: dict[int, MmEntry] = {}
         self._cores: dict[int, CoreEntry] = {}
         for proc in self.pstree:
@@ -76,6 +76,8 @@ class ImageDir:
                 self._mms[proc.pid] = mm
             for tid in proc.threads or [proc.pid]:
                 self._cores[tid] = _load_one(path / f"core-{tid}.img", "CORE")
+        self._fds = FdState(path, self.pstree, self._cores)
+        self.files: dict[int, FileEntry] = self._fds.files
         self.page_size = self._page_size()
         self._pagemaps: dict[Path, Pagemap] = {}
         self._runs: dict[int, list[PageRun]] = {}
@@ -113,11 +115,38 @@ class ImageDir:
             raise ImageError(self.path / f"mm-{pid}.img", "no mm image for this pid") from None
 
     def core(self, tid: int) -> CoreEntry:
-        """The core image of thread ``tid``."""
+        """The core image of thread ``tid``: registers, and the signal state (``tc`` of the
+        leader: sigactions, blocked mask, shared pending queue, timers; ``thread_core`` of every
+        thread: its blocked mask and private pending queue)."""
         try:
             return self._cores[tid]
         except KeyError:
             raise ImageError(self.path / f"core-{tid}.img", "no core image for this tid") from None
+
+    def ids(self, pid: int) -> TaskKobjIdsEntry:
+        """The kernel-object ids of process ``pid`` (ids-<pid>.img, else legacy core ids)."""
+        return self._fds.ids(pid)
+
+    def fdinfo(self, pid: int) -> list[FdinfoEntry]:
+        """The descriptors of process ``pid`` (``fdinfo-<files_id>.img``); each ``id`` is a key
+        of :attr:`files`."""
+        return self._fds.fdinfo(pid)
+
+    def fs(self, pid: int) -> FsEntry:
+        """cwd/root file ids and umask of process ``pid`` (fs-<pid>.img)."""
+        return self._fds.fs(pid)
+
+    def pipe_data(self, pipe_id: int) -> bytes:
+        """The bytes queued in pipe ``pipe_id`` (pipes-data.img; empty if it has no entry)."""
+        return self._fds.pipe_data(pipe_id)
+
+    def pipe_data_entry(self, pipe_id: int) -> PipeDataEntry | None:
+        """The pipes-data.img entry of ``pipe_id`` (buffer ``size``, ``extra``), if any."""
+        return self._fds.pipe_data_entry(pipe_id)
+
+    def memfd_inode(self, inode_id: int) -> MemfdInodeEntry:
+        """The memfd.img entry that a MEMFD file's ``inode_id`` names."""
+        return self._fds.memfd_inode(inode_id)
 
     def _file_name(self, file_id: int) -> str | None:
         entry = self.files.get(file_id)

@@ -1,9 +1,11 @@
 """Framing of one CRIU image file: magics, length-prefixed entries (criu/image.c, pycriu images.py).
 
-Layout: ``[HEAD_MAGIC] TYPE_MAGIC (LEN:u32le PAYLOAD[LEN])*``.  The head magic (common or service)
-is absent from ``inventory.img`` and from every file of img_version 1 dumps; the *peek rule*
-(read one u32; if it is a head magic, the type magic follows) handles all layouts.  Pagemap files
-hold a ``pagemap_head`` then ``pagemap_entry`` messages; every other image holds one message type.
+Layout: ``[HEAD_MAGIC] TYPE_MAGIC (LEN:u32le PAYLOAD[LEN] [EXTRA])*``.  The head magic (common or
+service) is absent from ``inventory.img`` and from every file of img_version 1 dumps; the *peek
+rule* (read one u32; if it is a head magic, the type magic follows) handles all layouts.  Pagemap
+files hold a ``pagemap_head`` then ``pagemap_entry`` messages; every other image holds one message
+type.  Images whose messages are :class:`~formats.pb.ExtraMessage` (pipes-data, fifo-data) carry
+after each entry the raw bytes its length field announces (magic values: criu/include/magic.h).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import Any
 import attrs
 from construct import Const, GreedyBytes, Int32ul, Prefixed
 
-from formats import core, files, inventory, mm, opaque, pagemap_msgs
+from formats import core, fdkinds, files, inventory, mm, opaque, pagemap_msgs, signals, sockets
 from formats.errors import ImageError
-from formats.pb import Message, build, parse
+from formats.pb import ExtraMessage, Message, build, parse
 
 __all__ = [
     "IMG_COMMON_MAGIC",
@@ -30,8 +32,10 @@ __all__ = [
     "frame_entries",
     "frame_offsets",
     "load_image",
+    "load_image_located",
     "parse_header",
     "parse_image",
+    "parse_image_located",
 ]
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -72,6 +76,26 @@ _KINDS = [
     ImageKind("FS", 0x51403912, IMG_COMMON_MAGIC, files.FsEntry),
     ImageKind("FDINFO", 0x56213732, IMG_COMMON_MAGIC, files.FdinfoEntry),
     ImageKind("FILES", 0x56303138, IMG_COMMON_MAGIC, files.FileEntry),
+    ImageKind("PIPES_DATA", 0x56453709, IMG_COMMON_MAGIC, fdkinds.PipeDataEntry),
+    ImageKind("FIFO_DATA", 0x59333054, IMG_COMMON_MAGIC, fdkinds.PipeDataEntry),
+    ImageKind("MEMFD_INODE", 0x48453499, IMG_COMMON_MAGIC, fdkinds.MemfdInodeEntry),
+    # Per-kind images that dumps before files.img (CRIU 3.4) held: read, not written by 4.2.
+    ImageKind("REG_FILES", 0x50363636, IMG_COMMON_MAGIC, files.RegFileEntry),
+    ImageKind("PIPES", 0x56513555, IMG_COMMON_MAGIC, fdkinds.PipeEntry),
+    ImageKind("FIFO", 0x58364939, IMG_COMMON_MAGIC, fdkinds.FifoEntry),
+    ImageKind("UNIXSK", 0x54373943, IMG_COMMON_MAGIC, sockets.UnixSkEntry),
+    ImageKind("INETSK", 0x56443851, IMG_COMMON_MAGIC, sockets.InetSkEntry),
+    ImageKind("EVENTFD_FILE", 0x44523722, IMG_COMMON_MAGIC, fdkinds.EventfdFileEntry),
+    ImageKind("EVENTPOLL_FILE", 0x45023858, IMG_COMMON_MAGIC, fdkinds.EventpollFileEntry),
+    ImageKind("EVENTPOLL_TFD", 0x44433746, IMG_COMMON_MAGIC, fdkinds.EventpollTfdEntry),
+    ImageKind("SIGNALFD", 0x57323820, IMG_COMMON_MAGIC, fdkinds.SignalfdEntry),
+    ImageKind("TIMERFD", 0x50493712, IMG_COMMON_MAGIC, fdkinds.TimerfdEntry),
+    ImageKind("INOTIFY_FILE", 0x48424431, IMG_COMMON_MAGIC, fdkinds.InotifyFileEntry),
+    ImageKind("INOTIFY_WD", 0x54562009, IMG_COMMON_MAGIC, fdkinds.InotifyWdEntry),
+    # Legacy per-task signal and timer images, before they moved into core-<tid>.img.
+    ImageKind("SIGACT", 0x55344201, IMG_COMMON_MAGIC, core.SaEntry),
+    ImageKind("ITIMERS", 0x57464056, IMG_COMMON_MAGIC, signals.ItimerEntry),
+    ImageKind("POSIX_TIMERS", 0x52603957, IMG_COMMON_MAGIC, signals.PosixTimerEntry),
     ImageKind("STATS", 0x57093306, IMG_SERVICE_MAGIC, opaque.StatsEntry),
     ImageKind("SECCOMP", 0x64413049, IMG_COMMON_MAGIC, opaque.SeccompEntry),
     ImageKind("TIMENS", 0x43114433, IMG_COMMON_MAGIC, opaque.TimensEntry),
@@ -118,6 +142,24 @@ def parse_header(data: bytes, path: str | os.PathLike[str]) -> tuple[ImageKind, 
     return kind, pos
 
 
+def _cut_length(path: str | os.PathLike[str], size: int, pos: int, index: int) -> ImageError:
+    return ImageError(
+        path, f"{size - pos} trailing bytes: truncated entry length or garbage", offset=pos,
+        entry=index,
+    )  # fmt: skip
+
+
+def _overrun(
+    path: str | os.PathLike[str], size: int, pos: int, length: int, index: int
+) -> ImageError:
+    return ImageError(
+        path,
+        f"entry length {length} runs past the end of the file ({size - pos - 4} bytes left)",
+        offset=pos,
+        entry=index,
+    )
+
+
 def frame_offsets(data: bytes, pos: int, path: str | os.PathLike[str]) -> list[int]:
     """Offsets of every entry's length field from ``pos`` to EOF; rejects a cut length field
     and a length that runs past the end of the file.  (Hot loop of big pagemaps: the checks
@@ -131,21 +173,10 @@ def frame_offsets(data: bytes, pos: int, path: str | os.PathLike[str]) -> list[i
             append(pos)
             pos += 4 + unpack(data, pos)[0]
     except struct.error:
-        raise ImageError(
-            path,
-            f"{size - out[-1]} trailing bytes: truncated entry length or garbage",
-            offset=out[-1],
-            entry=len(out) - 1,
-        ) from None
+        raise _cut_length(path, size, out[-1], len(out) - 1) from None
     if pos > size:
         last = out[-1]
-        raise ImageError(
-            path,
-            f"entry length {pos - last - 4} runs past the end of the file "
-            f"({size - last - 4} bytes left)",
-            offset=last,
-            entry=len(out) - 1,
-        )
+        raise _overrun(path, size, last, pos - last - 4, len(out) - 1)
     return out
 
 
@@ -156,15 +187,63 @@ def frame_entries(data: bytes, pos: int, path: str | os.PathLike[str]) -> list[t
     return [(off + 4, end - off - 4) for off, end in zip(offsets, ends, strict=True)]
 
 
-def parse_image(data: bytes, path: str | os.PathLike[str]) -> tuple[str, list[Any]]:
-    """Decode a whole image held in memory: (magic name, entries)."""
-    kind, pos = parse_header(data, path)
+def _frame_with_extra(
+    data: bytes, pos: int, path: str | os.PathLike[str], cls: type[ExtraMessage]
+) -> tuple[list[Any], list[int]]:
+    """Entries of an image whose entries are followed by extra bytes: each entry is decoded to
+    learn where the next one starts."""
     entries: list[Any] = []
+    offsets: list[int] = []
+    size = len(data)
+    while pos < size:
+        index = len(entries)
+        if pos + 4 > size:
+            raise _cut_length(path, size, pos, index)
+        (length,) = _U32.unpack_from(data, pos)
+        start = pos + 4
+        if start + length > size:
+            raise _overrun(path, size, pos, length, index)
+        entry = parse(cls, data[start : start + length], path=path, offset=start, entry=index)
+        at = start + length
+        want = entry.extra_length()
+        if at + want > size:
+            raise ImageError(
+                path,
+                f"extra payload of {want} bytes ({type(entry).__name__}.{entry.EXTRA_LENGTH}) "
+                f"runs past the end of the file ({size - at} bytes left)",
+                offset=at,
+                entry=index,
+            )
+        entry.extra = data[at : at + want]
+        entries.append(entry)
+        offsets.append(pos)
+        pos = at + want
+    return entries, offsets
+
+
+def parse_image_located(
+    data: bytes, path: str | os.PathLike[str]
+) -> tuple[str, list[Any], list[int]]:
+    """Decode a whole image held in memory: (magic name, entries, byte offset of each entry's
+    length field), so that later checks can say where an entry is."""
+    kind, pos = parse_header(data, path)
+    if issubclass(kind.entry, ExtraMessage):  # (such kinds have no different first entry)
+        entries, offsets = _frame_with_extra(data, pos, path, kind.entry)
+        return kind.name, entries, offsets
+    entries = []
+    offsets = []
     for index, (start, length) in enumerate(frame_entries(data, pos, path)):
         cls = kind.entry_class(index)
         payload = data[start : start + length]
         entries.append(parse(cls, payload, path=path, offset=start, entry=index))
-    return kind.name, entries
+        offsets.append(start - 4)
+    return kind.name, entries, offsets
+
+
+def parse_image(data: bytes, path: str | os.PathLike[str]) -> tuple[str, list[Any]]:
+    """Decode a whole image held in memory: (magic name, entries)."""
+    name, entries, _ = parse_image_located(data, path)
+    return name, entries
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -180,12 +259,17 @@ def load_image(path: str | os.PathLike[str]) -> tuple[str, list[Any]]:
     return parse_image(read_bytes(path), path)
 
 
+def load_image_located(path: str | os.PathLike[str]) -> tuple[str, list[Any], list[int]]:
+    """Read and decode one image file: (magic name, messages, offset of each entry)."""
+    return parse_image_located(read_bytes(path), path)
+
+
 _Entry = Prefixed(Int32ul, GreedyBytes)
 
 
 def build_image(magic_name: str, entries: Sequence[Message], *, head: bool = True) -> bytes:
     """Encode an image: head magic (unless ``head`` is False, i.e. img_version 1), type magic,
-    length-prefixed entries."""
+    length-prefixed entries, each followed by its ``extra`` bytes for ExtraMessage kinds."""
     kind = MAGICS.get(magic_name)
     if kind is None:
         raise ValueError(f"unknown image kind {magic_name!r}")
@@ -198,6 +282,13 @@ def build_image(magic_name: str, entries: Sequence[Message], *, head: bool = Tru
         if not isinstance(entry, cls):
             raise TypeError(f"{magic_name} entry {index} must be {cls.__name__}")
         parts.append(_Entry.build(build(entry)))
+        if isinstance(entry, ExtraMessage):
+            if len(entry.extra) != entry.extra_length():
+                raise ValueError(
+                    f"{magic_name} entry {index}: {len(entry.extra)} extra bytes but "
+                    f"{entry.EXTRA_LENGTH} = {entry.extra_length()}"
+                )
+            parts.append(entry.extra)
     return b"".join(parts)
 
 

@@ -2,6 +2,12 @@
 section 8, "A writer ... should"): inventory with img_version 2, fdinfo_per_id and ns_per_id;
 common magic on every image but the inventory; pagemaps with fields 1, 2, 4 and 5; a
 directory-unique ``pages_id`` naming ``pages-<id>.img``; an optional ``parent`` symlink.
+
+Descriptor state is laid out as CRIU 4.2 does: ``ids-<pid>.img`` per process, whose ``files_id``
+names the ``fdinfo-<files_id>.img`` descriptor table (shared by processes that share it),
+``fs-<pid>.img``, every file object of the dump in one ``files.img``, and the queued bytes of
+pipes in ``pipes-data.img`` (each entry followed by its bytes), memfd inodes in ``memfd.img``.
+The root process of the tree must have ppid 0, as CRIU writes it (crit 3.17's ``x ps`` needs it).
 """
 
 from __future__ import annotations
@@ -17,14 +23,15 @@ from formats.core import (
     ThreadInfoX86,
     UserX86RegsEntry,
 )
-from formats.files import FileEntry, FownEntry, RegFileEntry
+from formats.fdkinds import MemfdInodeEntry, PipeDataEntry
+from formats.files import FD_CLOEXEC, FdinfoEntry, FileEntry, FownEntry, FsEntry, RegFileEntry
 from formats.imagefile import dump_image
-from formats.inventory import CRTOOLS_IMAGES_V1_1, InventoryEntry, PstreeEntry
+from formats.inventory import CRTOOLS_IMAGES_V1_1, InventoryEntry, PstreeEntry, TaskKobjIdsEntry
 from formats.mm import MAP_ANONYMOUS, MAP_PRIVATE, MmEntry, VmaEntry, VmaStatus
 from formats.pagemap import PE_PRESENT, make_entries
 from formats.pagemap_msgs import PagemapHead
 
-__all__ = ["ImageWriter", "PageData", "anon_vma", "regular_file", "x86_core"]
+__all__ = ["ImageWriter", "PageData", "anon_vma", "fd_entry", "regular_file", "x86_core"]
 
 # One run to write: (vaddr, nr_pages, flags, data); data is required with PE_PRESENT and must
 # hold exactly nr_pages pages, and must be None otherwise.
@@ -49,6 +56,9 @@ class ImageWriter:
             (self.path / "parent").symlink_to(parent)
         self._pstree: list[PstreeEntry] = []
         self._files: list[FileEntry] = []
+        self._pipe_data: list[PipeDataEntry] = []
+        self._memfd_inodes: list[MemfdInodeEntry] = []
+        self._fdinfo_written: set[int] = set()
         self._next_pages_id = 1
         self._finished = False
 
@@ -60,8 +70,24 @@ class ImageWriter:
             self.finish()
 
     def add_file(self, entry: FileEntry) -> None:
-        """Add an entry to files.img (the executable and files behind mappings)."""
+        """Add an entry to files.img (open files, the executable, files behind mappings)."""
         self._files.append(entry)
+
+    def add_pipe_data(self, pipe_id: int, data: bytes, *, size: int | None = None) -> None:
+        """Queue ``data`` for pipe ``pipe_id`` in pipes-data.img (``size``: F_GETPIPE_SZ)."""
+        entry = PipeDataEntry(pipe_id=pipe_id, bytes=len(data), size=size, extra=bytes(data))
+        self._pipe_data.append(entry)
+
+    def add_memfd_inode(self, entry: MemfdInodeEntry) -> None:
+        """Add a memfd inode to memfd.img (MEMFD files name it by ``inode_id``)."""
+        self._memfd_inodes.append(entry)
+
+    def write_fdinfo(self, files_id: int, fds: Iterable[FdinfoEntry]) -> None:
+        """Write the descriptor table ``fdinfo-<files_id>.img`` (once per files_id)."""
+        if files_id in self._fdinfo_written:
+            raise ValueError(f"fdinfo-{files_id}.img is already written")
+        self._fdinfo_written.add(files_id)
+        dump_image(self.path / f"fdinfo-{files_id}.img", "FDINFO", list(fds))
 
     def add_process(
         self,
@@ -70,8 +96,15 @@ class ImageWriter:
         mm: MmEntry | None = None,
         cores: dict[int, CoreEntry] | None = None,
         runs: Iterable[PageData] | None = None,
+        ids: TaskKobjIdsEntry | None = None,
+        fs: FsEntry | None = None,
+        fds: Iterable[FdinfoEntry] | None = None,
     ) -> None:
-        """Add a process: pstree entry, ``mm-<pid>``, ``core-<tid>`` per thread, pagemap."""
+        """Add a process: pstree entry, ``mm-<pid>``, ``core-<tid>`` per thread, pagemap,
+        ``ids-<pid>``, ``fs-<pid>`` and its descriptors, written to ``fdinfo-<ids.files_id>``
+        (leave ``fds`` out for a process sharing an already written table)."""
+        if fds is not None and ids is None:
+            raise ValueError("descriptors need ids: its files_id names the fdinfo image")
         self._pstree.append(proc)
         if mm is not None:
             dump_image(self.path / f"mm-{proc.pid}.img", "MM", [mm])
@@ -79,6 +112,12 @@ class ImageWriter:
             dump_image(self.path / f"core-{tid}.img", "CORE", [core])
         if runs is not None:
             self.write_pagemap(f"pagemap-{proc.pid}.img", runs)
+        if ids is not None:
+            dump_image(self.path / f"ids-{proc.pid}.img", "IDS", [ids])
+            if fds is not None:
+                self.write_fdinfo(ids.files_id, fds)
+        if fs is not None:
+            dump_image(self.path / f"fs-{proc.pid}.img", "FS", [fs])
 
     def write_pagemap(self, name: str, runs: Iterable[PageData]) -> int:
         """Write pagemap ``name`` and its pages file; returns the pages_id."""
@@ -103,7 +142,8 @@ class ImageWriter:
         return self.write_pagemap(f"pagemap-shmem-{shmid}.img", runs)
 
     def finish(self, inventory: InventoryEntry | None = None) -> None:
-        """Write inventory.img, pstree.img and files.img (once: later calls do nothing)."""
+        """Write inventory.img, pstree.img, files.img, and pipes-data.img and memfd.img when
+        they have entries (once: later calls do nothing)."""
         if self._finished:
             return
         self._finished = True
@@ -113,6 +153,10 @@ class ImageWriter:
         dump_image(self.path / "inventory.img", "INVENTORY", [inv])
         dump_image(self.path / "pstree.img", "PSTREE", self._pstree)
         dump_image(self.path / "files.img", "FILES", self._files)
+        if self._pipe_data:
+            dump_image(self.path / "pipes-data.img", "PIPES_DATA", self._pipe_data)
+        if self._memfd_inodes:
+            dump_image(self.path / "memfd.img", "MEMFD_INODE", self._memfd_inodes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +167,11 @@ def regular_file(file_id: int, name: str, *, flags: int = 0, size: int | None = 
     """A files.img entry for a regular file (type REG = 1)."""
     reg = RegFileEntry(id=file_id, flags=flags, pos=0, fown=FownEntry(), name=name, size=size)
     return FileEntry(type=1, id=file_id, reg=reg)
+
+
+def fd_entry(fd: int, file: FileEntry, *, cloexec: bool = False) -> FdinfoEntry:
+    """The fdinfo entry of descriptor ``fd`` open on ``file`` (its id and type)."""
+    return FdinfoEntry(id=file.id, flags=FD_CLOEXEC if cloexec else 0, type=file.type, fd=fd)
 
 
 def anon_vma(start: int, end: int, prot: int = 3, *, heap: bool = False) -> VmaEntry:

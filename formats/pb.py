@@ -22,7 +22,7 @@ import enum
 import io
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 from construct import GreedyBytes, Int32ul, Int64ul, Prefixed, StreamError, VarInt, ZigZag
@@ -30,6 +30,7 @@ from construct import GreedyBytes, Int32ul, Int64ul, Prefixed, StreamError, VarI
 from formats.errors import ImageError
 
 __all__ = [
+    "ExtraMessage",
     "Kind",
     "Label",
     "Message",
@@ -121,6 +122,22 @@ class Message:
     """Base of every message; ``unknown_fields`` holds what the class does not declare."""
 
     unknown_fields: list[RawField] = attrs.field(factory=list, repr=False)
+
+
+@attrs.define(kw_only=True)
+class ExtraMessage(Message):
+    """A message its image follows with raw bytes ("EXTRA", format doc section 2.1: pipes-data,
+    fifo-data, sk-queues...).  ``extra`` holds those bytes and the field named by
+    ``EXTRA_LENGTH`` announces how many there are.  :func:`parse` and :func:`build` never touch
+    ``extra``: the image framing (:mod:`formats.imagefile`) reads and writes it."""
+
+    EXTRA_LENGTH: ClassVar[str]
+    extra: bytes = attrs.field(default=b"")
+
+    def extra_length(self) -> int:
+        """The number of extra bytes the message announces."""
+        value: int = getattr(self, self.EXTRA_LENGTH)
+        return value
 
 
 M = TypeVar("M", bound=Message)

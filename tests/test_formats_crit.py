@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
+import quopri
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +20,7 @@ from formats.inventory import PstreeEntry
 from formats.mm import MmEntry, VmaStatus
 from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from formats.pb import Message
+from formats.sockets import ip_from_words
 
 CRIT = shutil.which("crit") or "/usr/bin/crit"
 needs_crit = pytest.mark.skipif(not Path(CRIT).exists(), reason="crit not installed")
@@ -28,6 +32,20 @@ _NAMES: dict[str, int] = {
     "PE_PARENT": PE_PARENT, "PE_LAZY": PE_LAZY, "PE_PRESENT": PE_PRESENT,
     "O_WRONLY": 1, "O_RDWR": 2, "O_LARGEFILE": 0x8000,
     "X86_64": 1, "NO_LSM": 0, "REG": 1, "PIPE": 2, "Alive": 1, "NATIVE": 1,
+    # pycriu pb2dict.py rfile_flags_map (asm-generic/fcntl.h, octal)
+    "O_CREAT": 0o100, "O_EXCL": 0o200, "O_NOCTTY": 0o400, "O_TRUNC": 0o1000, "O_APPEND": 0o2000,
+    "O_NONBLOCK": 0o4000, "O_DSYNC": 0o10000, "FASYNC": 0o20000, "O_DIRECT": 0o40000,
+    "O_DIRECTORY": 0o200000, "O_NOFOLLOW": 0o400000, "O_NOATIME": 0o1000000,
+    "O_CLOEXEC": 0o2000000,
+    # enum fd_types (fdinfo.proto)
+    "FIFO": 3, "INETSK": 4, "UNIXSK": 5, "EVENTFD": 6, "EVENTPOLL": 7, "INOTIFY": 8,
+    "SIGNALFD": 9, "TIMERFD": 17, "MEMFD": 18,
+    # pycriu sk_maps (the "sk" dict): family, type, state, proto
+    "UNIX": 1, "INET": 2, "INET6": 10, "STREAM": 1, "DGRAM": 2, "SEQPACKET": 5,
+    "ESTABLISHED": 1, "CLOSE": 7, "LISTEN": 10, "TCP": 6, "UDP": 17,
+    # enum sk_shutdown (sk-opts.proto) and seals_flags_map (linux/fcntl.h)
+    "READ": 1, "WRITE": 2, "BOTH": 3,
+    "F_SEAL_SEAL": 1, "F_SEAL_SHRINK": 2, "F_SEAL_GROW": 4, "F_SEAL_WRITE": 8,
 }  # fmt: skip
 _NAMES.update({f"VMA_AREA_{k}": v for k, v in vars(VmaStatus).items() if isinstance(v, int)})
 _NAMES.update(VMA_FILE_PRIVATE=0x40, VMA_FILE_SHARED=0x80, VMA_ANON_SHARED=0x100,
@@ -50,24 +68,53 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def compare(obj: Message, doc: dict[str, Any], renamed: dict[str, dict[str, str]]) -> int:
-    """Assert every field crit shows equals ours and vice versa; returns fields compared."""
+_IP_FIELDS = {"src_addr", "dst_addr"}  # (criu).ipadd: crit prints one address string
+_DEV_FIELDS = {"s_dev"}  # (criu).dev: crit prints "major:minor" of a kernel dev_t
+_QUOPRI_FIELDS = {("UnixSkEntry", "name")}  # (criu).conv = "unix_name"; other bytes are base64
+
+
+def _special(obj: Message, attr: str, ours: Any, value: Any) -> bool:
+    """Compare the fields crit converts on its own; False if ``attr`` is not one of them."""
+    if attr in _IP_FIELDS and isinstance(value, list):
+        assert [ipaddress.ip_address(v) for v in value] == [ip_from_words(ours)], attr
+    elif attr in _DEV_FIELDS and isinstance(value, str):
+        major, minor = value.split(":")
+        assert ours == int(major) << 20 | int(minor), attr
+    elif isinstance(ours, bytes) and isinstance(value, str):
+        if (type(obj).__name__, attr) in _QUOPRI_FIELDS:
+            assert ours == quopri.decodestring(value.encode()), attr
+        else:
+            assert ours == base64.b64decode(value), attr
+    else:
+        return False
+    return True
+
+
+def compare(
+    obj: Message, doc: dict[str, Any], renamed: dict[str, dict[str, str]], *, strict: bool = False
+) -> int:
+    """Assert every field crit shows equals ours and vice versa; returns fields compared.
+    ``strict``: every key crit shows must also be a modelled field."""
     names = renamed.get(type(obj).__name__, {})
     compared = 0
     shown = set()
     for key, value in doc.items():
         attr = names.get(key, key)
         if not hasattr(obj, attr) or attr == "unknown_fields":
-            continue  # not modelled: kept as an unknown field (checked by the byte round trip)
+            # not modelled: kept as an unknown field (checked by the byte round trip)
+            assert not strict, f"{type(obj).__name__}.{key} is shown by crit but not modelled"
+            continue
         shown.add(attr)
         ours = getattr(obj, attr)
-        if isinstance(value, dict):
-            compared += compare(ours, value, renamed)
+        if _special(obj, attr, ours, value):
+            compared += 1
+        elif isinstance(value, dict):
+            compared += compare(ours, value, renamed, strict=strict)
         elif isinstance(value, list):
             assert len(ours) == len(value), attr
             for mine, theirs in zip(ours, value, strict=True):
                 if isinstance(theirs, dict):
-                    compared += compare(mine, theirs, renamed)
+                    compared += compare(mine, theirs, renamed, strict=strict)
                 else:
                     assert mine == _scalar(theirs), attr
                     compared += 1
