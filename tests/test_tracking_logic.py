@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from injector.errors import MemoryAccessError
 from injector.maps import PROT_READ, PROT_WRITE, Mapping
+from injector.testing import FakeProcess
 from injector.tracking import (
     ContentTracker,
     SoftDirtyTracker,
@@ -22,7 +22,7 @@ from injector.tracking import (
     TrackingError,
     resume_tracker,
 )
-from injector.tracking_base import (
+from injector.tracking.base import (
     intersect,
     merge,
     pages_in,
@@ -102,36 +102,16 @@ def test_state_json_round_trip() -> None:
 # -- a fake session -------------------------------------------------------------------------
 
 
-@attrs.define
-class FakeSession:
-    """Memory held in bytearrays; what the content and soft-dirty backends need, nothing more."""
-
-    pid: int
-    memory: dict[int, bytearray] = attrs.field(factory=dict)
-    shared: set[int] = attrs.field(factory=set)
-    unreadable: set[int] = attrs.field(factory=set)
-
-    def maps(self) -> list[Mapping]:
-        return [
-            Mapping(start, start + len(data), RW, start in self.shared, 0, 0, 0, None)
-            for start, data in sorted(self.memory.items())
-        ]
-
-    def read_into(self, addr: int, buffer: memoryview) -> None:
-        for start, data in self.memory.items():
-            if start <= addr < start + len(data):
-                if start in self.unreadable:
-                    raise MemoryAccessError(self.pid, addr, "unreadable", 14)
-                offset = addr - start
-                buffer[:] = data[offset : offset + len(buffer)]
-                return
-        raise MemoryAccessError(self.pid, addr, "unmapped", 14)
-
-    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
-        raise AssertionError("these backends inject nothing")
-
-    def pidfd_getfd(self, remote_fd: int) -> int:
-        raise AssertionError("these backends take no descriptor")
+def fake(pid: int, areas: dict[int, int], *, shared: Iterable[int] = ()) -> FakeProcess:
+    """A fake process with a private (or, for starts in ``shared``, shared) anonymous
+    read-write mapping of ``areas[start]`` pages at each start."""
+    proc = FakeProcess(pid)
+    for start, npages in areas.items():
+        if start in set(shared):
+            proc.map_shared_anon(start, npages, inode=start)
+        else:
+            proc.map_anon(start, npages)
+    return proc
 
 
 def _pages(*addresses: int) -> list[int]:
@@ -140,14 +120,14 @@ def _pages(*addresses: int) -> list[int]:
 
 def test_content_reports_changed_pages_only() -> None:
     """Pages whose bytes changed are reported; rewriting equal bytes is not a change."""
-    s = FakeSession(1, {0x10000: bytearray(64 * PAGE), 0x200000: bytearray(3 * PAGE)})
+    s = fake(1, {0x10000: 64, 0x200000: 3})
     tracker = ContentTracker(s, chunk=8 * PAGE)  # several chunks per mapping
     tracker.reset()
     assert tracker.dirty_pages().tolist() == []
-    s.memory[0x10000][5 * PAGE + 9] = 1
-    s.memory[0x10000][63 * PAGE + 4095] = 1
-    s.memory[0x200000][0] = 0  # same value
-    s.memory[0x200000][PAGE] = 3
+    s.poke(0x10000 + 5 * PAGE + 9, b"\x01")
+    s.poke(0x10000 + 63 * PAGE + 4095, b"\x01")
+    s.poke(0x200000, b"\x00")  # same value
+    s.poke(0x200000 + PAGE, b"\x03")
     assert tracker.dirty_pages().tolist() == _pages(0x15000, 0x4F000, 0x201000)
     assert tracker.dirty_pages([(0x200000, 0x200001)]).tolist() == []
     assert tracker.dirty_pages([(0x200000, 0x202000)]).tolist() == [0x201000]
@@ -157,12 +137,11 @@ def test_content_reports_changed_pages_only() -> None:
 
 def test_content_counts_new_and_unreadable_memory_as_written() -> None:
     """A mapping without a saved copy (new, or unreadable at reset) is written in full."""
-    s = FakeSession(1, {0x10000: bytearray(2 * PAGE), 0x40000: bytearray(PAGE)})
+    s = fake(1, {0x10000: 2, 0x40000: 1})
     s.unreadable.add(0x40000)
     tracker = ContentTracker.open(s)
-    s.memory[0x80000] = bytearray(2 * PAGE)
-    s.memory[0x90000] = bytearray(PAGE)
-    s.shared.add(0x90000)
+    s.map_anon(0x80000, 2)
+    s.map_shared_anon(0x90000, 1, inode=0x90000)
     assert tracker.dirty_pages().tolist() == [0x40000, 0x80000, 0x81000]
     with pytest.raises(TrackingError):
         tracker.release()
@@ -196,8 +175,7 @@ def _set_entries(d: Path, entries: dict[int, int]) -> None:
 
 def test_soft_dirty_reads_bit_55_of_tracked_pages(tmp_path: Path) -> None:
     """Pages with bit 55 set inside private writable mappings are the dirty ones."""
-    s = FakeSession(42, {0x100000: bytearray(8 * PAGE), 0x300000: bytearray(2 * PAGE)})
-    s.shared.add(0x300000)
+    s = fake(42, {0x100000: 8, 0x300000: 2}, shared=[0x300000])
     d = _fake_proc(tmp_path, 42, 777)
     tracker = SoftDirtyTracker.open(s, procfs=tmp_path)
     assert (d / "clear_refs").read_bytes() == b"4"
@@ -217,7 +195,7 @@ def test_soft_dirty_reads_bit_55_of_tracked_pages(tmp_path: Path) -> None:
 
 def test_soft_dirty_state_resumes_only_the_same_process(tmp_path: Path) -> None:
     """A soft-dirty state resumes for the same pid and start time, and refuses another."""
-    s = FakeSession(42, {0x100000: bytearray(PAGE)})
+    s = fake(42, {0x100000: 1})
     _fake_proc(tmp_path, 42, 777)
     state = SoftDirtyTracker.open(s, procfs=tmp_path).release()
     assert state == TrackerState("soft-dirty", 42, 777)
@@ -231,11 +209,11 @@ def test_soft_dirty_state_resumes_only_the_same_process(tmp_path: Path) -> None:
 
 def test_rebind_accepts_only_the_same_process() -> None:
     """A tracker moves to a new session of its process, never to another process."""
-    s = FakeSession(1, {0x10000: bytearray(PAGE)})
+    s = fake(1, {0x10000: 1})
     tracker = ContentTracker.open(s)
-    again = FakeSession(1, s.memory)
+    again = s  # the same process seen through a new session
     tracker.rebind(again)
-    again.memory[0x10000][1] = 1
+    again.poke(0x10000 + 1, b"\x01")
     assert tracker.dirty_pages().tolist() == [0x10000]
     with pytest.raises(TrackingError):
-        tracker.rebind(FakeSession(2, s.memory))
+        tracker.rebind(fake(2, {0x10000: 1}))

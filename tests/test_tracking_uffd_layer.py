@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 
 from injector import _uffd
-from injector.tracking_uffd import FEATURES, probe_uffd_wp
+from injector.tracking.uffd import FEATURES, probe_uffd_wp
 
 PAGE = _uffd.PAGE_SIZE
 W = _uffd.PAGE_IS_WRITTEN

@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from injector.maps import PAGEMAP_SOFT_DIRTY, read_page_flags
-from injector.tracking_base import (
+from injector.process import Process
+from injector.procfs import read_start_time
+from injector.tracking.base import (
     PAGE_SIZE,
     DirtyTracker,
     PageArray,
     Range,
     TrackerLost,
-    TrackerSession,
     TrackerState,
     TrackingError,
     intersect,
     normalise,
-    process_start_time,
     tracked_ranges,
 )
 
@@ -91,17 +91,17 @@ class SoftDirtyTracker(DirtyTracker):
 
     def __init__(
         self,
-        session: TrackerSession,
+        session: Process,
         *,
         procfs: Path = Path("/proc"),
         start_time: int | None = None,
     ) -> None:
         super().__init__(session)
         self._proc = procfs / str(self.pid)
-        self.start_time = process_start_time(self.pid, procfs) if start_time is None else start_time
+        self.start_time = read_start_time(self.pid, procfs) if start_time is None else start_time
 
     @classmethod
-    def open(cls, session: TrackerSession, *, procfs: Path = Path("/proc")) -> SoftDirtyTracker:
+    def open(cls, session: Process, *, procfs: Path = Path("/proc")) -> SoftDirtyTracker:
         """Start tracking now (clears the target's soft-dirty bits)."""
         tracker = cls(session, procfs=procfs)
         tracker.reset()
@@ -109,13 +109,13 @@ class SoftDirtyTracker(DirtyTracker):
 
     @classmethod
     def resume(
-        cls, session: TrackerSession, state: TrackerState, *, procfs: Path = Path("/proc")
+        cls, session: Process, state: TrackerState, *, procfs: Path = Path("/proc")
     ) -> SoftDirtyTracker:
         """Continue: the bits set since the last clear are still in the page tables."""
         pid = session.pid
         if state.backend != cls.backend_name:
             raise TrackerLost(pid, f"state is for backend {state.backend!r}, not soft-dirty")
-        if state.pid != pid or process_start_time(pid, procfs) != state.start_time:
+        if state.pid != pid or read_start_time(pid, procfs) != state.start_time:
             raise TrackerLost(pid, f"state belongs to another process (pid {state.pid})")
         return cls(session, procfs=procfs, start_time=state.start_time)
 

@@ -31,13 +31,14 @@ import numpy as np
 
 from injector import _uffd
 from injector.errors import InjectorError
-from injector.tracking_base import (
+from injector.maps import Mapping
+from injector.process import Process
+from injector.procfs import read_start_time
+from injector.tracking.base import (
     DirtyTracker,
-    MappingLike,
     PageArray,
     Range,
     TrackerLost,
-    TrackerSession,
     TrackerState,
     TrackerUnavailable,
     TrackingError,
@@ -45,14 +46,12 @@ from injector.tracking_base import (
     merge,
     normalise,
     pages_in,
-    process_start_time,
     subtract,
     tracked_ranges,
 )
 
 __all__ = ["UffdWpTracker", "probe_uffd_wp"]
 
-NR_CLOSE = 3
 O_CLOEXEC = 0o2000000
 FEATURES = _uffd.UFFD_FEATURE_WP_ASYNC | _uffd.UFFD_FEATURE_WP_UNPOPULATED
 WRITTEN = _uffd.PAGE_IS_WRITTEN
@@ -124,7 +123,7 @@ class UffdWpTracker(DirtyTracker):
 
     def __init__(
         self,
-        session: TrackerSession,
+        session: Process,
         *,
         local_fd: int,
         remote_fd: int,
@@ -136,7 +135,7 @@ class UffdWpTracker(DirtyTracker):
         self.local_fd = local_fd
         self.remote_fd = remote_fd
         self.inode = os.fstat(local_fd).st_ino
-        self.start_time = process_start_time(self.pid) if start_time is None else start_time
+        self.start_time = read_start_time(self.pid) if start_time is None else start_time
         self._registered = merge(registered)
         self._fresh = merge(fresh)
         self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -145,14 +144,14 @@ class UffdWpTracker(DirtyTracker):
     # -- creation --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, session: TrackerSession) -> UffdWpTracker:
+    def open(cls, session: Process) -> UffdWpTracker:
         """Create a userfaultfd in the target, register its private writable memory, reset."""
         pid = session.pid
         reason = probe_uffd_wp()
         if reason is not None:
             raise TrackerUnavailable(pid, f"uffd-wp: {reason}")
         try:
-            remote = session.syscall(_uffd.NR_USERFAULTFD, O_CLOEXEC | _uffd.UFFD_USER_MODE_ONLY)
+            remote = session.userfaultfd(O_CLOEXEC | _uffd.UFFD_USER_MODE_ONLY)
         except InjectorError as exc:
             raise TrackerUnavailable(
                 pid, f"uffd-wp: userfaultfd() in the target failed: {exc}", exc.errno or 0
@@ -166,7 +165,7 @@ class UffdWpTracker(DirtyTracker):
             if local >= 0:
                 os.close(local)
             with contextlib.suppress(InjectorError):
-                session.syscall(NR_CLOSE, remote)
+                session.close(remote)
             if isinstance(exc, OSError) and not isinstance(exc, InjectorError):
                 raise _os_error(pid, "uffd-wp: UFFDIO_API", exc) from exc
             raise
@@ -178,12 +177,12 @@ class UffdWpTracker(DirtyTracker):
         return tracker
 
     @classmethod
-    def resume(cls, session: TrackerSession, state: TrackerState) -> UffdWpTracker:
+    def resume(cls, session: Process, state: TrackerState) -> UffdWpTracker:
         """Take the target's userfaultfd again and continue where ``state`` left off."""
         pid = session.pid
         if state.backend != cls.backend_name:
             raise TrackerLost(pid, f"state is for backend {state.backend!r}, not uffd-wp")
-        if state.pid != pid or process_start_time(pid) != state.start_time:
+        if state.pid != pid or read_start_time(pid) != state.start_time:
             raise TrackerLost(pid, f"state belongs to another process (pid {state.pid})")
         fdinfo = Path(f"/proc/{pid}/fdinfo/{state.remote_fd}")
         try:
@@ -314,7 +313,7 @@ class UffdWpTracker(DirtyTracker):
         pages = np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
         return tracked, pages
 
-    def _register(self, piece: Range, maps: Sequence[MappingLike]) -> list[Range]:
+    def _register(self, piece: Range, maps: Sequence[Mapping]) -> list[Range]:
         """Register ``piece``; returns the parts that could not be registered.
 
         A range over several mappings fails as a whole if one of them is refused (``EBUSY``:
@@ -351,7 +350,7 @@ class UffdWpTracker(DirtyTracker):
             with contextlib.suppress(OSError):
                 _uffd.uffd_unregister(self.local_fd, start, end - start)
         try:
-            self.session.syscall(NR_CLOSE, self.remote_fd)
+            self.session.close(self.remote_fd)
         except InjectorError as exc:
             raise TrackingError(
                 self.pid, f"close({self.remote_fd}) in the target failed", exc.errno or 0

@@ -1,7 +1,7 @@
 """What every dirty-page tracker shares: the session protocol, the state record, page ranges.
 
 A tracker answers one question exactly: which pages of the target were written since the last
-``reset()``. The backends (``tracking_softdirty``, ``tracking_uffd``, ``tracking_content``)
+``reset()``. The backends (``softdirty``, ``uffd``, ``content``)
 differ in how they ask the kernel; ``tracking`` chooses one by probing.
 
 Ranges are ``(start, end)`` pairs of page-aligned addresses, kept sorted and merged; page lists
@@ -13,31 +13,27 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
 from injector.errors import InjectorError
-from injector.maps import read_stat
+from injector.maps import Mapping
+from injector.process import Process
 
 __all__ = [
     "PAGE_SIZE",
     "DirtyTracker",
-    "MappingLike",
     "PageArray",
     "Range",
     "TrackerLost",
-    "TrackerSession",
     "TrackerState",
     "TrackerUnavailable",
     "TrackingError",
     "intersect",
     "merge",
     "pages_in",
-    "process_start_time",
     "select_pages",
     "subtract",
     "tracked_ranges",
@@ -51,34 +47,6 @@ PageArray = npt.NDArray[np.uint64]
 
 # Kernel pseudo mappings that are never tracked: nothing in them is the process's own data.
 UNTRACKED_PATHS = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]"})
-
-
-class MappingLike(Protocol):
-    """The fields of ``injector.maps.Mapping`` a tracker reads."""
-
-    @property
-    def start(self) -> int: ...
-    @property
-    def end(self) -> int: ...
-    @property
-    def prot(self) -> int: ...
-    @property
-    def shared(self) -> bool: ...
-    @property
-    def inode(self) -> int: ...
-    @property
-    def path(self) -> str | None: ...
-
-
-class TrackerSession(Protocol):
-    """What a tracker needs from an attached ``injector.Session`` (and what a fake provides)."""
-
-    @property
-    def pid(self) -> int: ...
-    def maps(self) -> Sequence[MappingLike]: ...
-    def read_into(self, addr: int, buffer: memoryview) -> Any: ...
-    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int: ...
-    def pidfd_getfd(self, remote_fd: int) -> int: ...
 
 
 class TrackingError(InjectorError):
@@ -169,7 +137,7 @@ def normalise(ranges: Iterable[Range] | None) -> list[Range] | None:
     return merge(((start & ~mask), (end + mask) & ~mask) for start, end in ranges)
 
 
-def tracked_ranges(maps: Iterable[MappingLike]) -> tuple[list[Range], list[Range]]:
+def tracked_ranges(maps: Iterable[Mapping]) -> tuple[list[Range], list[Range]]:
     """(ranges to track, all private ranges) of a maps listing; today both are every private
     mapping.
 
@@ -185,11 +153,6 @@ def tracked_ranges(maps: Iterable[MappingLike]) -> tuple[list[Range], list[Range
         private.append((m.start, m.end))
     merged = merge(private)
     return merged, list(merged)
-
-
-def process_start_time(pid: int, procfs: Path = Path("/proc")) -> int:
-    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a reused pid apart."""
-    return int(read_stat(pid, procfs=procfs)[19])
 
 
 def _ranges_field(value: Iterable[Iterable[int]]) -> tuple[Range, ...]:
@@ -243,7 +206,7 @@ class DirtyTracker(abc.ABC):
 
     backend_name: str = ""
 
-    def __init__(self, session: TrackerSession) -> None:
+    def __init__(self, session: Process) -> None:
         self.session = session
         self.pid = session.pid
         self._done = False
@@ -260,7 +223,7 @@ class DirtyTracker(abc.ABC):
     def state(self) -> TrackerState:
         """What :func:`injector.tracking.resume_tracker` needs to continue later."""
 
-    def rebind(self, session: TrackerSession) -> None:
+    def rebind(self, session: Process) -> None:
         """Continue in this process with a new session on the same process.
 
         Between two sessions the target runs; what it writes then is reported as usual. This is

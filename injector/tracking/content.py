@@ -16,12 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 from injector.errors import InjectorError
-from injector.tracking_base import (
+from injector.process import Process
+from injector.tracking.base import (
     PAGE_SIZE,
     DirtyTracker,
     PageArray,
     Range,
-    TrackerSession,
     TrackerState,
     TrackingError,
     intersect,
@@ -49,14 +49,14 @@ class ContentTracker(DirtyTracker):
 
     backend_name = "content"
 
-    def __init__(self, session: TrackerSession, chunk: int = CHUNK) -> None:
+    def __init__(self, session: Process, chunk: int = CHUNK) -> None:
         super().__init__(session)
         self._chunk = max(PAGE_SIZE, chunk - chunk % PAGE_SIZE)
         self._buffer = np.empty(self._chunk, dtype=np.uint8)
         self._copies: list[_Copy] = []
 
     @classmethod
-    def open(cls, session: TrackerSession) -> ContentTracker:
+    def open(cls, session: Process) -> ContentTracker:
         """Snapshot the target's private writable memory now."""
         tracker = cls(session)
         tracker.reset()

@@ -21,19 +21,19 @@ See docs/tracking.md for what each backend counts as written and what it cannot 
 
 from __future__ import annotations
 
-from injector.tracking_base import (
+from injector.process import Process
+from injector.tracking.base import (
     DirtyTracker,
     PageArray,
     Range,
     TrackerLost,
-    TrackerSession,
     TrackerState,
     TrackerUnavailable,
     TrackingError,
 )
-from injector.tracking_content import ContentTracker
-from injector.tracking_softdirty import SoftDirtyTracker, probe_soft_dirty
-from injector.tracking_uffd import UffdWpTracker, probe_uffd_wp
+from injector.tracking.content import ContentTracker
+from injector.tracking.softdirty import SoftDirtyTracker, probe_soft_dirty
+from injector.tracking.uffd import UffdWpTracker, probe_uffd_wp
 
 __all__ = [
     "BACKENDS",
@@ -43,7 +43,6 @@ __all__ = [
     "Range",
     "SoftDirtyTracker",
     "TrackerLost",
-    "TrackerSession",
     "TrackerState",
     "TrackerUnavailable",
     "TrackingError",
@@ -68,7 +67,7 @@ def probe_backends() -> dict[str, str | None]:
     }
 
 
-def open_tracker(session: TrackerSession, backend: str = "auto") -> DirtyTracker:
+def open_tracker(session: Process, backend: str = "auto") -> DirtyTracker:
     """Start tracking the session's process; no page counts as written right after.
 
     ``backend="auto"`` takes the first backend in :data:`BACKENDS` that is available and
@@ -94,7 +93,7 @@ def open_tracker(session: TrackerSession, backend: str = "auto") -> DirtyTracker
     raise ValueError(f"unknown tracking backend {backend!r} (one of auto, {', '.join(BACKENDS)})")
 
 
-def resume_tracker(session: TrackerSession, state: TrackerState) -> DirtyTracker:
+def resume_tracker(session: Process, state: TrackerState) -> DirtyTracker:
     """Continue tracking from a :meth:`DirtyTracker.release` state in a new session."""
     if state.backend == "uffd-wp":
         return UffdWpTracker.resume(session, state)

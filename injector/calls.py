@@ -1,0 +1,132 @@
+"""The system calls applier runs inside a target, by name, on top of one ``syscall(nr, ...)``.
+
+Mixed into :class:`injector.session.Session` (real injection) and
+:class:`injector.testing.FakeProcess` (an in-memory emulation), so both offer the same named
+calls and the same scratch-memory helper for calls that take a pointer. Numbers come from
+``injector.syscalls.NR``; a call the kernel refuses raises ``InjectedSyscallError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from injector.regs import Arch
+from injector.syscalls import NR
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = [
+    "AT_FDCWD",
+    "MADV_DONTNEED",
+    "MADV_REMOVE",
+    "MAP_ANONYMOUS",
+    "MAP_FIXED",
+    "MAP_FIXED_NOREPLACE",
+    "MAP_GROWSDOWN",
+    "MAP_PRIVATE",
+    "MAP_SHARED",
+    "PR_SET_MM",
+    "PR_SET_MM_MAP",
+    "NamedCalls",
+]
+
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
+MAP_GROWSDOWN, MAP_FIXED_NOREPLACE = 0x100, 0x100000
+MADV_DONTNEED, MADV_REMOVE = 4, 9
+AT_FDCWD = -100
+O_RDONLY, O_CLOEXEC = 0, 0o2000000
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+PAGE = 4096
+_U64 = (1 << 64) - 1
+
+
+class NamedCalls:
+    """Named wrappers over ``syscall``; the class mixing this in provides ``arch``,
+    ``syscall`` and ``write``."""
+
+    arch: Arch
+
+    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        raise NotImplementedError
+
+    def write(self, address: int, data: Buffer) -> None:
+        raise NotImplementedError
+
+    def nr(self, name: str) -> int:
+        """The number of syscall ``name`` on this target's architecture."""
+        return NR[self.arch][name]
+
+    def call(self, name: str, *args: int, tid: int | None = None) -> int:
+        """``syscall`` by name (``call("getpid")``), with up to six integer arguments."""
+        return self.syscall(self.nr(name), *(a & _U64 for a in args), tid=tid)
+
+    def mmap(
+        self,
+        addr: int,
+        length: int,
+        prot: int,
+        flags: int,
+        *,
+        fd: int = -1,
+        offset: int = 0,
+        tid: int | None = None,
+    ) -> int:
+        """Injected ``mmap``; returns the mapping's address."""
+        return self.call("mmap", addr, length, prot, flags, fd, offset, tid=tid)
+
+    def munmap(self, addr: int, length: int, *, tid: int | None = None) -> None:
+        self.call("munmap", addr, length, tid=tid)
+
+    def mprotect(self, addr: int, length: int, prot: int, *, tid: int | None = None) -> None:
+        self.call("mprotect", addr, length, prot, tid=tid)
+
+    def madvise(self, addr: int, length: int, advice: int, *, tid: int | None = None) -> None:
+        self.call("madvise", addr, length, advice, tid=tid)
+
+    def brk(self, addr: int, *, tid: int | None = None) -> int:
+        """Injected ``brk``: the new program break (the old one when refused, as the kernel
+        reports failure). glibc's cached break in the target is stale afterwards."""
+        return self.call("brk", addr, tid=tid)
+
+    def prctl(self, option: int, *args: int, tid: int | None = None) -> int:
+        return self.call("prctl", option, *args, tid=tid)
+
+    def close(self, fd: int, *, tid: int | None = None) -> None:
+        """Close a descriptor in the target."""
+        self.call("close", fd, tid=tid)
+
+    def ioctl(self, fd: int, request: int, arg: int = 0, *, tid: int | None = None) -> int:
+        return self.call("ioctl", fd, request, arg, tid=tid)
+
+    def lseek(self, fd: int, offset: int, whence: int, *, tid: int | None = None) -> int:
+        return self.call("lseek", fd, offset, whence, tid=tid)
+
+    def fcntl(self, fd: int, cmd: int, arg: int = 0, *, tid: int | None = None) -> int:
+        return self.call("fcntl", fd, cmd, arg, tid=tid)
+
+    def userfaultfd(self, flags: int) -> int:
+        """A userfaultfd created inside the target (its descriptor number there)."""
+        return self.call("userfaultfd", flags)
+
+    @contextlib.contextmanager
+    def scratch(self, data: bytes, *, tid: int | None = None) -> Iterator[int]:
+        """``data`` in a fresh anonymous mapping of the target, for calls that take a
+        pointer; unmapped afterwards."""
+        length = max(PAGE, -(-len(data) // PAGE) * PAGE)
+        addr = self.mmap(0, length, 3, MAP_PRIVATE | MAP_ANONYMOUS, tid=tid)
+        try:
+            if data:
+                self.write(addr, data)
+            yield addr
+        finally:
+            self.munmap(addr, length, tid=tid)
+
+    def openat(
+        self, path: str, flags: int = O_RDONLY | O_CLOEXEC, mode: int = 0, *, tid: int | None = None
+    ) -> int:
+        """Open ``path`` inside the target (relative paths from its cwd); its fd there."""
+        with self.scratch(path.encode() + b"\0", tid=tid) as where:
+            return self.call("openat", AT_FDCWD, where, flags, mode, tid=tid)
