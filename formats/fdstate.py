@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from formats import names
 from formats.core import CoreEntry
 from formats.errors import ImageError
 from formats.fdkinds import MemfdInodeEntry, PipeDataEntry
@@ -62,7 +63,7 @@ class FdState:
     # loading and checks
 
     def _load_memfd_inodes(self) -> None:
-        path = self.path / "memfd.img"
+        path = self.path / names.MEMFD
         if not path.exists():
             return
         entries, offsets = _load(path, "MEMFD_INODE")
@@ -73,7 +74,7 @@ class FdState:
             self._memfd_inodes[inode.inode_id] = inode
 
     def _load_files(self) -> None:
-        path = self.path / "files.img"
+        path = self.path / names.FILES
         if not path.exists():
             return
         entries, offsets = _load(path, "FILES")
@@ -98,17 +99,17 @@ class FdState:
             raise fail(f"memfd inode_id {entry.memfd.inode_id} is not in memfd.img")
 
     def _load_task(self, pid: int, core: CoreEntry | None) -> None:
-        ids_img = self.path / f"ids-{pid}.img"
+        ids_img = self.path / names.ids(pid)
         if ids_img.exists():
             self._ids[pid] = _load_one(ids_img, "IDS")
         elif core is not None and core.ids is not None:
             self._ids[pid] = core.ids  # dumps before ids-<pid>.img (legacy core_entry.ids)
         ids = self._ids.get(pid)
         if ids is not None and ids.files_id not in self._fdinfo:
-            fdinfo_img = self.path / f"fdinfo-{ids.files_id}.img"
+            fdinfo_img = self.path / names.fdinfo(ids.files_id)
             if fdinfo_img.exists():
                 self._fdinfo[ids.files_id] = self._load_fdinfo(fdinfo_img)
-        fs_img = self.path / f"fs-{pid}.img"
+        fs_img = self.path / names.fs(pid)
         if fs_img.exists():
             entries, offsets = _load(fs_img, "FS")
             if not entries:
@@ -142,7 +143,7 @@ class FdState:
         return entries
 
     def _load_pipe_data(self) -> None:
-        path = self.path / "pipes-data.img"
+        path = self.path / names.PIPES_DATA
         if not path.exists():
             return
         pipes = {f.pipe.pipe_id for f in self.files.values() if f.pipe is not None}
@@ -164,7 +165,7 @@ class FdState:
         try:
             return self._ids[pid]
         except KeyError:
-            raise ImageError(self.path / f"ids-{pid}.img", "no ids image for this pid") from None
+            raise ImageError(self.path / names.ids(pid), "no ids image for this pid") from None
 
     def fdinfo(self, pid: int) -> list[FdinfoEntry]:
         """The descriptor table of process ``pid``: ``fdinfo-<files_id>.img``, in file order."""
@@ -172,14 +173,14 @@ class FdState:
         try:
             return self._fdinfo[files_id]
         except KeyError:
-            raise ImageError(self.path / f"fdinfo-{files_id}.img", "no fdinfo image") from None
+            raise ImageError(self.path / names.fdinfo(files_id), "no fdinfo image") from None
 
     def fs(self, pid: int) -> FsEntry:
         """fs-<pid>.img: cwd and root (files.img ids) and umask."""
         try:
             return self._fs[pid]
         except KeyError:
-            raise ImageError(self.path / f"fs-{pid}.img", "no fs image for this pid") from None
+            raise ImageError(self.path / names.fs(pid), "no fs image for this pid") from None
 
     def pipe_data(self, pipe_id: int) -> bytes:
         """The bytes queued in pipe ``pipe_id`` (empty for a pipe without a pipes-data entry)."""
@@ -188,7 +189,7 @@ class FdState:
             return found.extra
         if any(f.pipe is not None and f.pipe.pipe_id == pipe_id for f in self.files.values()):
             return b""
-        raise ImageError(self.path / "files.img", f"no pipe with pipe_id {pipe_id}")
+        raise ImageError(self.path / names.FILES, f"no pipe with pipe_id {pipe_id}")
 
     def pipe_data_entry(self, pipe_id: int) -> PipeDataEntry | None:
         """The pipes-data entry of ``pipe_id`` (with the pipe's buffer ``size``), if any."""
@@ -199,4 +200,4 @@ class FdState:
         try:
             return self._memfd_inodes[inode_id]
         except KeyError:
-            raise ImageError(self.path / "memfd.img", f"no memfd inode {inode_id}") from None
+            raise ImageError(self.path / names.MEMFD, f"no memfd inode {inode_id}") from None

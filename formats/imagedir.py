@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from formats import names
 from formats.core import CoreEntry
 from formats.errors import ImageError
 from formats.fdkinds import MemfdInodeEntry, PipeDataEntry
@@ -58,24 +59,24 @@ class ImageDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.inventory: InventoryEntry = _load_one(path / "inventory.img", "INVENTORY")
-        _check_inventory(path / "inventory.img", self.inventory, top=True)
-        self.pstree: list[PstreeEntry] = _load(path / "pstree.img", "PSTREE")
+        self.inventory: InventoryEntry = _load_one(path / names.INVENTORY, "INVENTORY")
+        _check_inventory(path / names.INVENTORY, self.inventory, top=True)
+        self.pstree: list[PstreeEntry] = _load(path / names.PSTREE, "PSTREE")
         if not self.pstree:
-            raise ImageError(path / "pstree.img", "no processes in pstree", offset=0)
+            raise ImageError(path / names.PSTREE, "no processes in pstree", offset=0)
         self.root_pid: int = self.pstree[0].pid
         self._mms: dict[int, MmEntry] = {}
         self._cores: dict[int, CoreEntry] = {}
         for proc in self.pstree:
-            mm_img = path / f"mm-{proc.pid}.img"
+            mm_img = path / names.mm(proc.pid)
             if mm_img.exists():
                 mm: MmEntry = _load_one(mm_img, "MM")
-                legacy = path / f"vmas-{proc.pid}.img"  # VMAs before they moved into mm_entry
+                legacy = path / names.vmas(proc.pid)  # VMAs before they moved into mm_entry
                 if not mm.vmas and legacy.exists():
                     mm.vmas = _load(legacy, "VMAS")
                 self._mms[proc.pid] = mm
             for tid in proc.threads or [proc.pid]:
-                self._cores[tid] = _load_one(path / f"core-{tid}.img", "CORE")
+                self._cores[tid] = _load_one(path / names.core(tid), "CORE")
         self._fds = FdState(path, self.pstree, self._cores)
         self.files: dict[int, FileEntry] = self._fds.files
         self.page_size = self._page_size()
@@ -83,7 +84,7 @@ class ImageDir:
         self._runs: dict[int, list[PageRun]] = {}
         self._shmem_runs: dict[int, list[PageRun]] = {}
         for proc in self.pstree:
-            if (path / f"pagemap-{proc.pid}.img").exists():
+            if (path / names.pagemap(proc.pid)).exists():
                 self._runs[proc.pid] = self._resolve_task(proc.pid)
 
     @classmethod
@@ -100,19 +101,28 @@ class ImageDir:
         if value is None:
             return DEFAULT_PAGE_SIZE
         if value < 4096 or value & (value - 1):
-            where = self.path / f"mm-{self.root_pid}.img"
+            where = self.path / names.mm(self.root_pid)
             raise ImageError(where, f"AT_PAGESZ {value} is not a power of two >= 4096")
         return value
 
     # ---------------------------------------------------------------------------------------
     # lookups
 
+    def file(self, name: str) -> Path:
+        """The path of file ``name`` of this directory (a ``formats.names`` name: an image,
+        or one of applier's sidecars, ``names.TRACKING`` and ``names.UNDO_SCOPE``)."""
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        """Whether this directory holds file ``name``."""
+        return (self.path / name).exists()
+
     def mm(self, pid: int) -> MmEntry:
         """The mm image of process ``pid``."""
         try:
             return self._mms[pid]
         except KeyError:
-            raise ImageError(self.path / f"mm-{pid}.img", "no mm image for this pid") from None
+            raise ImageError(self.path / names.mm(pid), "no mm image for this pid") from None
 
     def core(self, tid: int) -> CoreEntry:
         """The core image of thread ``tid``: registers, and the signal state (``tc`` of the
@@ -121,7 +131,7 @@ class ImageDir:
         try:
             return self._cores[tid]
         except KeyError:
-            raise ImageError(self.path / f"core-{tid}.img", "no core image for this tid") from None
+            raise ImageError(self.path / names.core(tid), "no core image for this tid") from None
 
     def ids(self, pid: int) -> TaskKobjIdsEntry:
         """The kernel-object ids of process ``pid`` (ids-<pid>.img, else legacy core ids)."""
@@ -165,20 +175,20 @@ class ImageDir:
 
     def pagemap(self, pid: int) -> Pagemap:
         """The top-level (unresolved) pagemap of ``pid``: per-run flags for reporting."""
-        return self._pagemap(self.path / f"pagemap-{pid}.img")
+        return self._pagemap(self.path / names.pagemap(pid))
 
     def page_runs(self, pid: int) -> list[PageRun]:
         """Resolved page runs of ``pid``, sorted and non-overlapping."""
         runs = self._runs.get(pid)
         if runs is None:
-            raise ImageError(self.path / f"pagemap-{pid}.img", "no pagemap for this pid")
+            raise ImageError(self.path / names.pagemap(pid), "no pagemap for this pid")
         return runs
 
     def shmem_page_runs(self, shmid: int) -> list[PageRun]:
         """Resolved runs of ``pagemap-shmem-<shmid>.img`` (vaddr = offset in the object)."""
         runs = self._shmem_runs.get(shmid)
         if runs is None:
-            name = f"pagemap-shmem-{shmid}.img"
+            name = names.pagemap_shmem(shmid)
             top = self._pagemap(self.path / name)
             runs = resolve_runs(top, self._parent_loader(name))
             self._shmem_runs[shmid] = runs
@@ -210,19 +220,19 @@ class ImageDir:
         return pm
 
     def _resolve_task(self, pid: int) -> list[PageRun]:
-        name = f"pagemap-{pid}.img"
+        name = names.pagemap(pid)
         top = self._pagemap(self.path / name)
         mm = self._mms.get(pid)
         if mm is None:
-            raise ImageError(self.path / f"mm-{pid}.img", "pagemap without mm image")
-        check_within_vmas(top, mm.vmas, f"mm-{pid}.img")
+            raise ImageError(self.path / names.mm(pid), "pagemap without mm image")
+        check_within_vmas(top, mm.vmas, names.mm(pid))
         return resolve_runs(top, self._parent_loader(name))
 
     def _parent_loader(self, name: str) -> Callable[[Pagemap], Pagemap]:
         seen = {os.path.realpath(self.path)}
 
         def parent_of(child: Pagemap) -> Pagemap:
-            link = child.path.parent / "parent"
+            link = child.path.parent / names.PARENT
             if not link.exists():
                 raise ImageError(
                     child.path, "PE_PARENT entries but the directory has no (valid) parent link"
@@ -232,7 +242,7 @@ class ImageDir:
                 raise ImageError(link, f"parent chain loops back to {real}")
             seen.add(real)
             parent_dir = Path(real)  # name parent files by where they are, not via the links
-            inventory = parent_dir / "inventory.img"
+            inventory = parent_dir / names.INVENTORY
             if inventory.exists():
                 _check_inventory(inventory, _load_one(inventory, "INVENTORY"), top=False)
             pm_path = parent_dir / name

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from formats import names
 from formats.core import (
     CoreEntry,
     TaskCoreEntry,
@@ -53,7 +54,7 @@ class ImageWriter:
         self.page_size = page_size
         self.path.mkdir(parents=True, exist_ok=True)
         if parent is not None:
-            (self.path / "parent").symlink_to(parent)
+            (self.path / names.PARENT).symlink_to(parent)
         self._pstree: list[PstreeEntry] = []
         self._files: list[FileEntry] = []
         self._pipe_data: list[PipeDataEntry] = []
@@ -87,7 +88,7 @@ class ImageWriter:
         if files_id in self._fdinfo_written:
             raise ValueError(f"fdinfo-{files_id}.img is already written")
         self._fdinfo_written.add(files_id)
-        dump_image(self.path / f"fdinfo-{files_id}.img", "FDINFO", list(fds))
+        dump_image(self.path / names.fdinfo(files_id), "FDINFO", list(fds))
 
     def add_process(
         self,
@@ -107,24 +108,24 @@ class ImageWriter:
             raise ValueError("descriptors need ids: its files_id names the fdinfo image")
         self._pstree.append(proc)
         if mm is not None:
-            dump_image(self.path / f"mm-{proc.pid}.img", "MM", [mm])
+            dump_image(self.path / names.mm(proc.pid), "MM", [mm])
         for tid, core in (cores or {}).items():
-            dump_image(self.path / f"core-{tid}.img", "CORE", [core])
+            dump_image(self.path / names.core(tid), "CORE", [core])
         if runs is not None:
-            self.write_pagemap(f"pagemap-{proc.pid}.img", runs)
+            self.write_pagemap(names.pagemap(proc.pid), runs)
         if ids is not None:
-            dump_image(self.path / f"ids-{proc.pid}.img", "IDS", [ids])
+            dump_image(self.path / names.ids(proc.pid), "IDS", [ids])
             if fds is not None:
                 self.write_fdinfo(ids.files_id, fds)
         if fs is not None:
-            dump_image(self.path / f"fs-{proc.pid}.img", "FS", [fs])
+            dump_image(self.path / names.fs(proc.pid), "FS", [fs])
 
     def write_pagemap(self, name: str, runs: Iterable[PageData]) -> int:
         """Write pagemap ``name`` and its pages file; returns the pages_id."""
         pages_id = self._next_pages_id
         self._next_pages_id += 1
         plain: list[tuple[int, int, int]] = []
-        with (self.path / f"pages-{pages_id}.img").open("wb") as pages:
+        with (self.path / names.pages(pages_id)).open("wb") as pages:
             for vaddr, nr_pages, flags, data in runs:
                 if flags & PE_PRESENT:
                     if data is None or len(data) != nr_pages * self.page_size:
@@ -139,7 +140,7 @@ class ImageWriter:
 
     def write_shmem_pagemap(self, shmid: int, runs: Iterable[PageData]) -> int:
         """Write ``pagemap-shmem-<shmid>.img`` (vaddr = offset in the object)."""
-        return self.write_pagemap(f"pagemap-shmem-{shmid}.img", runs)
+        return self.write_pagemap(names.pagemap_shmem(shmid), runs)
 
     def finish(self, inventory: InventoryEntry | None = None) -> None:
         """Write inventory.img, pstree.img, files.img, and pipes-data.img and memfd.img when
@@ -150,13 +151,13 @@ class ImageWriter:
         inv = inventory or InventoryEntry(
             img_version=CRTOOLS_IMAGES_V1_1, fdinfo_per_id=True, ns_per_id=True, lsmtype=0
         )
-        dump_image(self.path / "inventory.img", "INVENTORY", [inv])
-        dump_image(self.path / "pstree.img", "PSTREE", self._pstree)
-        dump_image(self.path / "files.img", "FILES", self._files)
+        dump_image(self.path / names.INVENTORY, "INVENTORY", [inv])
+        dump_image(self.path / names.PSTREE, "PSTREE", self._pstree)
+        dump_image(self.path / names.FILES, "FILES", self._files)
         if self._pipe_data:
-            dump_image(self.path / "pipes-data.img", "PIPES_DATA", self._pipe_data)
+            dump_image(self.path / names.PIPES_DATA, "PIPES_DATA", self._pipe_data)
         if self._memfd_inodes:
-            dump_image(self.path / "memfd.img", "MEMFD_INODE", self._memfd_inodes)
+            dump_image(self.path / names.MEMFD, "MEMFD_INODE", self._memfd_inodes)
 
 
 # --------------------------------------------------------------------------------------------

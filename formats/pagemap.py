@@ -20,6 +20,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from formats import names
 from formats.errors import ImageError
 from formats.imagefile import frame_offsets, parse_header, read_bytes
 from formats.mm import VmaEntry
@@ -87,7 +88,7 @@ class Pagemap:
     @property
     def pages_path(self) -> Path:
         """``pages-<pages_id>.img`` next to the pagemap."""
-        return self.path.parent / f"pages-{self.pages_id}.img"
+        return self.path.parent / names.pages(self.pages_id)
 
     def present_bytes(self) -> int:
         """Bytes of page data the PE_PRESENT runs need in the pages file."""

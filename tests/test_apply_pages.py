@@ -14,7 +14,8 @@ from applier import execute, undo
 from applier.api import apply
 from applier.errors import VerifyFailed
 from applier.model import Kind, Region, SavedPages
-from applier.plan import SavedRuns, WritePages, clip_saved, restrict_to_pages
+from applier.plan import SavedRuns, WritePages, restrict_to_pages
+from applier.plan.memory import clip_saved
 from injector import attach
 from tests.live_state import assert_same, checkpoint, command, snapshot
 from tests.procs import Target, assert_untouched, build_c, spawn

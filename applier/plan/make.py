@@ -1,0 +1,165 @@
+"""The planner: image side + live side of one task -> the steps that make the live task equal
+to the checkpoint. Pure: no I/O, no ptrace; ``applier diff`` prints its result.
+
+What "equal" means follows CRIU's restore (criu/mem.c, criu/cr-restore.c): a restore builds a
+fresh address space in which anonymous private memory starts zero-filled and private file
+mappings start as the file, then copies the pagemap's pages on top. Applying into a running
+process reaches the same state by (1) fixing the layout, (2) writing the saved pages, (3)
+discarding what the image does not have: present anonymous pages the image omits become zero
+again, copied-on-write pages of private file mappings go back to the file's page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from applier.errors import MismatchError
+from applier.model import (
+    ImageTask,
+    Kind,
+    LiveTask,
+    Region,
+    SavedPages,
+    merge_regions,
+)
+from applier.parts import Part
+from applier.plan.layout import (
+    check_running_threads,
+    check_same_process,
+    match_threads,
+    plan_layout,
+    same_backing,
+    simulate_brk,
+)
+from applier.plan.memory import (
+    clip_saved,
+    plan_discards,
+    plan_shared,
+    restrict_to_pages,
+    restrict_to_scope,
+)
+from applier.plan.steps import (
+    MapAnon,
+    MapFile,
+    Plan,
+    SavedRuns,
+    SetBrk,
+    SetMm,
+    SetRegs,
+    Step,
+    WritePages,
+)
+from applier.ranges import member
+
+
+def make_plan(
+    image: ImageTask,
+    live: LiveTask,
+    parts: Part | Iterable[str] = Part.ALL,
+    *,
+    dirty: npt.NDArray[np.uint64] | None = None,
+    leave_shared: bool = False,
+    scope: Sequence[tuple[int, int]] | None = None,
+) -> Plan:
+    """All steps, in execution order: brk, mm fields, layout, discards, pages, registers.
+
+    ``dirty``, when given, is every page written since the target was last equal to the image
+    (from a dirty tracker): pages outside it are equal already and are neither written nor
+    discarded. Regions the plan re-creates are written in full regardless.
+
+    ``scope``, when given, is the only address ranges whose memory the image speaks for (an
+    undo image, ``applier/undo_image.py``, holds just the pages an apply touched): pages are
+    written and discarded inside it only, memory outside it is left as it is.
+    """
+    parts = Part.of(parts)
+    check_same_process(image, live)
+    page = image.page_size
+    steps: list[Step] = []
+    notes: list[str] = []
+    live_regions = list(live.regions)
+
+    if Part.BRK in parts and live.brk != image.brk:
+        steps.append(SetBrk(live.brk, image.brk))
+        if live.brk is not None:
+            live_regions = simulate_brk(live_regions, live.brk, image.brk, page)
+    if Part.LAYOUT in parts and image.mm_fields:
+        fields = tuple(
+            (name, live.mm_fields[name], value)
+            for name, value in sorted(image.mm_fields.items())
+            if name in live.mm_fields
+        )
+        if len(fields) < len(image.mm_fields):
+            notes.append("mm fields not all readable in /proc/PID/stat: left as they are")
+        elif any(old != new for _, old, new in fields):
+            steps.append(SetMm(fields))
+
+    image_regions = _merge(image.regions)
+    recreated: list[tuple[int, int]] = []
+    if Part.LAYOUT in parts:
+        layout, layout_notes = plan_layout(image_regions, _merge(live_regions))
+        steps.extend(layout)
+        notes.extend(layout_notes)
+        recreated = [
+            (s.region.start, s.region.end) for s in layout if isinstance(s, MapAnon | MapFile)
+        ]
+    else:
+        image_regions = _restrict_to_live(image_regions, _merge(live_regions))
+
+    if Part.MEMORY in parts:
+        saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)
+        if dirty is not None:
+            saved = restrict_to_pages(saved, dirty, recreated, page)
+            live = attrs.evolve(live, present=live.present[member(live.present, dirty)])
+        if scope is not None:
+            saved, live = restrict_to_scope(saved, live, scope, page)
+        # Discards and shared memory first: they inject syscalls (madvise), and every
+        # injected call lets the leader return to user mode, where the kernel may rewrite its
+        # rseq area (cpu_id). Nothing may run in the target between the private page writes
+        # and their verification.
+        steps.extend(plan_discards(image_regions, saved, live, recreated, page))
+        for r in image_regions:
+            if r.kind is Kind.SHARED_FILE:
+                notes.append(f"{r.describe()}: shared file mapping, never written")
+            elif r.kind is Kind.SHARED_ANON:
+                shared_step = plan_shared(r, image, page)
+                if shared_step is not None:
+                    steps.append(shared_step)
+                elif leave_shared or scope is not None:
+                    notes.append(f"{r.describe()}: shared memory left as it is (--leave-shared)")
+                else:
+                    raise MismatchError(
+                        f"{r.describe()}: shared memory, and the image has no "
+                        "pagemap-shmem for it; --leave-shared applies everything else",
+                    )
+        if saved:
+            steps.append(WritePages(SavedRuns.of(saved)))
+
+    if Part.REGS in parts:
+        steps.extend(SetRegs(t, i) for t, i in match_threads(image, live))
+    check_running_threads(steps, live)
+    return Plan(
+        pid=live.pid,
+        image_pid=image.pid,
+        page_size=page,
+        steps=tuple(steps),
+        notes=tuple(notes),
+    )
+
+
+def _merge(regions: Sequence[Region]) -> list[Region]:
+    return merge_regions(regions)
+
+
+def _restrict_to_live(image: Sequence[Region], live: Sequence[Region]) -> list[Region]:
+    """Without the layout part, memory is written only where the live layout agrees."""
+    out: list[Region] = []
+    for want in image:
+        for have in live:
+            a, b = max(want.start, have.start), min(want.end, have.end)
+            if a < b and same_backing(want, have, a):
+                out.append(want.clip(a, b))
+    return out

@@ -1,0 +1,422 @@
+"""The planner's vocabulary: the steps of a plan, as values with a printable ``describe()`` and
+a JSON form ``as_dict()`` (docs/json.md), and the plan itself. The executor
+(``applier.executor``) gives each step its work, one handler per step class."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar, overload
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from applier.model import (
+    Kind,
+    Region,
+    SavedPages,
+    format_prot,
+)
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}"
+
+
+def _ranges_json(ranges: Iterable[tuple[int, int]]) -> list[list[str]]:
+    return [[_hex(a), _hex(b)] for a, b in ranges]
+
+
+def _region_json(op: str, region: Region) -> dict[str, Any]:
+    """The fields of a step about one region (docs/json.md)."""
+    return {
+        "op": op,
+        "start": _hex(region.start),
+        "end": _hex(region.end),
+        "prot": format_prot(region.prot),
+        "kind": region.kind.value,
+        "path": region.path,
+        "name": region.name,
+        "offset": _hex(region.offset) if region.kind is not Kind.ANON else None,
+    }
+
+
+@attrs.frozen
+class Unmap:
+    op: ClassVar[str] = "unmap"
+    layout: ClassVar[bool] = True  # a mapping or protection change
+    region: Region  # the live region (clipped) that goes away
+
+    @property
+    def start(self) -> int:
+        return self.region.start
+
+    @property
+    def end(self) -> int:
+        return self.region.end
+
+    def describe(self) -> str:
+        return f"unmap   {self.region.describe()}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return _region_json("unmap", self.region)
+
+
+@attrs.frozen
+class MapAnon:
+    op: ClassVar[str] = "map"
+    layout: ClassVar[bool] = True  # a mapping or protection change
+    region: Region
+
+    def describe(self) -> str:
+        return f"map     {self.region.describe()}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return _region_json("map", self.region)
+
+
+@attrs.frozen
+class MapFile:
+    op: ClassVar[str] = "map"
+    layout: ClassVar[bool] = True  # a mapping or protection change
+    region: Region
+
+    def describe(self) -> str:
+        return f"map     {self.region.describe()} @{self.region.offset:#x}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return _region_json("map", self.region)
+
+
+@attrs.frozen
+class Protect:
+    op: ClassVar[str] = "protect"
+    layout: ClassVar[bool] = True  # a mapping or protection change
+    start: int
+    end: int
+    old: int
+    new: int
+
+    def describe(self) -> str:
+        return (
+            f"protect {self.start:#x}-{self.end:#x} {format_prot(self.old)} -> "
+            f"{format_prot(self.new)}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "protect",
+            "start": _hex(self.start),
+            "end": _hex(self.end),
+            "prot": format_prot(self.new),
+            "old_prot": format_prot(self.old),
+        }
+
+
+@attrs.frozen
+class SetBrk:
+    op: ClassVar[str] = "brk"
+    layout: ClassVar[bool] = False
+    old: int | None
+    new: int
+
+    def describe(self) -> str:
+        old = "?" if self.old is None else f"{self.old:#x}"
+        return f"brk     {old} -> {self.new:#x}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "brk",
+            "old": None if self.old is None else _hex(self.old),
+            "new": _hex(self.new),
+        }
+
+
+@attrs.frozen
+class SetMm:
+    """All mm fields (code/data/stack/arg/env bounds, heap start) in one
+    prctl(PR_SET_MM, PR_SET_MM_MAP): one call keeps the kernel's ordering checks satisfied
+    (arg_start <= arg_end, ...) and needs no CAP_SYS_RESOURCE, unlike the one-field calls."""
+
+    op: ClassVar[str] = "mm"
+    layout: ClassVar[bool] = False
+    fields: tuple[tuple[str, int, int], ...]  # (mm_entry name, live value, image value)
+
+    @property
+    def old(self) -> dict[str, int]:
+        return {name: old for name, old, _ in self.fields}
+
+    @property
+    def new(self) -> dict[str, int]:
+        return {name: new for name, _, new in self.fields}
+
+    def describe(self) -> str:
+        changed = ", ".join(
+            f"{name} {old:#x} -> {new:#x}" for name, old, new in self.fields if old != new
+        )
+        return f"prctl   PR_SET_MM_MAP {changed}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "mm",
+            "fields": {
+                name: {"old": _hex(old), "new": _hex(new)}
+                for name, old, new in self.fields
+                if old != new
+            },
+        }
+
+
+class SavedRuns(Sequence[SavedPages]):
+    """Runs of saved pages held as arrays, sorted by address: run i is ``npages[i]`` pages at
+    ``vaddr[i]`` whose bytes come from ``sources[source[i]]`` (a ``SavedPages.source``: the
+    formats PageRun the run was cut from, so the bytes of ``a`` are at ``a - run.vaddr`` in
+    that run). A sequence of SavedPages to read, but a dirty set of 100,000 scattered pages
+    costs no Python object per run to plan and to write."""
+
+    __slots__ = ("npages", "source", "sources", "vaddr")
+
+    def __init__(
+        self,
+        vaddr: npt.NDArray[np.uint64],
+        npages: npt.NDArray[np.uint64],
+        source: npt.NDArray[np.intp],
+        sources: tuple[object, ...],
+    ) -> None:
+        self.vaddr, self.npages, self.source, self.sources = vaddr, npages, source, sources
+
+    @classmethod
+    def of(cls, runs: Iterable[SavedPages]) -> SavedRuns:
+        """``runs`` as a SavedRuns (itself if it is one), in address order."""
+        if isinstance(runs, SavedRuns):
+            return runs
+        items = sorted(runs, key=lambda r: r.vaddr)
+        return cls(
+            np.array([r.vaddr for r in items], dtype=np.uint64),
+            np.array([r.nr_pages for r in items], dtype=np.uint64),
+            np.arange(len(items), dtype=np.intp),
+            tuple(r.source for r in items),
+        )
+
+    @property
+    def nr_pages(self) -> int:
+        return int(self.npages.sum())
+
+    def ends(self, page: int) -> npt.NDArray[np.uint64]:
+        return self.vaddr + self.npages * np.uint64(page)
+
+    def __len__(self) -> int:
+        return len(self.vaddr)
+
+    @overload
+    def __getitem__(self, index: int) -> SavedPages: ...
+    @overload
+    def __getitem__(self, index: slice) -> SavedRuns: ...
+    def __getitem__(self, index: int | slice) -> SavedPages | SavedRuns:
+        if isinstance(index, slice):
+            return SavedRuns(
+                self.vaddr[index], self.npages[index], self.source[index], self.sources
+            )
+        return SavedPages(
+            int(self.vaddr[index]), int(self.npages[index]), self.sources[self.source[index]]
+        )
+
+    def __iter__(self) -> Iterator[SavedPages]:
+        for a, n, i in zip(
+            self.vaddr.tolist(), self.npages.tolist(), self.source.tolist(), strict=True
+        ):
+            yield SavedPages(a, n, self.sources[i])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SavedRuns):
+            return NotImplemented
+        return (
+            np.array_equal(self.vaddr, other.vaddr)
+            and np.array_equal(self.npages, other.npages)
+            and [self.sources[i] for i in self.source.tolist()]
+            == [other.sources[i] for i in other.source.tolist()]
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.vaddr.tobytes(), self.npages.tobytes()))
+
+    def __repr__(self) -> str:
+        return f"SavedRuns({len(self)} runs, {self.nr_pages} pages)"
+
+
+def _saved_runs(runs: Iterable[SavedPages]) -> SavedRuns:
+    return SavedRuns.of(runs)
+
+
+@attrs.frozen
+class WritePages:
+    op: ClassVar[str] = "write"
+    layout: ClassVar[bool] = False
+    runs: SavedRuns = attrs.field(converter=_saved_runs)
+
+    @property
+    def nr_pages(self) -> int:
+        return self.runs.nr_pages
+
+    def describe(self) -> str:
+        return f"write   {self.nr_pages} saved pages in {len(self.runs)} runs"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "write",
+            "pages": self.nr_pages,
+            "runs": [
+                [_hex(a), n]
+                for a, n in zip(self.runs.vaddr.tolist(), self.runs.npages.tolist(), strict=True)
+            ],
+        }
+
+
+@attrs.frozen
+class Discard:
+    """MADV_DONTNEED: anonymous pages read as zero again, private file pages as the file."""
+
+    op: ClassVar[str] = "discard"
+    layout: ClassVar[bool] = False
+    ranges: tuple[tuple[int, int], ...]
+    reason: str  # "zero" or "file"
+
+    @property
+    def nr_bytes(self) -> int:
+        return sum(e - s for s, e in self.ranges)
+
+    def describe(self) -> str:
+        what = "zero" if self.reason == "zero" else "re-read from file"
+        return f"discard {len(self.ranges)} ranges, {self.nr_bytes} bytes ({what})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "discard",
+            "reason": self.reason,
+            "bytes": self.nr_bytes,
+            "ranges": _ranges_json(self.ranges),
+        }
+
+
+@attrs.frozen
+class SetRegs:
+    op: ClassVar[str] = "regs"
+    layout: ClassVar[bool] = False
+    tid: int  # live thread
+    image_tid: int  # core-<image_tid>.img
+
+    def describe(self) -> str:
+        return f"regs    thread {self.tid} <- core-{self.image_tid}.img"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "regs", "thread": self.tid, "image_thread": self.image_tid}
+
+
+@attrs.frozen
+class WriteShared:
+    """Shared anonymous memory (a shmem object) back to its pagemap-shmem contents, through
+    the live mapping: saved pages written, the rest of the window punched to zero
+    (MADV_REMOVE). Every process that maps the object sees the change."""
+
+    op: ClassVar[str] = "shared"
+    layout: ClassVar[bool] = False
+    region: Region
+    runs: tuple[SavedPages, ...]  # address-based (translated from object offsets)
+    holes: tuple[tuple[int, int], ...]
+
+    @property
+    def nr_pages(self) -> int:
+        return sum(r.nr_pages for r in self.runs)
+
+    def describe(self) -> str:
+        return (
+            f"shared  {self.region.describe()}: {self.nr_pages} saved pages, "
+            f"{len(self.holes)} zero ranges"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **_region_json("shared", self.region),
+            "pages": self.nr_pages,
+            "holes": _ranges_json(self.holes),
+        }
+
+
+@attrs.frozen
+class ThreadCall:
+    """The system call a thread is in, live and in the image (None: running user code);
+    reported by ``diff``, never executed."""
+
+    tid: int
+    image_tid: int
+    now: str | None
+    image: str | None
+
+    def describe(self) -> str:
+        def text(call: str | None) -> str:
+            return f"in {call}" if call else "in user code"
+
+        return f"thread {self.tid}: {text(self.now)} now, {text(self.image)} in the image"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"thread": self.tid, "image_thread": self.image_tid, "now": self.now,
+                "image": self.image}  # fmt: skip
+
+
+Step = (
+    Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
+    | SetRegs
+)  # fmt: skip
+S = TypeVar(
+    "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared, SetRegs
+)
+
+
+@attrs.frozen
+class Plan:
+    """What ``apply`` will do, in order, plus notes on what it leaves alone and why."""
+
+    pid: int
+    image_pid: int
+    page_size: int
+    steps: tuple[Step, ...]
+    notes: tuple[str, ...]
+    # Set once the plan was narrowed to what really differs (``applier.compare``): the saved
+    # pages that compared equal to the live ones and were left out.
+    compared: bool = False
+    pages_unchanged: int = 0
+    threads: tuple[ThreadCall, ...] = ()
+
+    def of(self, kind: type[S]) -> list[S]:
+        """The steps of one kind, in order."""
+        return [s for s in self.steps if isinstance(s, kind)]
+
+    @property
+    def pages_to_write(self) -> int:
+        return sum(s.nr_pages for s in self.of(WritePages))
+
+    @property
+    def bytes_to_discard(self) -> int:
+        return sum(s.nr_bytes for s in self.of(Discard))
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "pages_to_write": self.pages_to_write,
+            "pages_unchanged": self.pages_unchanged,
+            "pages_to_discard": self.bytes_to_discard // self.page_size,
+            "layout_changes": sum(s.layout for s in self.steps),
+            "threads": len(self.of(SetRegs)),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready values (the schema is in docs/json.md)."""
+        return {
+            "pid": self.pid,
+            "image_pid": self.image_pid,
+            "page_size": self.page_size,
+            "compared": self.compared,
+            "summary": self.summary(),
+            "steps": [step.as_dict() for step in self.steps],
+            "notes": list(self.notes),
+            "threads": [t.as_dict() for t in self.threads],
+        }
