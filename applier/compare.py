@@ -20,15 +20,15 @@ every thread whenever it returns to user mode; those bytes are left out of the p
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import attrs
 import numpy as np
-import numpy.typing as npt
 
 from applier import regs as regmod
-from applier.pieces import CHUNK, U64, Pieces, expand_ranges, iov_rows
+from applier.capture import region_from_mapping
+from applier.executor.pages import differing_pages, page_source
+from applier.limits import CHUNK
 from applier.plan import (
     Discard,
     MapAnon,
@@ -42,8 +42,9 @@ from applier.plan import (
     restrict_to_pages,
 )
 from applier.ranges import page_ranges
-from applier.sides import region_from_mapping
+from formats.core import CoreEntry
 from injector.maps import PAGEMAP_PRESENT
+from injector.process import Process
 from injector.regs import Arch
 from injector.syscalls import ARG_REGS, format_call
 
@@ -61,10 +62,10 @@ class Narrowed:
     pages_unchanged: int
 
 
-def narrow(session: Any, plan: Plan, cores: dict[int, Any]) -> Narrowed:
+def narrow(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Narrowed:
     """``plan`` with only the steps and pages that would change the target."""
     page = plan.page_size
-    masks = _rseq_masks(session, page)
+    masks = _rseq_masks(process, page)
     recreated = [
         (s.region.start, s.region.end) for s in plan.steps if isinstance(s, MapAnon | MapFile)
     ]
@@ -72,24 +73,24 @@ def narrow(session: Any, plan: Plan, cores: dict[int, Any]) -> Narrowed:
     unchanged = 0
     for step in plan.steps:
         if isinstance(step, WritePages):
-            differ = differing_pages(session, step, page, masks, skip=recreated)
+            differ = differing_pages(process, step, page, masks, skip=recreated)
             kept = restrict_to_pages(step.runs, differ, recreated, page)
             unchanged += step.nr_pages - kept.nr_pages
             if len(kept):
                 steps.append(WritePages(kept))
         elif isinstance(step, Discard):
-            ranges = _discard_differs(session, step, page)
+            ranges = _discard_differs(process, step, page)
             if ranges:
                 steps.append(Discard(ranges, step.reason))
         elif isinstance(step, WriteShared):
-            if _shared_differs(session, step, page):
+            if _shared_differs(process, step, page):
                 steps.append(step)
         elif isinstance(step, SetRegs):
-            if regs_differ(session, step, cores):
+            if regs_differ(process, step, cores):
                 steps.append(step)
         else:
             steps.append(step)
-    calls = tuple(thread_calls(session, plan, cores))
+    calls = tuple(thread_calls(process, plan, cores))
     return Narrowed(attrs.evolve(plan, steps=tuple(steps), threads=calls), unchanged)
 
 
@@ -101,20 +102,20 @@ def _call(values: dict[str, int]) -> str | None:
     return format_call(Arch.X86_64, values["orig_ax"], args)
 
 
-def thread_calls(session: Any, plan: Plan, cores: dict[int, Any]) -> Iterable[ThreadCall]:
+def thread_calls(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Iterable[ThreadCall]:
     """For each thread the plan pairs with the image, the call it is in now and then."""
     for step in plan.of(SetRegs):
         ti = getattr(cores.get(step.image_tid), "thread_info", None)
         then = _call(regmod.gpregs_values(ti.gpregs)) if ti is not None else None
-        now = _call(session.get_regs(step.tid).as_dict())
+        now = _call(process.get_regs(step.tid).as_dict())
         yield ThreadCall(step.tid, step.image_tid, now, then)
 
 
-def _rseq_masks(session: Any, page: int) -> dict[int, list[tuple[int, int]]]:
+def _rseq_masks(process: Process, page: int) -> dict[int, list[tuple[int, int]]]:
     """Page address -> byte ranges inside that page the kernel owns (rseq fields)."""
     out: dict[int, list[tuple[int, int]]] = {}
-    for tid in session.tids:
-        conf = session.rseq_config(tid)
+    for tid in process.tids:
+        conf = process.rseq_config(tid)
         if conf is None:
             continue
         for lo, hi in RSEQ_KERNEL_FIELDS:
@@ -127,73 +128,12 @@ def _rseq_masks(session: Any, page: int) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
-def differing_pages(
-    session: Any,
-    step: WritePages,
-    page: int,
-    masks: dict[int, list[tuple[int, int]]] | None = None,
-    *,
-    skip: Sequence[tuple[int, int]] = (),
-) -> npt.NDArray[np.uint64]:
-    """Sorted addresses of the pages of ``step`` whose live bytes differ from the image's
-    (one process_vm_readv and one numpy compare per batch of at most CHUNK bytes). Pages in
-    ``skip`` ranges (regions the plan maps anew) are not read."""
-    pieces = Pieces(step.runs, page)
-    found: list[npt.NDArray[np.uint64]] = []
-    live = np.empty(CHUNK // 8, dtype=np.uint64)
-    want_buf = np.empty(CHUNK // 8, dtype=np.uint64)
-    keep = np.ones(len(pieces.vaddr), dtype=bool)
-    for a, b in skip:
-        keep &= ~((pieces.vaddr >= np.uint64(a)) & (pieces.vaddr < np.uint64(b)))
-    try:
-        for i, j in pieces.bounds():
-            sel = keep[i:j]
-            if not sel.any():
-                continue
-            length = pieces.length[i:j][sel]
-            pos = np.cumsum(length) - length
-            base = np.uint64(live.ctypes.data)
-            session.read_iov(iov_rows(base + pos, length), iov_rows(pieces.vaddr[i:j][sel], length))
-            want = pieces.image_rows(i, j, want_buf, sel)
-            have = live[: want.size].reshape(want.shape)
-            differs = (want != have).any(axis=1)
-            addrs = expand_ranges(pieces.vaddr[i:j][sel], length, page)
-            if masks:
-                _unmask(differs, addrs, want, have, masks)
-            found.append(addrs[differs])
-            pieces.used(i, j)
-    finally:
-        pieces.close()
-    if not found:
-        return np.zeros(0, dtype=np.uint64)
-    return np.sort(np.concatenate(found))
-
-
-def _unmask(
-    differs: npt.NDArray[np.bool_],
-    addrs: U64,
-    want: U64,
-    have: U64,
-    masks: dict[int, list[tuple[int, int]]],
-) -> None:
-    """Compare again, without the kernel-owned bytes, the differing pages that hold some."""
-    for k in np.nonzero(differs)[0].tolist():
-        ranges = masks.get(int(addrs[k]))
-        if not ranges:
-            continue
-        a = bytearray(want[k].tobytes())
-        b = bytearray(have[k].tobytes())
-        for lo, hi in ranges:
-            a[lo:hi] = b[lo:hi] = bytes(hi - lo)
-        differs[k] = a != b
-
-
-def _read_pages(session: Any, addrs: Iterable[int], page: int) -> Iterable[tuple[int, bytes]]:
+def _read_pages(process: Process, addrs: Iterable[int], page: int) -> Iterable[tuple[int, bytes]]:
     for addr in addrs:
-        yield addr, session.read(addr, page)
+        yield addr, process.read(addr, page)
 
 
-def _discard_differs(session: Any, step: Discard, page: int) -> tuple[tuple[int, int], ...]:
+def _discard_differs(process: Process, step: Discard, page: int) -> tuple[tuple[int, int], ...]:
     """The ranges of ``step`` whose discarding would change bytes: non-zero anonymous pages,
     or copied file pages that differ from the file."""
     pages = np.concatenate(
@@ -202,15 +142,15 @@ def _discard_differs(session: Any, step: Discard, page: int) -> tuple[tuple[int,
     )
     zero = bytes(page)
     backing: Callable[[int], bytes] = (
-        (lambda _addr: zero) if step.reason == "zero" else _file_pages(session, page)
+        (lambda _addr: zero) if step.reason == "zero" else _file_pages(process, page)
     )
-    changed = [a for a, data in _read_pages(session, pages.tolist(), page) if data != backing(a)]
+    changed = [a for a, data in _read_pages(process, pages.tolist(), page) if data != backing(a)]
     return page_ranges(np.array(changed, dtype=np.uint64), page)
 
 
-def _file_pages(session: Any, page: int) -> Callable[[int], bytes]:
+def _file_pages(process: Process, page: int) -> Callable[[int], bytes]:
     """addr -> the bytes the mapped file holds for that page (what a discard brings back)."""
-    regions = [region_from_mapping(m) for m in session.maps()]
+    regions = [region_from_mapping(m) for m in process.maps()]
 
     def read(addr: int) -> bytes:
         for r in regions:
@@ -229,24 +169,24 @@ def _file_pages(session: Any, page: int) -> Callable[[int], bytes]:
     return read
 
 
-def _shared_differs(session: Any, step: WriteShared, page: int) -> bool:
+def _shared_differs(process: Process, step: WriteShared, page: int) -> bool:
     for run in step.runs:
-        src: Any = run.source
+        src = page_source(run.source)
         for off in range(0, run.nr_pages * page, CHUNK):
             n = min(CHUNK, run.nr_pages * page - off)
-            if session.read(run.vaddr + off, n) != bytes(src.pages.view(src.offset + off, n)):
+            if process.read(run.vaddr + off, n) != bytes(src.pages.view(src.offset + off, n)):
                 return True
-    return any(((session.page_flags(a, b) & PAGEMAP_PRESENT) != 0).any() for a, b in step.holes)
+    return any(((process.page_flags(a, b) & PAGEMAP_PRESENT) != 0).any() for a, b in step.holes)
 
 
-def regs_differ(session: Any, step: SetRegs, cores: dict[int, Any]) -> bool:
+def regs_differ(process: Process, step: SetRegs, cores: dict[int, CoreEntry]) -> bool:
     """Whether the live thread's general-purpose registers differ from the image's (both
     taken as the values that restart an interrupted call; segment selectors ignored)."""
     ti = getattr(cores.get(step.image_tid), "thread_info", None)
     if ti is None:
         return True
     want, _ = regmod.restart_adjusted(regmod.gpregs_values(ti.gpregs))
-    have, _ = regmod.restart_adjusted(session.get_regs(step.tid).as_dict())
+    have, _ = regmod.restart_adjusted(process.get_regs(step.tid).as_dict())
     ignore = set(_SEGMENTS)
     if have.get("ax") == regmod.NR_RESTART_SYSCALL and have["ip"] == want["ip"]:
         ignore |= {"ax"}  # resumed once since: the same call, restarted by the kernel

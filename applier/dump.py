@@ -28,42 +28,27 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier import xsave
+from applier.capture import dump_selection, region_from_mapping, task_entries
 from applier.errors import MismatchError, OutputDirError
+from applier.limits import CHUNK_PAGES
 from applier.model import Kind
 from applier.progress import Progress
 from applier.ranges import align_up, covered, intervals, member
-from applier.sides import read_mm_fields, region_from_mapping
-from formats.core import (
-    CoreEntry,
-    RseqEntry,
-    TaskCoreEntry,
-    ThreadCoreEntry,
-    ThreadInfoX86,
-    UserX86FpregsEntry,
-    UserX86RegsEntry,
-    UserX86XsaveEntry,
-)
-from formats.files import FileEntry
+from applier.trackfile import drop_tracking, save_tracking
+from formats import names
 from formats.imagedir import ImageDir
-from formats.imagewriter import ImageWriter, PageData, regular_file
-from formats.inventory import PstreeEntry
-from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, MmEntry, VmaEntry
+from formats.imagewriter import ImageWriter, PageData
+from formats.mm import VmaEntry
 from formats.mm import VmaStatus as S
 from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from injector import attach
-from injector.maps import Mapping, holds_data, own_copies, read_stat
+from injector.maps import Mapping
+from injector.process import Process
 from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
 
-__all__ = ["TRACKING_FILE", "DumpStats", "TaskEntries", "dump", "task_entries"]
-
-# Not a CRIU image: the state of the dirty tracker a tracked dump leaves in the target, so a
-# later ``apply --only-dirty`` knows which pages changed since (CRIU ignores unknown files).
-TRACKING_FILE = "applier-tracking.json"
+__all__ = ["DumpStats", "dump", "prepare_output_dir"]
 
 logger = logging.getLogger(__name__)
-
-CHUNK_PAGES = 2048  # 8 MiB of page data per pagemap entry at most
 
 
 @attrs.define
@@ -81,35 +66,6 @@ class DumpStats:
         return attrs.asdict(self)
 
 
-def _status(m: Mapping) -> tuple[int, int]:
-    """(vma_entry.status, vma_entry.flags) of one live mapping, as CRIU would record them."""
-    region = region_from_mapping(m)
-    if m.path == "[vdso]":
-        return S.REGULAR | S.ANON_PRIVATE | S.VDSO, MAP_PRIVATE | MAP_ANONYMOUS
-    if m.path in ("[vvar]", "[vvar_vclock]"):
-        return S.REGULAR | S.ANON_PRIVATE | S.VVAR, MAP_PRIVATE | MAP_ANONYMOUS
-    if m.path == "[vsyscall]":
-        return S.VSYSCALL, MAP_PRIVATE | MAP_ANONYMOUS
-    if region.kind is Kind.SHARED_ANON:
-        return S.REGULAR | S.ANON_SHARED, MAP_SHARED | MAP_ANONYMOUS
-    if region.kind is Kind.SHARED_FILE:
-        return S.REGULAR | S.FILE_SHARED, MAP_SHARED
-    if region.kind is Kind.FILE:
-        return S.REGULAR | S.FILE_PRIVATE, MAP_PRIVATE
-    status = S.REGULAR | S.ANON_PRIVATE | (S.HEAP if m.path == "[heap]" else 0)
-    flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_GROWSDOWN if m.path == "[stack]" else 0)
-    return status, flags
-
-
-def _selected(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes)."""
-    if m.path == "[vdso]":
-        return np.ones(len(flags), dtype=bool)
-    if region_from_mapping(m).kind is Kind.FILE:
-        return own_copies(flags)
-    return holds_data(flags)
-
-
 def _runs(
     sel: npt.NDArray[np.bool_], hole: npt.NDArray[np.bool_]
 ) -> Iterator[tuple[int, int, bool]]:
@@ -122,118 +78,6 @@ def _runs(
     for a, b in itertools.pairwise(edges):
         if kind[a]:
             yield int(a), int(b - a), bool(kind[a] == 2)
-
-
-def _core(session: Any, tid: int, leader: bool, comm: str) -> CoreEntry:
-    regs = session.get_regs(tid)
-    gp = UserX86RegsEntry(**regs.as_dict(), mode=1)
-    fp_values = xsave.xstate_to_fpregs(session.get_xstate(tid))
-    xs = fp_values.pop("xsave", None)
-    fpregs = UserX86FpregsEntry(**fp_values)
-    if xs is not None:
-        fpregs.xsave = UserX86XsaveEntry(**xs)
-    core = CoreEntry(mtype=1, thread_info=ThreadInfoX86(clear_tid_addr=0, gpregs=gp, fpregs=fpregs))
-    core.thread_core = ThreadCoreEntry(futex_rla=0, futex_rla_len=0, comm=comm)
-    rseq = session.rseq_config(tid)
-    if rseq is not None:
-        core.thread_core.rseq_entry = RseqEntry(
-            rseq_abi_pointer=rseq[0], rseq_abi_size=rseq[1], signature=rseq[2]
-        )
-    if leader:
-        core.tc = TaskCoreEntry(
-            task_state=1, exit_code=0, personality=0, flags=0, blk_sigset=0, comm=comm
-        )
-    return core
-
-
-def _auxv(pid: int) -> list[int]:
-    raw = Path(f"/proc/{pid}/auxv").read_bytes()
-    return list(np.frombuffer(raw[: len(raw) // 8 * 8], dtype=np.uint64).tolist())
-
-
-def _stat_ids(pid: int) -> tuple[int, int, int]:
-    """(ppid, pgrp, session) from /proc/PID/stat."""
-    rest = read_stat(pid)
-    return int(rest[1]), int(rest[2]), int(rest[3])
-
-
-@attrs.frozen
-class TaskEntries:
-    """A stopped task as CRIU image entries, all but its pages: pstree, mm (every VMA, mm
-    fields, auxv), one core per thread and files.img (the executable and mapped files)."""
-
-    proc: PstreeEntry
-    mm: MmEntry
-    cores: dict[int, CoreEntry]
-    files: list[FileEntry]
-
-
-def task_entries(s: Any, maps: list[Mapping]) -> TaskEntries:
-    """The entries of the stopped task behind session ``s`` whose mappings are ``maps``
-    (shared with the undo image, which records the target as it was before an apply)."""
-    pid = int(s.pid)
-    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
-    file_ids: dict[str, int] = {}
-    files: list[FileEntry] = []
-
-    def file_id(path: str) -> int:
-        if path not in file_ids:
-            file_ids[path] = len(file_ids) + 1
-            try:
-                size: int | None = os.stat(path).st_size
-            except OSError:
-                size = None
-            files.append(regular_file(file_ids[path], path, size=size))
-        return file_ids[path]
-
-    exe_id = file_id(exe)
-    vmas: list[VmaEntry] = []
-    for m in maps:
-        status, flags = _status(m)
-        is_file = bool(status & (S.FILE_PRIVATE | S.FILE_SHARED))
-        vmas.append(
-            VmaEntry(
-                start=m.start,
-                end=m.end,
-                shmid=(
-                    file_id(m.path)
-                    if is_file and m.path
-                    else m.inode
-                    if status & S.ANON_SHARED
-                    else 0
-                ),
-                pgoff=m.offset if is_file or status & S.ANON_SHARED else 0,
-                prot=m.prot,
-                flags=flags,
-                status=status,
-                fd=-1,
-            )
-        )
-    fields = read_mm_fields(pid)
-    brk = s.syscall(12, 0)
-    mm = MmEntry(
-        mm_start_code=fields.get("mm_start_code", 0),
-        mm_end_code=fields.get("mm_end_code", 0),
-        mm_start_data=fields.get("mm_start_data", 0),
-        mm_end_data=fields.get("mm_end_data", 0),
-        mm_start_stack=fields.get("mm_start_stack", 0),
-        mm_start_brk=fields.get("mm_start_brk", 0),
-        mm_arg_start=fields.get("mm_arg_start", 0),
-        mm_arg_end=fields.get("mm_arg_end", 0),
-        mm_env_start=fields.get("mm_env_start", 0),
-        mm_env_end=fields.get("mm_env_end", 0),
-        mm_brk=brk,
-        exe_file_id=exe_id,
-        mm_saved_auxv=_auxv(pid),
-        vmas=vmas,
-    )
-    cores = {tid: _core(s, tid, tid == pid, comm) for tid in s.tids}
-    _ppid, pgid, sid = _stat_ids(pid)
-    # ppid 0: the root of the dumped tree, as CRIU writes it (crit x ps looks parents up in
-    # the image and fails on a pid that is not there).
-    proc = PstreeEntry(pid=pid, ppid=0, pgid=pgid, sid=sid, threads=list(s.tids))
-    return TaskEntries(proc, mm, cores, files)
 
 
 def dump(
@@ -249,7 +93,7 @@ def dump(
 
     ``track``: also start dirty-page tracking in the target at the moment of the checkpoint
     (userfaultfd write-protect, or soft-dirty where the kernel has it) and record its state
-    in ``TRACKING_FILE``, so ``apply --only-dirty`` writes only the pages written since.
+    in ``names.TRACKING``, so ``apply --only-dirty`` writes only the pages written since.
 
     ``parent``: an incremental dump on top of a tracked checkpoint of the same process (CRIU's
     ``--prev-images-dir``): pages the tracker saw written since, or that the parent chain does
@@ -302,7 +146,7 @@ class _Parent:
     def load(cls, path: Path, pid: int) -> _Parent:
         img = ImageDir.open(path)  # validated in full (and its own parents) before anything
         try:
-            state = TrackerState.from_json((path / TRACKING_FILE).read_text())
+            state = TrackerState.from_json((path / names.TRACKING).read_text())
         except (OSError, ValueError) as exc:
             raise MismatchError(
                 f"{path}: no dirty tracking of pid {pid} to build on (dump the parent with "
@@ -360,8 +204,8 @@ def _dump(
             # The new image owns the baseline now; the parent's state must not be used again
             # (an apply --only-dirty of the parent would trust a baseline that has moved).
             tracker.reset()
-            (out / TRACKING_FILE).write_text(tracker.release().to_json() + "\n")
-            (base.path / TRACKING_FILE).unlink()
+            save_tracking(out, tracker.release())
+            drop_tracking(base.path)
             stats.tracking = tracker.backend_name
         elif track:
             _start_tracking(s, out, stats)
@@ -387,12 +231,12 @@ def _shared_objects(maps: list[Mapping]) -> dict[int, list[Mapping]]:
     return out
 
 
-def _data_ranges(pid: int, m: Mapping, page: int) -> list[tuple[int, int]]:
+def _data_ranges(process: Process, m: Mapping, page: int) -> list[tuple[int, int]]:
     """Object offsets [start, end) inside ``m``'s window that hold data (not holes), found
     with SEEK_DATA/SEEK_HOLE on /proc/PID/map_files; the whole window if that is refused."""
     lo, hi = m.offset, m.offset + m.size
     try:
-        fd = os.open(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", os.O_RDONLY)
+        fd = process.open_map_file(m.start, m.end)
     except OSError:
         return [(lo, hi)]
     out: list[tuple[int, int]] = []
@@ -414,13 +258,13 @@ def _data_ranges(pid: int, m: Mapping, page: int) -> list[tuple[int, int]]:
 
 
 def _shared_data(
-    s: Any, inode: int, windows: list[Mapping], page: int, stats: DumpStats
+    s: Process, inode: int, windows: list[Mapping], page: int, stats: DumpStats
 ) -> Iterator[PageData]:
     """pagemap-shmem runs of one object: vaddr = offset in the object, data read through the
     target's mapping. Offsets seen through several mappings are dumped once."""
     done: set[int] = set()
     for m in windows:
-        for a, b in _data_ranges(s.pid, m, page):
+        for a, b in _data_ranges(s, m, page):
             for off in range(a, b, CHUNK_PAGES * page):
                 n = min(CHUNK_PAGES * page, b - off)
                 if off in done:
@@ -446,7 +290,7 @@ class _Selection:
 
 
 def _select(
-    s: Any,
+    s: Process,
     maps: list[Mapping],
     vmas: list[VmaEntry],
     page: int,
@@ -461,7 +305,7 @@ def _select(
     for m, vma in zip(maps, vmas, strict=True):
         if not vma.has_pagemap or vma.status & S.VVAR:
             continue
-        sel = _selected(m, s.page_flags(m.start, m.end))
+        sel = dump_selection(m, s.page_flags(m.start, m.end))
         lazy = PE_LAZY if vma.status & S.ANON_PRIVATE and not vma.status & S.VDSO else 0
         in_parent = np.zeros(len(sel), dtype=bool)
         if holes is not None:
@@ -474,7 +318,7 @@ def _select(
     return _Selection(out, data, page)
 
 
-def _page_data(s: Any, sel: _Selection, stats: DumpStats, bar: Progress) -> Iterator[PageData]:
+def _page_data(s: Process, sel: _Selection, stats: DumpStats, bar: Progress) -> Iterator[PageData]:
     """The task pagemap's runs with their bytes, read from the target in chunks."""
     page = sel.page
     for start, runs, lazy in sel.mappings:
@@ -493,7 +337,7 @@ def _page_data(s: Any, sel: _Selection, stats: DumpStats, bar: Progress) -> Iter
                 yield addr, n, PE_PRESENT | lazy, bytes(buf)
 
 
-def _start_tracking(session: Any, out: Path, stats: DumpStats) -> None:
+def _start_tracking(session: Process, out: Path, stats: DumpStats) -> None:
     """Start a resumable tracker while the target is still stopped; record its state."""
     reasons = []
     for backend in ("uffd-wp", "soft-dirty"):
@@ -503,7 +347,7 @@ def _start_tracking(session: Any, out: Path, stats: DumpStats) -> None:
             reasons.append(str(exc))
             continue
         state = tracker.release()
-        (out / TRACKING_FILE).write_text(state.to_json() + "\n")
+        save_tracking(out, state)
         stats.tracking = backend
         return
     stats.tracking_note = "; ".join(reasons)

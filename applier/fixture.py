@@ -29,13 +29,14 @@ from types import TracebackType
 import attrs
 
 from applier.api import apply
-from applier.dump import TRACKING_FILE, DumpStats, dump
-from applier.execute import ApplyStats
+from applier.dump import DumpStats, dump
+from applier.executor import ApplyStats
 from applier.lock import TargetLock
 from applier.parts import Part
+from applier.trackfile import load_tracking
 from injector import attach
 from injector.errors import InjectorError
-from injector.tracking import TrackerState, resume_tracker
+from injector.tracking import resume_tracker
 
 __all__ = ["Checkpoint"]
 
@@ -82,7 +83,7 @@ class Checkpoint:
     @property
     def tracked(self) -> bool:
         """Whether restores can use the dirty tracker (else they compare contents)."""
-        return (self.path / TRACKING_FILE).exists()
+        return load_tracking(self.path, self.pid) is not None
 
     def restore(
         self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
@@ -99,11 +100,8 @@ class Checkpoint:
         if self.closed:
             return
         self.closed = True
-        try:
-            state = TrackerState.from_json((self.path / TRACKING_FILE).read_text())
-        except (OSError, ValueError):
-            state = None
-        if state is not None and state.pid == self.pid:
+        state = load_tracking(self.path, self.pid)
+        if state is not None:
             # The process may have exited (a fixture torn down first), or the tracker may be
             # gone: nothing left to stop (TrackingError is an InjectorError).
             with contextlib.suppress(InjectorError), attach(self.pid) as session:

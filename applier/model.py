@@ -14,7 +14,10 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from injector.procfs import MM_STAT_FIELDS
+
 __all__ = [
+    "MM_FIELDS",
     "PROT_EXEC",
     "PROT_READ",
     "PROT_WRITE",
@@ -31,6 +34,9 @@ __all__ = [
 PROT_READ = 1
 PROT_WRITE = 2
 PROT_EXEC = 4
+
+# The mm fields PR_SET_MM_MAP sets, by their CRIU mm_entry names (the kernel's, with mm_).
+MM_FIELDS = tuple(f"mm_{name}" for name in MM_STAT_FIELDS.values())
 
 
 class Kind(enum.Enum):

@@ -10,10 +10,10 @@ from pathlib import Path
 import attrs
 import pytest
 
+from applier.capture import region_from_mapping
 from applier.dump import dump
 from applier.model import Kind, merge_regions
 from applier.regs import gpregs_values, restart_adjusted
-from applier.sides import region_from_mapping
 from formats.imagedir import ImageDir
 from injector import attach
 from tests.procs import Target

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from applier import execute
+from applier import executor as execute
 from applier.api import apply, diff
 from applier.dump import dump
 from applier.errors import ApplyFailed, MismatchError, TargetGone
-from applier.plan import SetRegs, WritePages
+from applier.plan import SetRegs, Step, WritePages
 from formats.errors import ImageError
 from injector import attach
 from injector.errors import NoSuchProcess
@@ -135,7 +135,7 @@ def test_failure_mid_apply_rolls_back_everything(
     real = execute.Executor._do
     calls: list[Any] = []
 
-    def failing(self: execute.Executor, step: object) -> None:
+    def failing(self: execute.Executor, step: Step) -> None:
         calls.append(step)
         if isinstance(step, SetRegs):
             raise OSError(5, "injected failure")
@@ -158,7 +158,7 @@ def test_target_that_exits_mid_apply_gives_a_clear_error(
     command(target, "scribble", "done")
     real = execute.Executor._do
 
-    def killing(self: execute.Executor, step: object) -> None:
+    def killing(self: execute.Executor, step: Step) -> None:
         if isinstance(step, WritePages):
             os.kill(target.pid, 9)
         real(self, step)

@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from applier import execute, undo
+from applier import executor as execute
 from applier.api import apply
 from applier.errors import VerifyFailed
+from applier.executor import pages
+from applier.executor.context import Context
 from applier.model import Kind, Region, SavedPages
 from applier.plan import SavedRuns, WritePages, restrict_to_pages
 from applier.plan.memory import clip_saved
+from applier.undo import log as undo
 from injector import attach
 from tests.live_state import assert_same, checkpoint, command, snapshot
 from tests.procs import Target, assert_untouched, build_c, spawn
@@ -117,17 +120,17 @@ def test_verify_catches_a_page_that_differs_after_writing(
     image, _, _ = checkpoint(target, tmp_path)
     command(target, "scribble", "done")
     changed = snapshot(target.pid)
-    real = execute.Executor._write_pages
+    real = pages.write_pages
     spoiled: list[int] = []
 
-    def spoil(self: execute.Executor, step: WritePages) -> None:
-        real(self, step)
+    def spoil(ctx: Context, step: WritePages) -> None:
+        real(ctx, step)
         run = step.runs[len(step.runs) // 2]
         addr = run.vaddr + (run.nr_pages - 1) * PAGE
-        self.session.write(addr + 8, b"\xff" * 8)
+        ctx.process.write(addr + 8, b"\xff" * 8)
         spoiled.append(addr)
 
-    monkeypatch.setattr(execute.Executor, "_write_pages", spoil)
+    monkeypatch.setitem(execute._RUN, WritePages, spoil)
     with pytest.raises(VerifyFailed) as info:
         apply(image, target.pid)
     assert spoiled and f"page {spoiled[0]:#x} differs" in str(info.value)

@@ -19,7 +19,7 @@ import pytest
 import applier
 from applier.api import apply
 from applier.cli import check as check_cmd
-from applier.dump import TRACKING_FILE, dump
+from applier.dump import dump
 from applier.errors import (
     EXIT_BAD_IMAGE,
     EXIT_INTERNAL,
@@ -33,6 +33,7 @@ from applier.errors import (
 )
 from applier.lock import TargetBusy
 from formats.errors import ImageError
+from formats.names import TRACKING as TRACKING_FILE
 from injector.errors import NoSuchProcess, PermissionDenied, TargetExited
 from injector.regs import Arch
 from injector.syscalls import format_call, syscall_name

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from applier.api import apply
-from applier.dump import TRACKING_FILE, dump
+from applier.dump import dump
 from applier.errors import MismatchError
 from formats.imagedir import ImageDir
+from formats.names import TRACKING as TRACKING_FILE
 from formats.pagemap import PE_PARENT
 from tests.live_state import assert_same, command, snapshot
 from tests.procs import Target, assert_untouched

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from applier.image import image_task
 from applier.model import Kind, LiveTask, Region
 from applier.plan import Discard, MapAnon, SetRegs, Unmap, WritePages, make_plan
 from applier.regs import gpregs_values, restart_adjusted
-from applier.sides import image_task
 from formats.imagedir import ImageDir
 
 INFO = {"anon": 0x7F05742EF000, "sparse": 0x7F0574526000, "ro": 0x7F0574525000}

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from applier import api, execute
+from applier import executor as execute
 from applier.api import apply
 from applier.dump import dump
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed
 from applier.model import ImageTask, Kind, LiveTask, Region, SavedPages
-from applier.plan import Discard, SetRegs, WritePages, make_plan
-from applier.undo_image import UNDO_FILE, UndoDirNotEmpty, load_scope
+from applier.plan import Discard, SetRegs, Step, WritePages, make_plan
+from applier.undo import image as undo_image
+from applier.undo.image import UNDO_FILE, UndoDirNotEmpty, load_scope
 from formats.imagedir import ImageDir
 from injector import attach
 from tests.live_state import assert_same, checkpoint, command, snapshot
@@ -162,7 +163,7 @@ def test_failed_apply_that_cannot_be_rolled_back_leaves_an_undo_image(
     changed = snapshot(target.pid)
     real = execute.Executor._do
 
-    def failing(self: execute.Executor, step: object) -> None:
+    def failing(self: execute.Executor, step: Step) -> None:
         if isinstance(step, SetRegs):
             raise OSError(5, "injected failure")
         real(self, step)
@@ -195,7 +196,7 @@ def test_undo_image_that_cannot_be_written_rolls_the_apply_back(
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(api, "write_undo_image", full_disk)
+    monkeypatch.setattr(undo_image, "write_undo_image", full_disk)
     undo = tmp_path / "undo"
     with pytest.raises(ApplyFailed, match="could not write the undo image"):
         apply(image, target.pid, undo_dir=undo)

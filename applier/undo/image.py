@@ -8,7 +8,7 @@ just before the apply, restricted to what the apply touched, so that ``applier a
 * ``inventory.img``, ``pstree.img``, ``files.img``;
 * ``core-<tid>.img`` per thread: the registers before the apply;
 * ``mm-<pid>.img``: the whole layout before the apply (every VMA, built by
-  ``applier.dump.task_entries`` like a dump), the mm fields and the program break;
+  ``applier.capture.task_entries`` like a dump), the mm fields and the program break;
 * ``pagemap-<pid>.img`` + ``pages-1.img``: the contents before the apply of every private page
   the apply wrote, discarded (MADV_DONTNEED) or unmapped, taken from the undo log's records
   and its spool (oldest record first: that one holds what was there before the apply);
@@ -28,33 +28,38 @@ only. Layout, break and registers are those of the moment before the apply.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.dump import TaskEntries, task_entries
+from applier.capture import TaskEntries, task_entries
 from applier.errors import OutputDirError
+from applier.limits import CHUNK_PAGES
 from applier.model import LiveTask
 from applier.parts import Part
 from applier.ranges import covered, intervals, member, page_ranges
-from applier.undo import SavedRange, UndoLog, UndoPages, UndoPageTable, UndoUnmap
+from applier.undo.log import SavedRange, UndoLog, UndoPages, UndoPageTable, UndoUnmap
+from formats import names
 from formats.errors import ImageError
 from formats.imagewriter import ImageWriter, PageData
 from formats.mm import VmaEntry
 from formats.mm import VmaStatus as S
 from formats.pagemap import PE_PRESENT
+from injector.process import Process
 
 __all__ = [
     "UNDO_FILE",
     "Before",
     "UndoDirNotEmpty",
     "UndoImageStats",
+    "UndoImageWriter",
     "UndoScope",
     "capture",
     "check_undo_dir",
@@ -62,9 +67,8 @@ __all__ = [
     "write_undo_image",
 ]
 
-UNDO_FILE = "applier-undo.json"
+UNDO_FILE = names.UNDO_SCOPE
 FORMAT = "applier-undo/1"
-RUN_PAGES = 2048  # pages per pagemap run written at most (8 MiB of data in memory)
 
 
 @attrs.frozen
@@ -151,7 +155,7 @@ class Before:
 
 
 def capture(
-    session: Any,
+    process: Process,
     live: LiveTask,
     parts: Part,
     *,
@@ -159,7 +163,7 @@ def capture(
     image: str | None = None,
 ) -> Before:
     """Read what the undo image needs besides pages: layout, mm fields, registers, files."""
-    task = task_entries(session, session.maps())
+    task = task_entries(process, process.maps())
     return Before(
         task=task,
         parts=parts.labels(),
@@ -259,11 +263,11 @@ def _page_data(
     page: int,
 ) -> Iterator[PageData]:
     """Runs of consecutive pages of ``keys`` with their bytes, read back from the spool in
-    batches of RUN_PAGES pages (one read per stretch of consecutive spool offsets)."""
+    batches of CHUNK_PAGES pages (one read per stretch of consecutive spool offsets)."""
     n = len(keys)
     breaks = np.flatnonzero(np.diff(keys) != np.uint64(page)) + 1  # where a new run starts
-    for lo in range(0, n, RUN_PAGES):
-        hi = min(lo + RUN_PAGES, n)
+    for lo in range(0, n, CHUNK_PAGES):
+        hi = min(lo + CHUNK_PAGES, n)
         pieces = _spool_pieces(offsets[lo:hi], 0, page)
         data = b"".join(chunk for _, chunk in log.iter_saved(pieces))
         inner = breaks[(breaks > lo) & (breaks < hi)].tolist()
@@ -359,3 +363,29 @@ def _shared(
         k, o = np.concatenate(keys), np.concatenate(offs)
         uniq, first = np.unique(k, return_index=True)
         yield shmid, uniq, o[first]
+
+
+@attrs.define
+class UndoImageWriter:
+    """Writes the undo image of one apply into ``path`` when the executor asks (its
+    ``UndoKeeper``); on failure removes what was written of it, so DIR is empty again."""
+
+    path: Path
+    before: Before
+    log: UndoLog
+    page: int
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def write(self, outcome: str) -> UndoImageStats:
+        started = time.perf_counter()
+        try:
+            kept = write_undo_image(self.path, self.before, self.log, self.page, outcome=outcome)
+        except BaseException:
+            for f in self.path.iterdir():  # the directory was empty before (check_undo_dir)
+                with contextlib.suppress(OSError):
+                    f.unlink()
+            raise
+        return attrs.evolve(kept, seconds=time.perf_counter() - started)

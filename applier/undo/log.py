@@ -25,15 +25,24 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from applier.limits import CHUNK, IOV_BATCH, POOL_BYTES
 from applier.model import Region
+from injector.regs import X86Regs
 
-__all__ = ["POOL_BYTES", "SavedRange", "UndoLog", "UndoPageTable"]
+__all__ = [
+    "SavedRange",
+    "UndoBrk",
+    "UndoLog",
+    "UndoMapping",
+    "UndoMm",
+    "UndoPageTable",
+    "UndoPages",
+    "UndoProtect",
+    "UndoRecord",
+    "UndoRegs",
+    "UndoUnmap",
+]
 
-CHUNK = 4 << 20
-IOV_BATCH = 1024  # ranges per batched read: what one process_vm_readv call takes
-# Spool bytes a closed in-memory log leaves allocated for the next one in this process (one
-# memfd kept at most); 0 disables the pool.
-POOL_BYTES = 256 << 20
 _pool: list[BinaryIO] = []
 _pool_lock = threading.Lock()
 
@@ -102,7 +111,7 @@ class UndoMm:
 @attrs.frozen
 class UndoRegs:
     tid: int
-    regs: object
+    regs: X86Regs
     xstate: bytes | None
 
 

@@ -1,0 +1,267 @@
+"""Capturing a live process: the planner's view of it (``LiveTask``) and its CRIU image entries
+(``TaskEntries``: pstree, mm, cores, files), from one :class:`injector.process.Process`.
+
+Both ``applier dump`` and the undo image of an apply use it, so a dump and "the target as it
+was before the apply" are recorded the same way, as CRIU records a task (criu/proc_parse.c,
+criu/cr-dump.c): VMA status bits and flags, the mm fields of /proc/PID/stat, the auxv, the
+program break, and per thread the general-purpose, FPU/xsave and rseq registers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from applier import xsave
+from applier.model import Kind, LiveTask, Region
+from formats.core import (
+    CoreEntry,
+    RseqEntry,
+    TaskCoreEntry,
+    ThreadCoreEntry,
+    ThreadInfoX86,
+    UserX86FpregsEntry,
+    UserX86RegsEntry,
+    UserX86XsaveEntry,
+)
+from formats.files import FileEntry
+from formats.imagewriter import regular_file
+from formats.inventory import PstreeEntry
+from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, MmEntry, VmaEntry
+from formats.mm import VmaStatus as S
+from injector.maps import Mapping, holds_data, own_copies
+from injector.process import Process
+from injector.regs import X86Regs
+
+__all__ = [
+    "TaskEntries",
+    "dump_selection",
+    "live_task",
+    "mm_fields",
+    "present_pages",
+    "region_from_mapping",
+    "task_entries",
+]
+
+# /proc/PID/maps names of shmem objects: shared anonymous memory, memfd, SysV segments
+SHMEM_PREFIXES = ("/memfd:", "/dev/zero", "/SYSV")
+SPECIAL_NAMES = {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]", "[vectors]"}
+
+
+def mm_fields(process: Process) -> dict[str, int]:
+    """The mm fields of /proc/PID/stat by their mm_entry names (``mm_start_code``, ...)."""
+    return {f"mm_{name}": value for name, value in process.mm_fields().items()}
+
+
+def region_from_mapping(m: Mapping) -> Region:
+    """The planner's view of one /proc/PID/maps line."""
+    path = m.path
+    if path in SPECIAL_NAMES:
+        return Region(m.start, m.end, m.prot, Kind.SPECIAL, name=path)
+    if m.shared:
+        if path is None or path.startswith(SHMEM_PREFIXES) or m.inode == 0:
+            return Region(
+                m.start, m.end, m.prot, Kind.SHARED_ANON, path=path, offset=m.offset, inode=m.inode
+            )
+        return Region(m.start, m.end, m.prot, Kind.SHARED_FILE, path=path, offset=m.offset)
+    if m.inode == 0:
+        name = path if path in ("[heap]", "[stack]") else None
+        return Region(m.start, m.end, m.prot, Kind.ANON, name=name, growsdown=path == "[stack]")
+    return Region(m.start, m.end, m.prot, Kind.FILE, path=path, offset=m.offset)
+
+
+def present_pages(
+    process: Process, regions: Iterable[Region], page: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """(pages holding data, those that are the process's own copies) of the private regions."""
+    present: list[npt.NDArray[np.uint64]] = []
+    anon: list[npt.NDArray[np.uint64]] = []
+    for r in regions:
+        if not r.kind.private:
+            continue
+        flags = process.page_flags(r.start, r.end)
+        addrs = np.arange(r.start, r.end, page, dtype=np.uint64)
+        present.append(addrs[holds_data(flags)])
+        anon.append(addrs[own_copies(flags)])
+    empty = np.zeros(0, dtype=np.uint64)
+    return (
+        np.concatenate(present) if present else empty,
+        np.concatenate(anon) if anon else empty,
+    )
+
+
+def _ip_sp(regs: X86Regs) -> tuple[int, int]:
+    return regs.ip, regs.sp
+
+
+def live_task(
+    process: Process,
+    page: int,
+    *,
+    with_brk: bool = True,
+    dirty: npt.NDArray[np.uint64] | None = None,
+) -> LiveTask:
+    """The planner's view of the stopped target behind ``session``.
+
+    With ``dirty`` (every page written since the target equalled the image) the pagemap is
+    not read: only dirty pages can need discarding, and discarding a page that turns out not
+    to be present, or to be the file's own page, changes nothing.
+    """
+    pid = process.pid
+    regions = sorted((region_from_mapping(m) for m in process.maps()), key=lambda r: r.start)
+    if dirty is None:
+        present, anon = present_pages(process, regions, page)
+    else:
+        present = anon = np.asarray(dirty, dtype=np.uint64)
+    exe = process.exe()
+    brk = process.brk(0) if with_brk else None
+    return LiveTask(
+        pid=pid,
+        regions=regions,
+        threads=list(process.tids),
+        thread_ip_sp={tid: _ip_sp(process.get_regs(tid)) for tid in process.tids},
+        exe=exe,
+        present=present,
+        anon=anon,
+        brk=brk,
+        mm_fields=mm_fields(process),
+    )
+
+
+# ---- CRIU entries ------------------------------------------------------------------------
+
+
+def _status(m: Mapping) -> tuple[int, int]:
+    """(vma_entry.status, vma_entry.flags) of one live mapping, as CRIU would record them."""
+    region = region_from_mapping(m)
+    if m.path == "[vdso]":
+        return S.REGULAR | S.ANON_PRIVATE | S.VDSO, MAP_PRIVATE | MAP_ANONYMOUS
+    if m.path in ("[vvar]", "[vvar_vclock]"):
+        return S.REGULAR | S.ANON_PRIVATE | S.VVAR, MAP_PRIVATE | MAP_ANONYMOUS
+    if m.path == "[vsyscall]":
+        return S.VSYSCALL, MAP_PRIVATE | MAP_ANONYMOUS
+    if region.kind is Kind.SHARED_ANON:
+        return S.REGULAR | S.ANON_SHARED, MAP_SHARED | MAP_ANONYMOUS
+    if region.kind is Kind.SHARED_FILE:
+        return S.REGULAR | S.FILE_SHARED, MAP_SHARED
+    if region.kind is Kind.FILE:
+        return S.REGULAR | S.FILE_PRIVATE, MAP_PRIVATE
+    status = S.REGULAR | S.ANON_PRIVATE | (S.HEAP if m.path == "[heap]" else 0)
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_GROWSDOWN if m.path == "[stack]" else 0)
+    return status, flags
+
+
+def _core(process: Process, tid: int, leader: bool, comm: str) -> CoreEntry:
+    regs = process.get_regs(tid)
+    gp = UserX86RegsEntry(mode=1)
+    for name, value in regs.as_dict().items():  # the same names, in the same order
+        setattr(gp, name, value)
+    fp_values = xsave.xstate_to_fpregs(process.get_xstate(tid))
+    xs = fp_values.pop("xsave", None)
+    fpregs = UserX86FpregsEntry(**fp_values)
+    if xs is not None:
+        fpregs.xsave = UserX86XsaveEntry(**xs)
+    core = CoreEntry(mtype=1, thread_info=ThreadInfoX86(clear_tid_addr=0, gpregs=gp, fpregs=fpregs))
+    core.thread_core = ThreadCoreEntry(futex_rla=0, futex_rla_len=0, comm=comm)
+    rseq = process.rseq_config(tid)
+    if rseq is not None:
+        core.thread_core.rseq_entry = RseqEntry(
+            rseq_abi_pointer=rseq[0], rseq_abi_size=rseq[1], signature=rseq[2]
+        )
+    if leader:
+        core.tc = TaskCoreEntry(
+            task_state=1, exit_code=0, personality=0, flags=0, blk_sigset=0, comm=comm
+        )
+    return core
+
+
+@attrs.frozen
+class TaskEntries:
+    """A stopped task as CRIU image entries, all but its pages: pstree, mm (every VMA, mm
+    fields, auxv), one core per thread and files.img (the executable and mapped files)."""
+
+    proc: PstreeEntry
+    mm: MmEntry
+    cores: dict[int, CoreEntry]
+    files: list[FileEntry]
+
+
+def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
+    """The entries of the stopped task ``process`` whose mappings are ``maps`` (what a dump
+    writes; the undo image records the target as it was before an apply the same way)."""
+    pid = process.pid
+    comm = process.comm()
+    exe = (process.exe() or "").removesuffix(" (deleted)")
+    file_ids: dict[str, int] = {}
+    files: list[FileEntry] = []
+
+    def file_id(path: str) -> int:
+        if path not in file_ids:
+            file_ids[path] = len(file_ids) + 1
+            try:
+                size: int | None = os.stat(path).st_size
+            except OSError:
+                size = None
+            files.append(regular_file(file_ids[path], path, size=size))
+        return file_ids[path]
+
+    exe_id = file_id(exe)
+    vmas: list[VmaEntry] = []
+    for m in maps:
+        status, flags = _status(m)
+        is_file = bool(status & (S.FILE_PRIVATE | S.FILE_SHARED))
+        vmas.append(
+            VmaEntry(
+                start=m.start,
+                end=m.end,
+                shmid=(
+                    file_id(m.path)
+                    if is_file and m.path
+                    else m.inode
+                    if status & S.ANON_SHARED
+                    else 0
+                ),
+                pgoff=m.offset if is_file or status & S.ANON_SHARED else 0,
+                prot=m.prot,
+                flags=flags,
+                status=status,
+                fd=-1,
+            )
+        )
+    fields = mm_fields(process)
+    brk = process.brk(0)
+    mm = MmEntry(
+        mm_start_code=fields.get("mm_start_code", 0),
+        mm_end_code=fields.get("mm_end_code", 0),
+        mm_start_data=fields.get("mm_start_data", 0),
+        mm_end_data=fields.get("mm_end_data", 0),
+        mm_start_stack=fields.get("mm_start_stack", 0),
+        mm_start_brk=fields.get("mm_start_brk", 0),
+        mm_arg_start=fields.get("mm_arg_start", 0),
+        mm_arg_end=fields.get("mm_arg_end", 0),
+        mm_env_start=fields.get("mm_env_start", 0),
+        mm_env_end=fields.get("mm_env_end", 0),
+        mm_brk=brk,
+        exe_file_id=exe_id,
+        mm_saved_auxv=process.auxv(),
+        vmas=vmas,
+    )
+    cores = {tid: _core(process, tid, tid == pid, comm) for tid in process.tids}
+    _ppid, pgid, sid = process.stat_ids()
+    # ppid 0: the root of the dumped tree, as CRIU writes it (crit x ps looks parents up in
+    # the image and fails on a pid that is not there).
+    proc = PstreeEntry(pid=pid, ppid=0, pgid=pgid, sid=sid, threads=process.tids)
+    return TaskEntries(proc, mm, cores, files)
+
+
+def dump_selection(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes)."""
+    if m.path == "[vdso]":
+        return np.ones(len(flags), dtype=bool)
+    if region_from_mapping(m).kind is Kind.FILE:
+        return own_copies(flags)
+    return holds_data(flags)

@@ -1,0 +1,219 @@
+"""The executor: carries out a plan inside one stopped process, as one transaction.
+
+It owns the whole sequence (``apply``): validate everything that needs the live process
+before the first write; run the steps, each recording its inverse in the undo log before it
+changes anything; read back and compare (``verify``); keep the undo image when asked for one.
+If a step fails, verification finds a difference or the undo image cannot be written, the log
+is replayed newest first (``rollback``) and the error says whether the target is back as it
+was (ApplyFailed, exit 6), could not be put back (RollbackFailed, 7), or differed (VerifyFailed,
+8). ``applier.api`` only opens the image and the process and closes them again.
+
+Each step's work has one home, a handler per step class in the tables below: ``layout``
+(brk, mm fields, mappings, protections, discards), ``pages`` (saved pages), ``shmem``
+(shared memory), ``registers``; ``rollback`` has one inverse per undo record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from applier.errors import ApplyFailed, RollbackFailed, TargetGone, VerifyFailed
+from applier.executor import layout, pages, registers, shmem
+from applier.executor.context import ApplyStats, Context
+from applier.executor.rollback import rollback
+from applier.plan import (
+    Discard,
+    MapAnon,
+    MapFile,
+    Plan,
+    Protect,
+    SetBrk,
+    SetMm,
+    SetRegs,
+    Step,
+    Unmap,
+    WritePages,
+    WriteShared,
+)
+from applier.undo.log import UndoLog
+from formats.core import CoreEntry
+from injector.errors import TargetExited
+from injector.process import Process
+from injector.procfs import thread_state
+
+__all__ = ["ApplyStats", "Executor", "UndoKeeper"]
+
+Handler = Callable[[Context, Any], None]
+
+_RUN: dict[type[Step], Handler] = {
+    SetBrk: layout.set_brk,
+    SetMm: layout.set_mm,
+    Unmap: layout.unmap,
+    MapAnon: layout.map_new,
+    MapFile: layout.map_new,
+    Protect: layout.protect,
+    Discard: layout.discard,
+    WriteShared: shmem.write_shared,
+    WritePages: pages.write_pages,
+    SetRegs: registers.set_regs,
+}
+_VALIDATE: dict[type[Step], Handler] = {
+    MapFile: layout.validate_map_file,
+    SetRegs: registers.validate_regs,
+}
+_VERIFY: dict[type[Step], Handler] = {
+    WritePages: pages.verify_pages,
+    Discard: layout.verify_discard,
+    WriteShared: shmem.verify_shared,
+    SetRegs: registers.verify_regs,
+}
+
+
+class UndoKeeper(Protocol):
+    """Writes the undo image of an apply (``applier.undo.image.UndoImageWriter``)."""
+
+    def write(self, outcome: str) -> object:
+        """Write it; ``outcome`` is "applied" or "rollback-failed". Raises on failure (and
+        leaves nothing half-written)."""
+        ...
+
+    @property
+    def where(self) -> str: ...
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still exists and is not a zombie."""
+    return thread_state(pid) not in (None, "Z", "X")
+
+
+class Executor:
+    """Carries out ``plan`` in ``process`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        process: Process,
+        plan: Plan,
+        cores: dict[int, CoreEntry],
+        undo: UndoLog,
+        *,
+        only_dirty: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.ctx = Context(process, plan, cores, undo, only_dirty=only_dirty, progress=progress)
+
+    @property
+    def stats(self) -> ApplyStats:
+        return self.ctx.stats
+
+    @property
+    def cores(self) -> dict[int, CoreEntry]:
+        return self.ctx.cores
+
+    @property
+    def pid(self) -> int:
+        return self.ctx.process.pid
+
+    def validate(self) -> None:
+        """Checks that need the live process but change nothing; run before the first write."""
+        for step in self.ctx.plan.steps:
+            check = _VALIDATE.get(type(step))
+            if check is not None:
+                check(self.ctx, step)
+
+    def _do(self, step: Step) -> None:
+        _RUN[type(step)](self.ctx, step)
+
+    def run(self) -> ApplyStats:
+        """Validate, then every step; on any failure roll back and raise (see the module)."""
+        started = time.perf_counter()
+        self.validate()
+        try:
+            for step in self.ctx.plan.steps:
+                self._do(step)
+        except BaseException as exc:
+            self._rollback_after(exc)
+            raise AssertionError("unreachable") from exc
+        self.stats.seconds = time.perf_counter() - started
+        return self.stats
+
+    def verify(self) -> None:
+        """Read back what was written and compare it with the image; raise VerifyFailed."""
+        for step in self.ctx.plan.steps:
+            check = _VERIFY.get(type(step))
+            if check is not None:
+                check(self.ctx, step)
+        self.stats.verified = True
+
+    def apply(self, *, verify: bool = True, keep: UndoKeeper | None = None) -> object | None:
+        """The whole transaction: run, verify, keep the undo image; returns what ``keep``
+        wrote (None without it). Whatever fails is rolled back where the log allows."""
+        undo = self.ctx.undo
+        try:
+            self.run()
+        except RollbackFailed as exc:
+            if keep is None or not undo.records:
+                raise
+            try:
+                keep.write("rollback-failed")
+            except Exception as undo_exc:
+                raise RollbackFailed(
+                    f"{exc}; writing the undo image to {keep.where} failed too ({undo_exc})"
+                ) from exc
+            raise RollbackFailed(
+                f"{exc}; what the apply overwrote is in {keep.where}: "
+                f"'applier apply {keep.where} --into {self.pid}' puts it back",
+            ) from exc
+        if verify:
+            try:
+                self.verify()
+            except VerifyFailed as exc:
+                if not undo.enabled:
+                    raise
+                rollback(self.ctx.process, undo)
+                raise VerifyFailed(
+                    f"{exc}; pid {self.pid} was rolled back to its state before the apply"
+                ) from exc
+        if keep is None:
+            return None
+        try:
+            return keep.write("applied")
+        except Exception as exc:
+            try:
+                rollback(self.ctx.process, undo)
+            except Exception as rb_exc:
+                raise RollbackFailed(
+                    f"could not write the undo image to {keep.where} ({exc}) and rolling back "
+                    f"failed ({rb_exc}); pid {self.pid} may be inconsistent",
+                ) from rb_exc
+            raise ApplyFailed(
+                f"could not write the undo image to {keep.where} ({exc}); pid {self.pid} was "
+                "rolled back to its state before the apply",
+            ) from exc
+
+    def _rollback_after(self, exc: BaseException) -> None:
+        pid = self.pid
+        # A target killed a moment ago may not be a zombie yet; the injector's TargetExited
+        # says so for certain.
+        if isinstance(exc, TargetExited) or not _alive(pid):
+            raise TargetGone(f"pid {pid} exited during the apply ({exc})") from exc
+        if not self.ctx.undo.enabled:
+            raise RollbackFailed(
+                f"apply failed ({exc}) and was not rolled back (--no-undo); "
+                f"pid {pid} may be inconsistent",
+            ) from exc
+        try:
+            rollback(self.ctx.process, self.ctx.undo)
+        except TargetExited as rb_exc:
+            raise TargetGone(f"pid {pid} exited during the apply ({exc})") from rb_exc
+        except Exception as rb_exc:
+            raise RollbackFailed(
+                f"apply failed ({exc}) and rolling back failed too ({rb_exc}); "
+                f"pid {pid} may be inconsistent",
+            ) from rb_exc
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        raise ApplyFailed(
+            f"apply failed ({exc}); pid {pid} was rolled back to its state before the apply",
+        ) from exc

@@ -1,0 +1,73 @@
+"""What every step handler of the executor works with: the target, the plan, the image's
+registers, the undo log, the statistics, and scratch buffers reused across batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from applier.limits import CHUNK
+from applier.plan import MapAnon, MapFile, Plan
+from applier.undo.log import SavedRange, UndoLog
+from formats.core import CoreEntry
+from injector.process import Process
+
+__all__ = ["U64", "ApplyStats", "Context"]
+
+U64 = npt.NDArray[np.uint64]
+
+
+@attrs.define
+class ApplyStats:
+    pages_written: int = 0
+    pages_skipped: int = 0  # identical already (--only-dirty)
+    bytes_discarded: int = 0
+    layout_changes: int = 0
+    threads: int = 0
+    syscalls_restarted: int = 0
+    verified: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class Context:
+    """One apply's working state, shared by the step handlers."""
+
+    process: Process
+    plan: Plan
+    cores: dict[int, CoreEntry]  # image tid -> core-<tid>.img
+    undo: UndoLog
+    only_dirty: bool = False  # write only pages whose contents differ (no tracker)
+    progress: bool = True
+    stats: ApplyStats = attrs.field(factory=ApplyStats)
+    _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
+
+    @property
+    def page(self) -> int:
+        return self.plan.page_size
+
+    def save(self, ranges: list[tuple[int, int]]) -> tuple[SavedRange, ...]:
+        """Copy target memory of ``ranges`` into the undo spool (nothing with --no-undo)."""
+        return self.undo.save_ranges(ranges, self.process.read_runs)
+
+    def recreated(self) -> list[tuple[int, int]]:
+        """The ranges the plan maps anew: nothing in them is worth keeping or comparing."""
+        return [
+            (s.region.start, s.region.end)
+            for s in self.plan.steps
+            if isinstance(s, MapAnon | MapFile)
+        ]
+
+    def scratch(self, which: int) -> U64:
+        """CHUNK-byte buffers, allocated on first use: 0 and 1 for target memory read (old
+        contents, read-back; two so that one batch is read while the one before is handled),
+        2 for image pages gathered for a compare."""
+        while len(self._buffers) <= which:
+            self._buffers.append(np.empty(CHUNK // 8, dtype=np.uint64))
+        return self._buffers[which]

@@ -1,0 +1,107 @@
+"""The register step: a thread's general-purpose registers and FP/XSAVE state set from its
+``core-<tid>.img``, with an interrupted syscall set up to restart (``applier.regs``), and the
+checks that must pass before anything is written (registers of this architecture, a
+``syscall`` instruction to restart from, the same rseq registration, XSAVE components this
+CPU enables)."""
+
+from __future__ import annotations
+
+import attrs
+
+from applier import regs as regmod
+from applier import xsave
+from applier.errors import MismatchError, VerifyFailed
+from applier.executor.context import Context
+from applier.plan import SetRegs
+from applier.undo.log import UndoRegs
+from formats.core import CoreEntry, ThreadInfoX86
+
+__all__ = ["image_regs", "set_regs", "validate_regs", "verify_regs"]
+
+_SELECTORS = frozenset({"fs", "gs", "ds", "es", "cs", "ss"})  # the kernel may normalise them
+
+
+def _thread_info(ctx: Context, step: SetRegs) -> ThreadInfoX86:
+    core: CoreEntry | None = ctx.cores.get(step.image_tid)
+    if core is None or core.thread_info is None:
+        raise MismatchError(f"core-{step.image_tid}.img has no x86_64 registers")
+    return core.thread_info
+
+
+def image_regs(ctx: Context, step: SetRegs) -> tuple[dict[str, int], bool]:
+    """The registers to set (restart-adjusted) and whether an interrupted call is rewound."""
+    try:
+        values = regmod.gpregs_values(_thread_info(ctx, step).gpregs)
+    except ValueError as exc:
+        raise MismatchError(f"core-{step.image_tid}.img: {exc}") from exc
+    adjusted, rewound = regmod.restart_adjusted(values)
+    if rewound and ctx.process.read(adjusted["ip"], 2) != regmod.SYSCALL_INSN:
+        raise MismatchError(
+            f"thread {step.tid}: saved inside a syscall, but no syscall instruction "
+            f"at {adjusted['ip']:#x} to restart it from",
+        )
+    return adjusted, rewound
+
+
+def _rseq_text(rseq: tuple[int, int] | None) -> str:
+    return "none" if rseq is None else f"{rseq[0]:#x}"
+
+
+def _check_rseq(ctx: Context, step: SetRegs) -> None:
+    """Refuse to rewind a thread whose rseq registration changed since the checkpoint.
+
+    The registration is kernel state that applying cannot undo: a thread checkpointed before
+    glibc registered its rseq area (a thread that was just starting) would run the
+    registration again, the kernel would refuse it and glibc would abort the process.
+    """
+    core = ctx.cores[step.image_tid]
+    tc = core.thread_core
+    if tc is None:
+        return  # no thread state in the image (older dumps): nothing to compare
+    saved = tc.rseq_entry
+    want = None if saved is None else (saved.rseq_abi_pointer, saved.signature)
+    live = ctx.process.rseq_config(step.tid)
+    have = None if live is None else (live[0], live[2])
+    if want != have:
+        raise MismatchError(
+            f"thread {step.tid}: rseq area {_rseq_text(have)} now, {_rseq_text(want)} in the "
+            "image (registered after the checkpoint: its registers cannot be rewound; leave "
+            "registers out with --restore memory,layout,brk)",
+        )
+
+
+def _image_xstate(ctx: Context, step: SetRegs) -> bytes | None:
+    """The thread's XSAVE buffer with the image's FP state, or None if the image has none."""
+    fpregs = _thread_info(ctx, step).fpregs
+    if fpregs is None:
+        return None
+    try:
+        return xsave.fpregs_into_xstate(fpregs, ctx.process.get_xstate(step.tid))
+    except ValueError as exc:
+        raise MismatchError(f"thread {step.tid}: {exc}") from exc
+
+
+def validate_regs(ctx: Context, step: SetRegs) -> None:
+    image_regs(ctx, step)
+    _image_xstate(ctx, step)
+    _check_rseq(ctx, step)
+
+
+def set_regs(ctx: Context, step: SetRegs) -> None:
+    values, rewound = image_regs(ctx, step)
+    live = ctx.process.get_regs(step.tid)
+    ctx.undo.add(UndoRegs(step.tid, live, ctx.process.get_xstate(step.tid)))
+    new_xstate = _image_xstate(ctx, step)
+    if new_xstate is not None:
+        ctx.process.set_xstate(step.tid, new_xstate)
+    ctx.process.set_regs(step.tid, attrs.evolve(live, **values))
+    ctx.stats.threads += 1
+    ctx.stats.syscalls_restarted += rewound
+
+
+def verify_regs(ctx: Context, step: SetRegs) -> None:
+    values, _ = image_regs(ctx, step)
+    got = ctx.process.get_regs(step.tid).as_dict()
+    for name, expected in values.items():
+        if name not in _SELECTORS and got[name] & ((1 << 64) - 1) != expected:
+            raise VerifyFailed(f"thread {step.tid}: register {name} not restored")

@@ -1,0 +1,86 @@
+"""Rollback: the undo log replayed newest first, one handler per record type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from applier.executor.layout import map_region, set_mm_map
+from applier.undo.log import (
+    SavedRange,
+    UndoBrk,
+    UndoLog,
+    UndoMapping,
+    UndoMm,
+    UndoPages,
+    UndoPageTable,
+    UndoProtect,
+    UndoRecord,
+    UndoRegs,
+    UndoUnmap,
+)
+from injector.process import Process
+
+__all__ = ["rollback"]
+
+
+def _restore_pages(process: Process, undo: UndoLog, ranges: tuple[SavedRange, ...]) -> None:
+    for addr, data in undo.iter_saved(ranges):
+        process.write(addr, data)
+
+
+def _pages(process: Process, undo: UndoLog, rec: UndoPages) -> None:
+    _restore_pages(process, undo, rec.ranges)
+
+
+def _table(process: Process, undo: UndoLog, rec: UndoPageTable) -> None:
+    undo.restore_table(rec, process.write_iov)
+
+
+def _mapping(process: Process, undo: UndoLog, rec: UndoMapping) -> None:
+    process.munmap(rec.start, rec.end - rec.start)
+
+
+def _unmapped(process: Process, undo: UndoLog, rec: UndoUnmap) -> None:
+    map_region(process, attrs.evolve(rec.region))
+    _restore_pages(process, undo, rec.pages)
+
+
+def _protect(process: Process, undo: UndoLog, rec: UndoProtect) -> None:
+    process.mprotect(rec.start, rec.end - rec.start, rec.prot)
+
+
+def _brk(process: Process, undo: UndoLog, rec: UndoBrk) -> None:
+    process.brk(rec.brk)
+
+
+def _mm(process: Process, undo: UndoLog, rec: UndoMm) -> None:
+    set_mm_map(process, dict(rec.values))
+
+
+def _regs(process: Process, undo: UndoLog, rec: UndoRegs) -> None:
+    if rec.xstate is not None:
+        process.set_xstate(rec.tid, rec.xstate)
+    process.set_regs(rec.tid, rec.regs)
+
+
+_INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
+    UndoPages: _pages,
+    UndoPageTable: _table,
+    UndoMapping: _mapping,
+    UndoUnmap: _unmapped,
+    UndoProtect: _protect,
+    UndoBrk: _brk,
+    UndoMm: _mm,
+    UndoRegs: _regs,
+}
+
+
+def rollback(process: Process, undo: UndoLog) -> None:
+    """Replay the undo log newest first. Raises on the first inverse that fails."""
+    records: list[UndoRecord] = list(reversed(undo.records))
+    for rec in records:
+        _INVERSES[type(rec)](process, undo, rec)
+    undo.records.clear()

@@ -1,0 +1,13 @@
+"""Sizes that bound applier's own memory and batch its kernel calls: one place for all."""
+
+from __future__ import annotations
+
+__all__ = ["CHUNK", "CHUNK_PAGES", "IOV_BATCH", "PAGE", "POOL_BYTES"]
+
+PAGE = 4096  # x86_64; images say their own page size (AT_PAGESZ)
+CHUNK = 8 << 20  # bytes of page data handled per batch (read, compared, written, spooled)
+CHUNK_PAGES = CHUNK // PAGE  # pages per pagemap run written at most
+IOV_BATCH = 1024  # iovecs per process_vm_readv/writev call: IOV_MAX
+# Undo spool bytes a closed in-memory log leaves allocated for the next one in this process
+# (one memfd kept at most); 0 disables the pool.
+POOL_BYTES = 256 << 20
