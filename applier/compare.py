@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import numpy as np
@@ -31,8 +32,6 @@ from applier.executor.pages import differing_pages, page_source
 from applier.limits import CHUNK
 from applier.plan import (
     Discard,
-    MapAnon,
-    MapFile,
     Plan,
     SetRegs,
     Step,
@@ -62,36 +61,54 @@ class Narrowed:
     pages_unchanged: int
 
 
+@attrs.define
+class _Narrowing:
+    """One narrowing's inputs; each ``_keep_*`` returns what of a step differs, or None."""
+
+    process: Process
+    plan: Plan
+    cores: dict[int, CoreEntry]
+    masks: dict[int, list[tuple[int, int]]]
+    unchanged: int = 0
+
+    def pages(self, step: WritePages) -> Step | None:
+        page, recreated = self.plan.page_size, self.plan.recreated()
+        differ = differing_pages(self.process, step, page, self.masks, skip=recreated)
+        kept = restrict_to_pages(step.runs, differ, recreated, page)
+        self.unchanged += step.nr_pages - kept.nr_pages
+        return WritePages(kept) if len(kept) else None
+
+    def discard(self, step: Discard) -> Step | None:
+        ranges = _discard_differs(self.process, step, self.plan.page_size)
+        return Discard(ranges, step.reason) if ranges else None
+
+    def shared(self, step: WriteShared) -> Step | None:
+        return step if _shared_differs(self.process, step, self.plan.page_size) else None
+
+    def regs(self, step: SetRegs) -> Step | None:
+        return step if regs_differ(self.process, step, self.cores) else None
+
+
+# Steps whose effect depends on what the target holds; every other step is a difference.
+_NARROW: dict[type[Step], Callable[[_Narrowing, Any], Step | None]] = {
+    WritePages: _Narrowing.pages,
+    Discard: _Narrowing.discard,
+    WriteShared: _Narrowing.shared,
+    SetRegs: _Narrowing.regs,
+}
+
+
 def narrow(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Narrowed:
     """``plan`` with only the steps and pages that would change the target."""
-    page = plan.page_size
-    masks = _rseq_masks(process, page)
-    recreated = [
-        (s.region.start, s.region.end) for s in plan.steps if isinstance(s, MapAnon | MapFile)
-    ]
+    work = _Narrowing(process, plan, cores, _rseq_masks(process, plan.page_size))
     steps: list[Step] = []
-    unchanged = 0
     for step in plan.steps:
-        if isinstance(step, WritePages):
-            differ = differing_pages(process, step, page, masks, skip=recreated)
-            kept = restrict_to_pages(step.runs, differ, recreated, page)
-            unchanged += step.nr_pages - kept.nr_pages
-            if len(kept):
-                steps.append(WritePages(kept))
-        elif isinstance(step, Discard):
-            ranges = _discard_differs(process, step, page)
-            if ranges:
-                steps.append(Discard(ranges, step.reason))
-        elif isinstance(step, WriteShared):
-            if _shared_differs(process, step, page):
-                steps.append(step)
-        elif isinstance(step, SetRegs):
-            if regs_differ(process, step, cores):
-                steps.append(step)
-        else:
-            steps.append(step)
+        keep = _NARROW.get(type(step))
+        kept = step if keep is None else keep(work, step)
+        if kept is not None:
+            steps.append(kept)
     calls = tuple(thread_calls(process, plan, cores))
-    return Narrowed(attrs.evolve(plan, steps=tuple(steps), threads=calls), unchanged)
+    return Narrowed(attrs.evolve(plan, steps=tuple(steps), threads=calls), work.unchanged)
 
 
 def _call(values: dict[str, int]) -> str | None:

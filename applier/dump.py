@@ -46,7 +46,7 @@ from injector.maps import Mapping
 from injector.process import Process
 from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
 
-__all__ = ["DumpStats", "dump", "prepare_output_dir"]
+__all__ = ["DumpStats", "dump", "dump_process", "prepare_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,61 @@ class _Parent:
         return cls(path, state, starts, ends)
 
 
+def dump_process(
+    s: Process,
+    out: Path,
+    page_size: int = 4096,
+    *,
+    track: bool = False,
+    base: _Parent | None = None,
+    progress: bool = False,
+) -> DumpStats:
+    """Write the image of the stopped process ``s`` into ``out`` (an empty directory); see
+    :func:`dump`. Works on any :class:`injector.process.Process` (tracking needs a real one)."""
+    pid = s.pid
+    stats = DumpStats(pid=pid)
+    tracker = None
+    changed = None
+    if base is not None:
+        try:
+            tracker = resume_tracker(s, base.state)
+            changed = tracker.dirty_pages()
+        except TrackingError as exc:
+            raise MismatchError(
+                f"{base.path}: the tracking of pid {pid} was lost since ({exc}); take a full dump",
+            ) from exc
+    maps = s.maps()
+    task = task_entries(s, maps)
+    proc, mm, cores, vmas = task.proc, task.mm, task.cores, task.mm.vmas
+    link = os.path.relpath(base.path.resolve(), out.resolve()) if base else None
+    writer = ImageWriter(out, page_size=page_size, parent=link)
+    for entry in task.files:
+        writer.add_file(entry)
+    holes = None
+    if base is not None and changed is not None:
+        holes = (changed, base.starts, base.ends)
+    plan = _select(s, maps, vmas, page_size, holes)
+    bar = Progress(plan.data_pages * page_size, progress, verb="dumping")
+    writer.add_process(proc, mm=mm, cores=cores, runs=_page_data(s, plan, stats, bar))
+    bar.finish()
+    for inode, windows in _shared_objects(maps).items():
+        runs = _shared_data(s, inode, windows, page_size, stats)
+        writer.write_shmem_pagemap(inode, runs)
+    writer.finish()
+    if tracker is not None and base is not None:
+        # The new image owns the baseline now; the parent's state must not be used again
+        # (an apply --only-dirty of the parent would trust a baseline that has moved).
+        tracker.reset()
+        save_tracking(out, tracker.release())
+        drop_tracking(base.path)
+        stats.tracking = tracker.backend_name
+    elif track:
+        _start_tracking(s, out, stats)
+    stats.threads = len(s.tids)
+    stats.vmas = len(vmas)
+    return stats
+
+
 def _dump(
     pid: int,
     out: Path,
@@ -169,48 +224,8 @@ def _dump(
     progress: bool = False,
 ) -> DumpStats:
     started = time.perf_counter()
-    stats = DumpStats(pid=pid)
     with attach(pid) as s:
-        tracker = None
-        changed = None
-        if base is not None:
-            try:
-                tracker = resume_tracker(s, base.state)
-                changed = tracker.dirty_pages()
-            except TrackingError as exc:
-                raise MismatchError(
-                    f"{base.path}: the tracking of pid {pid} was lost since ({exc}); take a "
-                    "full dump",
-                ) from exc
-        maps = s.maps()
-        task = task_entries(s, maps)
-        proc, mm, cores, vmas = task.proc, task.mm, task.cores, task.mm.vmas
-        link = os.path.relpath(base.path.resolve(), out.resolve()) if base else None
-        writer = ImageWriter(out, page_size=page_size, parent=link)
-        for entry in task.files:
-            writer.add_file(entry)
-        holes = None
-        if base is not None and changed is not None:
-            holes = (changed, base.starts, base.ends)
-        plan = _select(s, maps, vmas, page_size, holes)
-        bar = Progress(plan.data_pages * page_size, progress, verb="dumping")
-        writer.add_process(proc, mm=mm, cores=cores, runs=_page_data(s, plan, stats, bar))
-        bar.finish()
-        for inode, windows in _shared_objects(maps).items():
-            runs = _shared_data(s, inode, windows, page_size, stats)
-            writer.write_shmem_pagemap(inode, runs)
-        writer.finish()
-        if tracker is not None and base is not None:
-            # The new image owns the baseline now; the parent's state must not be used again
-            # (an apply --only-dirty of the parent would trust a baseline that has moved).
-            tracker.reset()
-            save_tracking(out, tracker.release())
-            drop_tracking(base.path)
-            stats.tracking = tracker.backend_name
-        elif track:
-            _start_tracking(s, out, stats)
-        stats.threads = len(s.tids)
-        stats.vmas = len(vmas)
+        stats = dump_process(s, out, page_size, track=track, base=base, progress=progress)
     stats.seconds = time.perf_counter() - started
     logger.info(
         "dumped pid %d: %d pages, %d VMAs in %.1f ms",

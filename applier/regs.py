@@ -14,8 +14,7 @@ thread sees the call return that value, exactly as in the checkpoint.
 
 from __future__ import annotations
 
-from typing import Any
-
+from formats.core import UserX86RegsEntry
 from injector.regs import REG_NAMES
 
 __all__ = [
@@ -45,7 +44,7 @@ def to_signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def gpregs_values(gpregs: Any) -> dict[str, int]:
+def gpregs_values(gpregs: UserX86RegsEntry) -> dict[str, int]:
     """The 27 user_regs_struct values of a CRIU ``user_x86_regs_entry``, as unsigned u64."""
     mode = getattr(gpregs, "mode", None)
     if mode not in (None, 1):

@@ -20,6 +20,8 @@ import platform
 import struct
 from typing import Any
 
+from formats.core import UserX86FpregsEntry
+
 __all__ = ["COMPONENTS", "component_layout", "fpregs_into_xstate", "xstate_to_fpregs"]
 
 # component number -> (CRIU xsave field, element format, element count)
@@ -108,7 +110,7 @@ def _enabled_features(xstate: bytes) -> int:
     return enabled
 
 
-def fpregs_into_xstate(fpregs: Any, live: bytes) -> bytes:
+def fpregs_into_xstate(fpregs: UserX86FpregsEntry, live: bytes) -> bytes:
     """The live XSAVE buffer with the image's FPU/SSE/AVX state written into it.
 
     ``fpregs`` is a ``user_x86_fpregs_entry``. Components the image has but this CPU does not

@@ -40,6 +40,10 @@ class Process(Protocol):
     @property
     def arch(self) -> Arch: ...
 
+    def alive(self) -> bool:
+        """Whether the process still exists and is not a zombie (no ptrace request needed)."""
+        ...
+
     # layout and memory
     def maps(self) -> list[Mapping]: ...
     def page_flags(self, start: int, end: int) -> U64Array:

@@ -251,6 +251,10 @@ class Session(Tracer, NamedCalls):
 
     # ---- facts from /proc ------------------------------------------------------------------
 
+    def alive(self) -> bool:
+        """Whether the process still exists and is not a zombie."""
+        return procfs.thread_state(self.pid) not in (None, "Z", "X")
+
     def _proc(self, read: Callable[[], object], what: str) -> object:
         self.check()
         try:

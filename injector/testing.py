@@ -175,6 +175,9 @@ class FakeProcess(NamedCalls):
     def tids(self) -> list[int]:
         return list(self._tids)
 
+    def alive(self) -> bool:
+        return not self.gone
+
     def _alive(self) -> None:
         if self.gone:
             raise TargetExited(self._pid, "exited during the session", errno.ESRCH)
@@ -394,6 +397,7 @@ class FakeProcess(NamedCalls):
             vma = FakeVma(addr, addr + length, prot, path=path, offset=offset,
                           inode=self._inode_of(path))  # fmt: skip
         self._insert(vma)
+        self._merge()
         return addr
 
     def _free_area(self, length: int) -> int:
@@ -407,10 +411,27 @@ class FakeProcess(NamedCalls):
     def _split(self, at: int) -> None:
         for i, v in enumerate(self.vmas):
             if v.start < at < v.end:
-                tail = attrs.evolve(v, start=at, offset=v.offset + (at - v.start))
+                moved = v.offset + (at - v.start) if v.inode else 0  # anonymous: no offset
+                tail = attrs.evolve(v, start=at, offset=moved)
                 v.end = at
                 self.vmas.insert(i + 1, tail)
                 return
+
+    def _merge(self) -> None:
+        """Join neighbours the kernel would keep as one VMA (same protection and backing)."""
+        out: list[FakeVma] = []
+        for v in self.vmas:
+            p = out[-1] if out else None
+            if (
+                p is not None
+                and p.end == v.start
+                and (p.prot, p.shared, p.path, p.inode) == (v.prot, v.shared, v.path, v.inode)
+                and (not v.inode or p.offset + (p.end - p.start) == v.offset)
+            ):
+                p.end = v.end
+            else:
+                out.append(v)
+        self.vmas = out
 
     def _range(self, addr: int, length: int) -> list[FakeVma]:
         if addr % PAGE or length <= 0:
@@ -425,6 +446,7 @@ class FakeProcess(NamedCalls):
             self.vmas.remove(v)
             for page in range(v.start, v.end, PAGE):
                 self.own.pop(page, None)
+        self._merge()
         return 0
 
     def _sys_mprotect(self, addr: int, length: int, prot: int) -> int:
@@ -433,6 +455,7 @@ class FakeProcess(NamedCalls):
             raise _Errno(errno.ENOMEM)
         for v in inside:
             v.prot = prot
+        self._merge()
         return 0
 
     def _sys_madvise(self, addr: int, length: int, advice: int) -> int:
@@ -464,6 +487,7 @@ class FakeProcess(NamedCalls):
             if new_end > heap.start:
                 heap.end = new_end
         self.brk_value = addr
+        self._merge()
         return addr
 
     def _sys_prctl(

@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from formats.imagedir import ImageDir
+    from formats.mm import MmEntry, VmaEntry
+    from formats.pagemap import Pagemap
 
 __all__ = ["describe", "register", "render_text", "run"]
 
@@ -57,7 +62,7 @@ def _hex(value: int) -> str:
     return f"0x{value:x}"
 
 
-def _prot(vma: Any) -> str:
+def _prot(vma: VmaEntry) -> str:
     from formats.mm import MAP_SHARED  # noqa: PLC0415
 
     p = vma.prot
@@ -69,7 +74,7 @@ def _prot(vma: Any) -> str:
     )
 
 
-def _page_counts(pm: Any, vma: Any) -> dict[str, int]:
+def _page_counts(pm: Pagemap | None, vma: VmaEntry) -> dict[str, int]:
     """Pages of the top-level pagemap inside ``vma``, by source."""
     import numpy as np  # noqa: PLC0415
 
@@ -91,7 +96,7 @@ def _page_counts(pm: Any, vma: Any) -> dict[str, int]:
     return counts
 
 
-def _thread(img: Any, tid: int) -> dict[str, Any]:
+def _thread(img: ImageDir, tid: int) -> dict[str, Any]:
     from formats.core import MTYPES  # noqa: PLC0415
     from injector.regs import Arch  # noqa: PLC0415
     from injector.syscalls import ARG_REGS, format_call  # noqa: PLC0415
@@ -112,7 +117,7 @@ def _thread(img: Any, tid: int) -> dict[str, Any]:
     }
 
 
-def _vmas(img: Any, pid: int, mm: Any, pm: Any) -> list[dict[str, Any]]:
+def _vmas(img: ImageDir, pid: int, mm: MmEntry, pm: Pagemap | None) -> list[dict[str, Any]]:
     """One row per VMA; the two vvar areas of Linux 6.13+ ([vvar], [vvar_vclock]), adjacent
     and both flagged VMA_AREA_VVAR, are one row."""
     rows: list[dict[str, Any]] = []
@@ -140,7 +145,7 @@ def _vmas(img: Any, pid: int, mm: Any, pm: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def describe(img: Any) -> dict[str, Any]:
+def describe(img: ImageDir) -> dict[str, Any]:
     """The JSON-ready description ``show`` prints (``img``: a formats ImageDir)."""
     from formats.errors import ImageError  # noqa: PLC0415
 

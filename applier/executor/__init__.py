@@ -41,7 +41,6 @@ from applier.undo.log import UndoLog
 from formats.core import CoreEntry
 from injector.errors import TargetExited
 from injector.process import Process
-from injector.procfs import thread_state
 
 __all__ = ["ApplyStats", "Executor", "UndoKeeper"]
 
@@ -81,11 +80,6 @@ class UndoKeeper(Protocol):
 
     @property
     def where(self) -> str: ...
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still exists and is not a zombie."""
-    return thread_state(pid) not in (None, "Z", "X")
 
 
 class Executor:
@@ -196,7 +190,7 @@ class Executor:
         pid = self.pid
         # A target killed a moment ago may not be a zombie yet; the injector's TargetExited
         # says so for certain.
-        if isinstance(exc, TargetExited) or not _alive(pid):
+        if isinstance(exc, TargetExited) or not self.ctx.process.alive():
             raise TargetGone(f"pid {pid} exited during the apply ({exc})") from exc
         if not self.ctx.undo.enabled:
             raise RollbackFailed(

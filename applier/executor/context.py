@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.limits import CHUNK
-from applier.plan import MapAnon, MapFile, Plan
+from applier.plan import Plan
 from applier.undo.log import SavedRange, UndoLog
 from formats.core import CoreEntry
 from injector.process import Process
@@ -55,14 +55,6 @@ class Context:
     def save(self, ranges: list[tuple[int, int]]) -> tuple[SavedRange, ...]:
         """Copy target memory of ``ranges`` into the undo spool (nothing with --no-undo)."""
         return self.undo.save_ranges(ranges, self.process.read_runs)
-
-    def recreated(self) -> list[tuple[int, int]]:
-        """The ranges the plan maps anew: nothing in them is worth keeping or comparing."""
-        return [
-            (s.region.start, s.region.end)
-            for s in self.plan.steps
-            if isinstance(s, MapAnon | MapFile)
-        ]
 
     def scratch(self, which: int) -> U64:
         """CHUNK-byte buffers, allocated on first use: 0 and 1 for target memory read (old

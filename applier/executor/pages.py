@@ -293,7 +293,7 @@ def write_pages(ctx: Context, step: WritePages) -> None:
     release = True
     try:
         # Pieces in regions this apply created hold nothing worth keeping.
-        olds = ~inside_any(ctx.recreated(), pieces.vaddr, pieces.length)
+        olds = ~inside_any(ctx.plan.recreated(), pieces.vaddr, pieces.length)
         read_old = ctx.undo.enabled or ctx.only_dirty
 
         def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64 | None:

@@ -43,8 +43,6 @@ from applier.plan.memory import (
     restrict_to_scope,
 )
 from applier.plan.steps import (
-    MapAnon,
-    MapFile,
     Plan,
     SavedRuns,
     SetBrk,
@@ -53,6 +51,7 @@ from applier.plan.steps import (
     Step,
     WritePages,
 )
+from applier.plan.steps import recreated as recreated_by
 from applier.ranges import member
 
 
@@ -103,9 +102,7 @@ def make_plan(
         layout, layout_notes = plan_layout(image_regions, _merge(live_regions))
         steps.extend(layout)
         notes.extend(layout_notes)
-        recreated = [
-            (s.region.start, s.region.end) for s in layout if isinstance(s, MapAnon | MapFile)
-        ]
+        recreated = recreated_by(layout)
     else:
         image_regions = _restrict_to_live(image_regions, _merge(live_regions))
 

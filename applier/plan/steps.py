@@ -372,6 +372,11 @@ S = TypeVar(
 )
 
 
+def recreated(steps: Iterable[Step]) -> list[tuple[int, int]]:
+    """The ranges that map steps among ``steps`` create."""
+    return [(s.region.start, s.region.end) for s in steps if isinstance(s, MapAnon | MapFile)]
+
+
 @attrs.frozen
 class Plan:
     """What ``apply`` will do, in order, plus notes on what it leaves alone and why."""
@@ -386,6 +391,10 @@ class Plan:
     compared: bool = False
     pages_unchanged: int = 0
     threads: tuple[ThreadCall, ...] = ()
+
+    def recreated(self) -> list[tuple[int, int]]:
+        """The ranges the plan maps anew (nothing in them is worth keeping or comparing)."""
+        return recreated(self.steps)
 
     def of(self, kind: type[S]) -> list[S]:
         """The steps of one kind, in order."""

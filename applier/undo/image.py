@@ -45,7 +45,7 @@ from applier.limits import CHUNK_PAGES
 from applier.model import LiveTask
 from applier.parts import Part
 from applier.ranges import covered, intervals, member, page_ranges
-from applier.undo.log import SavedRange, UndoLog, UndoPages, UndoPageTable, UndoUnmap
+from applier.undo.log import SavedRange, UndoLog
 from formats import names
 from formats.errors import ImageError
 from formats.imagewriter import ImageWriter, PageData
@@ -188,21 +188,9 @@ def _saved_arrays(
     """(addresses, lengths, spool offsets) of every saved range of the log, oldest record
     first, whichever representation the executor used for a record."""
     for rec in log.records:
-        if isinstance(rec, UndoPageTable):
-            yield rec.addr, rec.length, rec.spool_offset
-            continue
-        if isinstance(rec, UndoPages):
-            ranges: tuple[SavedRange, ...] = rec.ranges
-        elif isinstance(rec, UndoUnmap):
-            ranges = rec.pages
-        else:
-            continue
-        if ranges:
-            yield (
-                np.array([r.addr for r in ranges], dtype=np.uint64),
-                np.array([r.length for r in ranges], dtype=np.uint64),
-                np.array([r.spool_offset for r in ranges], dtype=np.uint64),
-            )
+        found = rec.spooled()
+        if found is not None:
+            yield found
 
 
 def _pages_of(

@@ -58,9 +58,31 @@ class SavedRange:
     spool_offset: int
 
 
+Spooled = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
+
+
+def _spooled(ranges: tuple[SavedRange, ...]) -> Spooled | None:
+    if not ranges:
+        return None
+    return (
+        np.array([r.addr for r in ranges], dtype=np.uint64),
+        np.array([r.length for r in ranges], dtype=np.uint64),
+        np.array([r.spool_offset for r in ranges], dtype=np.uint64),
+    )
+
+
+class _NothingSpooled:
+    def spooled(self) -> Spooled | None:
+        """(addresses, lengths, spool offsets) of the page contents this record keeps."""
+        return None
+
+
 @attrs.frozen
 class UndoPages:
     ranges: tuple[SavedRange, ...]
+
+    def spooled(self) -> Spooled | None:
+        return _spooled(self.ranges)
 
 
 @attrs.frozen(eq=False)
@@ -72,9 +94,12 @@ class UndoPageTable:
     length: npt.NDArray[np.uint64]
     spool_offset: npt.NDArray[np.uint64]
 
+    def spooled(self) -> Spooled | None:
+        return self.addr, self.length, self.spool_offset
+
 
 @attrs.frozen
-class UndoMapping:
+class UndoMapping(_NothingSpooled):
     """A region that the apply created: rollback unmaps it."""
 
     start: int
@@ -88,28 +113,31 @@ class UndoUnmap:
     region: Region
     pages: tuple[SavedRange, ...]
 
+    def spooled(self) -> Spooled | None:
+        return _spooled(self.pages)
+
 
 @attrs.frozen
-class UndoProtect:
+class UndoProtect(_NothingSpooled):
     start: int
     end: int
     prot: int
 
 
 @attrs.frozen
-class UndoBrk:
+class UndoBrk(_NothingSpooled):
     brk: int
 
 
 @attrs.frozen
-class UndoMm:
+class UndoMm(_NothingSpooled):
     """The mm fields before a PR_SET_MM_MAP (recorded once the kernel accepted the call)."""
 
     values: tuple[tuple[str, int], ...]
 
 
 @attrs.frozen
-class UndoRegs:
+class UndoRegs(_NothingSpooled):
     tid: int
     regs: X86Regs
     xstate: bytes | None
