@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from applier.errors import UsageError
+from injector.procfs import read_start_time
 
 __all__ = ["TargetBusy", "TargetLock", "lock_dir"]
 
@@ -50,10 +51,9 @@ def lock_dir() -> Path:
 
 def _start_time(pid: int) -> str:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return str(read_start_time(pid))
     except OSError:
         return "gone"
-    return stat[stat.rindex(b")") + 2 :].split()[19].decode()
 
 
 class TargetLock:
