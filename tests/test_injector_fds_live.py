@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,6 +196,27 @@ def test_unlinked_file_is_marked_deleted(live: Live) -> None:
     assert isinstance(d.kind, RegularFile)
     assert (d.kind.path, d.kind.deleted, d.kind.nlink) == (str(live.work / "gone.txt"), True, 0)
     assert (d.kind.size, d.pos, d.kind.ino) == (100, 100, live.ino("deleted"))
+
+
+def test_name_ending_in_deleted_is_not_taken_for_unlinked(live: Live) -> None:
+    """A file really called "odd (deleted)" keeps its whole name and is not deleted."""
+    d = live.entry("oddname")
+    assert d.link == os.fsencode(live.work / "odd (deleted)")
+    assert isinstance(d.kind, RegularFile)
+    assert (d.kind.path, d.kind.deleted, d.kind.nlink) == (
+        str(live.work / "odd (deleted)"),
+        False,
+        1,
+    )
+
+
+def test_unlinked_name_of_a_file_linked_elsewhere(live: Live) -> None:
+    """Opened as linked.txt, then linked as "other name.txt" and unlinked: deleted, one link."""
+    d = live.entry("elsewhere")
+    assert d.link == os.fsencode(live.work / "linked.txt") + b" (deleted)"
+    assert isinstance(d.kind, RegularFile)
+    assert (d.kind.path, d.kind.deleted, d.kind.nlink) == (str(live.work / "linked.txt"), True, 1)
+    assert d.kind.ino == (live.work / "other name.txt").stat().st_ino == live.ino("elsewhere")
 
 
 def test_directory_descriptor(live: Live) -> None:
@@ -481,9 +503,12 @@ def test_posix_timers(live: Live) -> None:
 
 
 def test_reading_leaves_the_target_untouched(live: Live) -> None:
-    """After all the reading the target runs, untraced, with the same table, and answers."""
+    """After all the reading the target runs, untraced, with the same table, and answers; we
+    hold no descriptor more than before."""
     assert_untouched(live.target)
+    ours = sorted(os.listdir("/proc/self/fd"))
     again = {d.fd: d for d in read_fds(live.target.pid)}
+    assert sorted(os.listdir("/proc/self/fd")) == ours
     assert again.keys() == live.table.keys()
     assert again[live.fd("pipe_r")].kind == live.entry("pipe_r").kind  # the 9 bytes still there
     assert again[live.fd("data")].pos == 1234
@@ -602,3 +627,35 @@ def test_foreign_netns_without_privilege_is_a_clear_error() -> None:
             assert_untouched(t)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_descriptors_closed_while_reading_are_skipped() -> None:
+    """While another thread keeps opening and closing pipes and files, reading this very
+    process's table never fails and never mixes two files in one entry."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            r, w = os.pipe()
+            f = os.open("/etc/hostname", os.O_RDONLY)
+            os.close(r)
+            os.close(w)
+            os.close(f)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        seen = 0
+        for _ in range(100):
+            for d in read_fds(os.getpid()):
+                if isinstance(d.kind, Pipe):
+                    seen += 1
+                    assert d.link == f"pipe:[{d.kind.pipe_id}]".encode()
+                    assert d.stat is not None and d.stat.ino == d.kind.pipe_id == d.ino
+                elif isinstance(d.kind, RegularFile):
+                    assert d.ino == d.kind.ino
+                    assert d.kind.path == os.fsdecode(d.link.removesuffix(b" (deleted)"))
+        assert seen > 0
+    finally:
+        stop.set()
+        thread.join()

@@ -140,6 +140,15 @@ int main(int argc, char **argv) {
     CHECK(write(gone, buf, 100));
     CHECK(unlink("gone.txt"));
     printf("fd deleted %d %lu\n", gone, ino_of(gone));
+    /* a file whose real name ends in " (deleted)", and one unlinked but linked elsewhere */
+    int odd = open("odd (deleted)", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(odd);
+    printf("fd oddname %d %lu\n", odd, ino_of(odd));
+    int moved = open("linked.txt", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(moved);
+    CHECK(link("linked.txt", "other name.txt"));
+    CHECK(unlink("linked.txt"));
+    printf("fd elsewhere %d %lu\n", moved, ino_of(moved));
     int dirfd = open(".", O_RDONLY | O_DIRECTORY);
     CHECK(dirfd);
     printf("fd dir %d %lu\n", dirfd, ino_of(dirfd));
