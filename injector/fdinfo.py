@@ -158,9 +158,11 @@ class Fifo:
 
 @attrs.frozen
 class Socket:
-    """A socket: its inode, and what sock_diag (``unix`` / ``inet``) and a local duplicate
-    (``family``/``type``/``protocol`` from SO_DOMAIN/SO_TYPE/SO_PROTOCOL, ``options``) told.
-    ``family`` is known from either; ``None`` only when neither was available."""
+    """A socket: its inode, and what sock_diag (``diag``: ``unix`` / ``inet``) and a local
+    duplicate (``family``/``type``/``protocol`` from SO_DOMAIN/SO_TYPE/SO_PROTOCOL,
+    ``options``, ``netns`` from SIOCGSKNS) told. ``family`` is known from either; ``None``
+    only when neither was available. ``netns`` is the inode of the network namespace the
+    socket lives in (CRIU's ``ns_id`` refers to it)."""
 
     ino: int
     family: int | None = None
@@ -168,6 +170,7 @@ class Socket:
     protocol: int | None = None
     diag: UnixSocket | InetSocket | None = None
     options: SocketOptions | None = None
+    netns: int | None = None
 
     @property
     def KIND(self) -> str:

@@ -55,7 +55,7 @@ from injector.fdinfo import (
     Socket,
     parse_fdinfo,
 )
-from injector.sockdiag import InetSocket, find_sockets
+from injector.sockdiag import InetSocket, find_sockets, netns_inode, open_socket_netns
 from injector.sockopts import read_socket_options
 
 __all__ = ["FsState", "PathInfo", "read_fds", "read_fs"]
@@ -188,7 +188,22 @@ def _queued(fd: int) -> tuple[int | None, int | None]:
     return queued, capacity
 
 
-def _probe(descriptor: Descriptor, fd: int) -> Descriptor:
+def _socket_netns(fd: int, namespaces: dict[int, int]) -> int | None:
+    """The inode of the netns socket ``fd`` lives in; the first descriptor of each namespace
+    is kept in ``namespaces`` (inode -> descriptor) for the sock_diag query there."""
+    try:
+        nsfd = open_socket_netns(fd)
+    except OSError:
+        return None
+    ino = os.fstat(nsfd).st_ino
+    if ino in namespaces:
+        os.close(nsfd)
+    else:
+        namespaces[ino] = nsfd
+    return ino
+
+
+def _probe(descriptor: Descriptor, fd: int, namespaces: dict[int, int]) -> Descriptor:
     """What a local duplicate ``fd`` of the descriptor tells beyond /proc."""
     kind = descriptor.kind
     if isinstance(kind, Pipe | Fifo):
@@ -207,6 +222,7 @@ def _probe(descriptor: Descriptor, fd: int) -> Descriptor:
                     type=int(sock.type),
                     protocol=sock.proto,
                     options=read_socket_options(sock),
+                    netns=_socket_netns(fd, namespaces),
                 )
             finally:
                 sock.detach()  # the descriptor is closed by the caller
@@ -236,7 +252,9 @@ def _pidfd(pid: int) -> Iterator[int | None]:
             os.close(fd)
 
 
-def _with_duplicates(pid: int, table: list[Descriptor]) -> list[Descriptor]:
+def _with_duplicates(
+    pid: int, table: list[Descriptor], namespaces: dict[int, int]
+) -> list[Descriptor]:
     out = []
     with _pidfd(pid) as pidfd:
         allowed = pidfd is not None
@@ -257,18 +275,35 @@ def _with_duplicates(pid: int, table: list[Descriptor]) -> list[Descriptor]:
                     (os.fstat(local).st_dev, os.fstat(local).st_ino)
                     == (descriptor.stat.dev, descriptor.stat.ino)
                 ):
-                    descriptor = _probe(descriptor, local)
+                    descriptor = _probe(descriptor, local, namespaces)
             finally:
                 os.close(local)
             out.append(descriptor)
     return out
 
 
-def _with_sockets(pid: int, procfs: Path, table: list[Descriptor]) -> list[Descriptor]:
-    inodes = {d.kind.ino for d in table if isinstance(d.kind, Socket)}
-    if not inodes:
+def _with_sockets(
+    pid: int, procfs: Path, table: list[Descriptor], namespaces: dict[int, int]
+) -> list[Descriptor]:
+    """Sock_diag answers joined by inode: in the process's network namespace, and in every
+    other namespace one of its sockets was seen to live in (``namespaces``)."""
+    sockets = [d.kind for d in table if isinstance(d.kind, Socket)]
+    if not sockets:
         return table
-    found = find_sockets(pid, inodes, procfs)
+    try:
+        own = netns_inode(pid, procfs)
+    except OSError:
+        own = None  # find_sockets below says why
+    elsewhere: dict[int, set[int]] = {}
+    at_home = set()
+    for sk in sockets:
+        if sk.netns is not None and sk.netns != own and sk.netns in namespaces:
+            elsewhere.setdefault(sk.netns, set()).add(sk.ino)
+        else:
+            at_home.add(sk.ino)
+    found = find_sockets(pid, at_home, procfs)
+    for ns, inodes in elsewhere.items():
+        found |= find_sockets(pid, inodes, procfs, netns_fd=namespaces[ns])
     out = []
     for descriptor in table:
         kind = descriptor.kind
@@ -279,6 +314,7 @@ def _with_sockets(pid: int, procfs: Path, table: list[Descriptor]) -> list[Descr
                 diag=diag,
                 family=kind.family if kind.family is not None else int(family),
                 type=kind.type if kind.type is not None else int(diag.type),
+                netns=kind.netns if kind.netns is not None else diag.netns,
             )
             descriptor = attrs.evolve(descriptor, kind=kind)
         out.append(descriptor)
@@ -296,7 +332,8 @@ def read_fds(
 
     ``duplicates``: learn what /proc does not show from short-lived local duplicates (see the
     module docstring; silently skipped where ``pidfd_getfd`` is not permitted). ``sock_diag``:
-    ask sock_diag about the sockets (in the target's network namespace). Pass
+    ask sock_diag about the sockets, in the target's network namespace and in any other one a
+    socket's duplicate says it lives in (a socket made before a ``setns``). Pass
     ``duplicates=False, sock_diag=False`` to read a saved procfs tree.
 
     Raises ``NoSuchProcess`` (``ZombieProcess``) when there is no live process ``pid``,
@@ -319,10 +356,15 @@ def read_fds(
             table.append(descriptor)
     if not (procfs / str(pid)).exists():
         raise NoSuchProcess(pid, "exited while its descriptors were read", errno.ESRCH)
-    if duplicates:
-        table = _with_duplicates(pid, table)
-    if sock_diag:
-        table = _with_sockets(pid, procfs, table)
+    namespaces: dict[int, int] = {}  # netns inode -> descriptor, from the sockets' duplicates
+    try:
+        if duplicates:
+            table = _with_duplicates(pid, table, namespaces)
+        if sock_diag:
+            table = _with_sockets(pid, procfs, table, namespaces)
+    finally:
+        for nsfd in namespaces.values():
+            os.close(nsfd)
     return table
 
 

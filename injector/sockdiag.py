@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -52,6 +53,7 @@ __all__ = [
     "iter_netlink",
     "kernel_dev",
     "netns_inode",
+    "open_socket_netns",
     "parse_inet_diag_msg",
     "parse_unix_diag_msg",
 ]
@@ -116,6 +118,7 @@ _INET_MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _INET_MSG_SIZE = _INET_MSG_HEAD.size + _SOCKID.size + _SOCKID_TAIL.size + _INET_MSG_TAIL.size
 
 _CLONE_NEWNET: Final = 0x40000000
+_SIOCGSKNS: Final = 0x894C  # include/uapi/linux/sockios.h
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
@@ -533,29 +536,48 @@ def netns_inode(pid: int | str, procfs: Path = Path("/proc")) -> int:
     return int(text[5:-1])
 
 
+def open_socket_netns(sock_fd: int) -> int:
+    """A new descriptor of the network namespace the socket ``sock_fd`` lives in
+    (``SIOCGSKNS``; needs CAP_NET_ADMIN over that namespace, raises ``OSError``)."""
+    fd: int = fcntl.ioctl(sock_fd, _SIOCGSKNS)
+    return fd
+
+
 def find_sockets(
-    pid: int, inodes: Collection[int], procfs: Path = Path("/proc")
+    pid: int,
+    inodes: Collection[int],
+    procfs: Path = Path("/proc"),
+    *,
+    netns_fd: int | None = None,
 ) -> dict[int, UnixSocket | InetSocket]:
     """The AF_UNIX and AF_INET/6 sockets among ``inodes`` as sock_diag sees them in the
-    network namespace of ``pid``. Sockets of other families, or that sock_diag does not list
-    (an unbound TCP socket, one living in yet another netns), are simply absent.
+    network namespace of ``pid`` (or in the one ``netns_fd`` refers to: where some socket of
+    ``pid`` lives, see :func:`open_socket_netns`). Sockets of other families, or that
+    sock_diag does not list (an unbound TCP socket, one living in yet another netns), are
+    simply absent.
 
-    Raises ``NoSuchProcess`` when ``pid`` is gone, ``PermissionDenied`` when its netns is not
-    ours and we may not enter it, ``InjectorError`` for any other netlink failure."""
+    Raises ``NoSuchProcess`` when ``pid`` is gone, ``PermissionDenied`` when the namespace is
+    not ours and we may not enter it, ``InjectorError`` for any other netlink failure."""
     if not inodes:
         return {}
-    try:
-        theirs = netns_inode(pid, procfs)
-    except FileNotFoundError as exc:
-        raise NoSuchProcess(pid, "no such process", errno.ESRCH) from exc
-    except PermissionError as exc:
-        raise PermissionDenied(
-            pid, "cannot read /proc/PID/ns/net (ptrace access mode read)", exc.errno or 0
-        ) from exc
-    ours = netns_inode("self", Path("/proc"))
+    if netns_fd is not None:
+        theirs = os.fstat(netns_fd).st_ino
+    else:
+        try:
+            theirs = netns_inode(pid, procfs)
+        except FileNotFoundError as exc:
+            raise NoSuchProcess(pid, "no such process", errno.ESRCH) from exc
+        except PermissionError as exc:
+            raise PermissionDenied(
+                pid, "cannot read /proc/PID/ns/net (ptrace access mode read)", exc.errno or 0
+            ) from exc
+    ours = os.stat("/proc/thread-self/ns/net").st_ino
     try:
         if theirs == ours:
             with SockDiag() as diag:
+                return diag.find(inodes)
+        if netns_fd is not None:
+            with SockDiag(netns_fd) as diag:
                 return diag.find(inodes)
         try:
             nsfd = os.open(procfs / str(pid) / "ns" / "net", os.O_RDONLY | os.O_CLOEXEC)

@@ -582,7 +582,8 @@ def test_no_permission_is_permission_denied(live: Live) -> None:
 
 
 def test_sockets_of_a_target_in_another_netns(tmp_path: Path) -> None:
-    """A target in a network namespace of its own: its sockets are found there."""
+    """A target in a network namespace of its own: its sockets are found there, and the one
+    it made before changing namespace is found in ours."""
     if os.geteuid() != 0:
         pytest.skip("needs CAP_SYS_ADMIN")
     work = tmp_path / "w"
@@ -602,6 +603,12 @@ def test_sockets_of_a_target_in_another_netns(tmp_path: Path) -> None:
         pair = table[int(info["upair0"][0])].kind
         assert isinstance(pair, Socket) and isinstance(pair.diag, UnixSocket)
         assert pair.diag.peer == int(info["upair1"][1]) and pair.diag.netns == theirs
+        assert (listener.netns, pair.netns) == (theirs, theirs)
+        # the socket made before unshare() lives on in our namespace, and is found there
+        early = table[int(info["early"][0])].kind
+        assert isinstance(early, Socket) and isinstance(early.diag, InetSocket)
+        assert (early.netns, early.diag.netns) == (netns_inode("self"), netns_inode("self"))
+        assert (early.diag.state, early.diag.sport) == (TCP_LISTEN, int(info["early"][2]))
         assert netns_inode("self") != theirs  # the reading thread's netns stayed ours
         assert_untouched(t)
 

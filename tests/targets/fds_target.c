@@ -2,8 +2,9 @@
  * reads, plus signal state, each set up to known values that it prints.
  *
  * usage: fds_target <work dir> [netns|userns]
- *   netns: first unshare(CLONE_NEWNET) and bring up lo, so every socket lives in a network
- *   namespace that is not the test's (needs CAP_SYS_ADMIN);
+ *   netns: first unshare(CLONE_NEWNET) and bring up lo, so every socket but one ("early",
+ *   a TCP listener made before) lives in a network namespace that is not the test's (needs
+ *   CAP_SYS_ADMIN);
  *   userns: the same from a new user namespace that maps only our own uid and gid (works
  *   unprivileged).
  * It closes every inherited descriptor above 2, sets umask 027, chdir()s into <work dir> and
@@ -108,6 +109,17 @@ static void lo_up(void) {
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     close_range(3, ~0U, 0);
+    if (argc > 2) {
+        /* a socket made before leaving the network namespace stays in the old one */
+        int early = socket(AF_INET, SOCK_STREAM, 0);
+        CHECK(early);
+        struct sockaddr_in ea = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        CHECK(bind(early, (struct sockaddr *)&ea, sizeof ea));
+        CHECK(listen(early, 2));
+        socklen_t eal = sizeof ea;
+        CHECK(getsockname(early, (struct sockaddr *)&ea, &eal));
+        printf("fd early %d %lu %d\n", early, ino_of(early), ntohs(ea.sin_port));
+    }
     if (argc > 2 && strcmp(argv[2], "netns") == 0) {
         CHECK(unshare(CLONE_NEWNET));
         lo_up();
