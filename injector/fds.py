@@ -28,6 +28,7 @@ meanwhile is read again. Stop the target (``injector.attach``) for a consistent 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -58,7 +59,7 @@ from injector.fdinfo import (
 from injector.sockdiag import InetSocket, find_sockets, netns_inode, open_socket_netns
 from injector.sockopts import read_socket_options
 
-__all__ = ["FsState", "PathInfo", "read_fds", "read_fs"]
+__all__ = ["FsState", "PathInfo", "peek_pipe", "read_fds", "read_fs"]
 
 _F_GETSIG: Final = 11
 _F_GETOWN_EX: Final = 16
@@ -366,6 +367,70 @@ def read_fds(
         for nsfd in namespaces.values():
             os.close(nsfd)
     return table
+
+
+_tee = ctypes.CDLL(None, use_errno=True).tee
+_tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+_tee.restype = ctypes.c_ssize_t
+_SPLICE_F_NONBLOCK: Final = 2
+_F_SETPIPE_SZ: Final = 1031
+
+
+def _tee_all(source: int) -> bytes:
+    """Copy what the pipe ``source`` holds, without consuming it: tee(2) into a pipe of our
+    own as large as ``source``, then read that."""
+    capacity = fcntl.fcntl(source, _F_GETPIPE_SZ)
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if fcntl.fcntl(w, _F_GETPIPE_SZ) < capacity:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, capacity)
+        n = _tee(source, w, capacity, _SPLICE_F_NONBLOCK)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EAGAIN:
+                return b""  # empty
+            raise OSError(err, f"tee: {os.strerror(err)}")
+        chunks = []
+        while n > 0:
+            chunk = os.read(r, n)
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def peek_pipe(pid: int, fd: int) -> bytes:
+    """The bytes queued in the pipe or FIFO that descriptor ``fd`` of ``pid`` reads from,
+    left in place (``tee``, as ``criu/pipes.c`` ``dump_one_pipe_data`` does for
+    pipes-data.img). Needs the ``pidfd_getfd`` permission (PTRACE_MODE_ATTACH).
+
+    Raises ``NoSuchProcess``, ``PermissionDenied``, or ``InjectorError`` with EBADF (no such
+    descriptor, or it is the write end, which tee cannot read) or EINVAL (not a pipe)."""
+    _check_process(pid, Path("/proc"))
+    with _pidfd(pid) as pidfd:
+        if pidfd is None:
+            raise NoSuchProcess(pid, "no such process", errno.ESRCH)
+        try:
+            local = _libc.pidfd_getfd(pidfd, fd)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise PermissionDenied(
+                    pid, "cannot take a duplicate of its descriptor (pidfd_getfd)", exc.errno
+                ) from exc
+            raise InjectorError(pid, f"cannot take descriptor {fd}", exc.errno or 0) from exc
+    try:
+        if not stat_.S_ISFIFO(os.fstat(local).st_mode):
+            raise InjectorError(pid, f"descriptor {fd} is not a pipe", errno.EINVAL)
+        if fcntl.fcntl(local, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            raise InjectorError(pid, f"descriptor {fd} is a write end", errno.EBADF)
+        try:
+            return _tee_all(local)
+        except OSError as exc:
+            raise InjectorError(pid, f"cannot peek into descriptor {fd}", exc.errno or 0) from exc
+    finally:
+        os.close(local)
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from injector import NoSuchProcess, ZombieProcess
+from injector import InjectorError, NoSuchProcess, ZombieProcess
 from injector.fdinfo import (
     Descriptor,
     EpollTarget,
@@ -40,7 +40,7 @@ from injector.fdinfo import (
     Socket,
     TimerFd,
 )
-from injector.fds import read_fds, read_fs
+from injector.fds import peek_pipe, read_fds, read_fs
 from injector.signals import PosixTimer, read_posix_timers, read_signals, sigmask
 from injector.sockdiag import (
     SHUT_RD,
@@ -252,6 +252,25 @@ def test_pipe_ends_share_a_pipe_id_and_see_the_queued_bytes(live: Live) -> None:
     assert live.ino("pipe_r") == live.ino("pipe_w")
     assert r.link == f"pipe:[{live.ino('pipe_r')}]".encode()
     assert (r.flags, w.flags) == (os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK)
+
+
+def test_peek_pipe_leaves_the_bytes_queued(live: Live) -> None:
+    """The queued bytes of the pipe and the FIFO, read without taking them away."""
+    pid = live.target.pid
+    assert peek_pipe(pid, live.fd("pipe_r")) == b"pipe-data"
+    assert peek_pipe(pid, live.fd("fifo")) == b"fifo"
+    assert peek_pipe(pid, live.fd("pipe_r")) == b"pipe-data"
+    after = {d.fd: d for d in read_fds(pid)}
+    assert after[live.fd("pipe_r")].kind == live.entry("pipe_r").kind  # still 9 queued
+    with pytest.raises(InjectorError) as info:
+        peek_pipe(pid, live.fd("pipe_w"))
+    assert info.value.errno == errno.EBADF and "write end" in str(info.value)
+    with pytest.raises(InjectorError) as info:
+        peek_pipe(pid, live.fd("eventfd"))
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(InjectorError) as info:
+        peek_pipe(pid, 999)
+    assert info.value.errno == errno.EBADF
 
 
 def test_sigio_owner_of_the_read_end(live: Live) -> None:
