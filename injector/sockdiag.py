@@ -457,6 +457,7 @@ class SockDiag:
         )
         self._sock.sendto(header + request, (0, 0))
         while True:
+            # a dump batch never exceeds 32 KiB (netlink_recvmsg caps max_recvmsg_len)
             data = self._sock.recv(1 << 16)
             if not data:
                 raise OSError(errno.EIO, "sock_diag: connection closed")
@@ -599,3 +600,5 @@ def find_sockets(
         if isinstance(exc, InjectorError):
             raise
         raise InjectorError(pid, "sock_diag query failed", exc.errno or 0) from exc
+    except ValueError as exc:
+        raise InjectorError(pid, f"malformed sock_diag answer: {exc}") from exc

@@ -380,8 +380,7 @@ def test_saved_tree_with_closed_descriptors(tmp_path: Path) -> None:
 
 
 def test_saved_tree_fdinfo_of_another_file_is_skipped(tmp_path: Path) -> None:
-    """fdinfo whose ino disagrees with the file's stat (fd reused meanwhile, every retry)
-    leaves the descriptor out rather than mixing two files."""
+    """fdinfo whose ino never matches the file's stat leaves the descriptor out."""
     procfs, files = saved_tree(tmp_path)
     real = files / "a"
     real.write_bytes(b"")

@@ -174,8 +174,7 @@ def golden_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 
 def test_every_descriptor_matches_criu_42(golden_target: Target) -> None:
-    """fdinfo entries (fd, type, FD_CLOEXEC) and file entries of fds 3 and up, as CRIU 4.2
-    wrote them for the same program."""
+    """fdinfo and file entries of fds 3 and up match CRIU 4.2's for the same program."""
     files = {e["id"]: e for e in json.loads((JSON / "files.img.json").read_text())["entries"]}
     fdinfo = json.loads((JSON / "fdinfo-2.img.json").read_text())["entries"]
     table = {d.fd: d for d in read_fds(golden_target.pid)}

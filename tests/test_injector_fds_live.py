@@ -401,8 +401,7 @@ def test_eventfd_count(live: Live) -> None:
 
 
 def test_epoll_targets_with_events_and_data(live: Live) -> None:
-    """Every watched fd with its events (EPOLLERR|EPOLLHUP added by the kernel), data, inode
-    and device."""
+    """Every watched fd: events (EPOLLERR|EPOLLHUP added), data, inode and device."""
     d = live.entry("epoll")
     pid = live.target.pid
     listen_fd, event_fd = live.fd("tcplisten"), live.fd("eventfd")
@@ -522,8 +521,7 @@ def test_posix_timers(live: Live) -> None:
 
 
 def test_reading_leaves_the_target_untouched(live: Live) -> None:
-    """After all the reading the target runs, untraced, with the same table, and answers; we
-    hold no descriptor more than before."""
+    """The target runs on untraced with the same table; we hold no extra descriptor."""
     assert_untouched(live.target)
     ours = sorted(os.listdir("/proc/self/fd"))
     again = {d.fd: d for d in read_fds(live.target.pid)}
@@ -601,8 +599,7 @@ def test_no_permission_is_permission_denied(live: Live) -> None:
 
 
 def test_sockets_of_a_target_in_another_netns(tmp_path: Path) -> None:
-    """A target in a network namespace of its own: its sockets are found there, and the one
-    it made before changing namespace is found in ours."""
+    """Sockets in the target's own netns are found there, an older one in ours."""
     if os.geteuid() != 0:
         pytest.skip("needs CAP_SYS_ADMIN")
     work = tmp_path / "w"
@@ -633,8 +630,7 @@ def test_sockets_of_a_target_in_another_netns(tmp_path: Path) -> None:
 
 
 def test_foreign_netns_without_privilege_is_a_clear_error() -> None:
-    """An unprivileged reader, a target in its own user+network namespace: PermissionDenied
-    that names the namespaces, not sockets silently missing."""
+    """A netns we may not enter is a PermissionDenied naming it, not missing sockets."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root (to become uid 65534) and setpriv")
     work = Path(tempfile.mkdtemp(prefix="applier-fds-"))  # reachable by uid 65534
@@ -656,8 +652,7 @@ def test_foreign_netns_without_privilege_is_a_clear_error() -> None:
 
 
 def test_descriptors_closed_while_reading_are_skipped() -> None:
-    """While another thread keeps opening and closing pipes and files, reading this very
-    process's table never fails and never mixes two files in one entry."""
+    """Descriptors opened and closed while reading are skipped, never mixed up."""
     stop = threading.Event()
 
     def churn() -> None:

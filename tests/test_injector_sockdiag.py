@@ -39,8 +39,7 @@ def nlattr(kind: int, payload: bytes) -> bytes:
 
 
 def test_unix_diag_msg_every_field() -> None:
-    """unix_diag_msg header and attributes: name (path NUL dropped), vfs, peer, icons, rqlen,
-    meminfo, shutdown, uid, cookie."""
+    """unix_diag_msg: header and every attribute (path name without its NUL)."""
     header = struct.pack("=BBBxIII", socket.AF_UNIX, 1, 10, 4711, 5, 1)  # family type state
     payload = header + b"".join(
         [
@@ -145,8 +144,7 @@ def test_inet_diag_msg_ipv4_every_field() -> None:
 
 
 def test_inet_diag_msg_ipv6_udp_and_raw() -> None:
-    """IPv6 addresses use all 16 bytes; UDP is a datagram socket; raw takes its protocol
-    from INET_DIAG_PROTOCOL."""
+    """IPv6 uses all 16 address bytes, UDP is SOCK_DGRAM, raw gets INET_DIAG_PROTOCOL."""
     one = ipaddress.IPv6Address("::1").packed
     udp = parse_inet_diag_msg(inet_msg(10, one, bytes(16), nlattr(11, b"\x01")), 17)
     assert (udp.src, udp.dst, udp.type, udp.v6only) == (
@@ -192,8 +190,7 @@ def ino(sock: socket.socket) -> int:
 
 
 def test_find_sockets_of_this_process(own_sockets: dict[str, socket.socket]) -> None:
-    """find_sockets on our own pid: unix pair with peers and shutdown, TCP listener and both
-    ends of a connection, with the addresses getsockname/getpeername report."""
+    """Our own unix pair and TCP sockets, as getsockname/getpeername report them."""
     s = own_sockets
     found = find_sockets(os.getpid(), [ino(x) for x in s.values()] + [1])
     assert set(found) == {ino(x) for x in s.values()}  # inode 1 is nobody's socket
