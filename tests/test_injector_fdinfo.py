@@ -4,6 +4,7 @@ input. The samples were captured from Linux 6.18 (tests/targets/fds_target.c).""
 
 from __future__ import annotations
 
+import ast
 import os
 import stat
 from pathlib import Path
@@ -421,3 +422,17 @@ def test_saved_tree_fs_signals_and_timers(tmp_path: Path) -> None:
     assert (state.shared_pending, state.queued, state.queue_limit) == (0x200, 2, 96363)
     assert state.leader.ignored == sigmask(13) and state.thread(4243).caught == 0x100000800
     assert [t.it_id for t in read_posix_timers(4242, procfs)] == [1, 0]
+
+
+def test_injector_imports_neither_applier_nor_formats() -> None:
+    """No injector module imports applier or formats: dependencies point one way."""
+    package = Path(__file__).resolve().parents[1] / "injector"
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("applier", "formats"), (module.name, name)
