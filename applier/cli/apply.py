@@ -102,16 +102,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.set_defaults(func=run_apply)
 
 
-def print_plan(plan: Plan) -> None:
+def print_plan(plan: Plan, headline: str | None = None) -> None:
+    """The plan as text: a headline (by default the plan's own), every step, then the
+    threads' system calls (``diff``) and the notes."""
     s = plan.summary()
-    unchanged = f" ({s['pages_unchanged']} unchanged)" if plan.compared else ""
-    print(
-        f"plan for pid {plan.pid} (image task {plan.image_pid}): "
-        f"{s['pages_to_write']} pages to write{unchanged}, {s['pages_to_discard']} to discard, "
-        f"{s['layout_changes']} layout changes, {s['threads']} threads"
-    )
+    if headline is None:
+        unchanged = f" ({s['pages_unchanged']} unchanged)" if plan.compared else ""
+        headline = (
+            f"plan for pid {plan.pid} (image task {plan.image_pid}): "
+            f"{s['pages_to_write']} pages to write{unchanged}, {s['pages_to_discard']} to "
+            f"discard, {s['layout_changes']} layout changes, {s['threads']} threads"
+        )
+    print(headline)
     for step in plan.steps:
         print(f"  {step.describe()}")
+    for call in plan.threads:
+        print(f"  {call.describe()}")
     for note in plan.notes:
         print(f"  note: {note}")
 
@@ -127,34 +133,25 @@ def run_diff(args: argparse.Namespace) -> int:
         leave_shared=args.leave_shared,
     )
     differs = bool(plan.steps)
+    s = plan.summary()
     if args.json:
         json.dump({**plan.as_dict(), "differs": differs}, sys.stdout, indent=2)
         print()
     elif not differs:
-        print(
+        print_plan(
+            plan,
             f"pid {plan.pid} is the same as image task {plan.image_pid} of {args.image_dir} "
-            f"({plan.pages_unchanged} saved pages compared)"
+            f"({plan.pages_unchanged} saved pages compared)",
         )
-        _print_threads_and_notes(plan)
     else:
-        s = plan.summary()
-        print(
+        print_plan(
+            plan,
             f"pid {plan.pid} differs from image task {plan.image_pid} of {args.image_dir}: "
             f"{s['pages_to_write']} pages differ ({s['pages_unchanged']} the same), "
             f"{s['pages_to_discard']} pages to discard, {s['layout_changes']} layout changes, "
-            f"{s['threads']} threads with other registers"
+            f"{s['threads']} threads with other registers",
         )
-        for step in plan.steps:
-            print(f"  {step.describe()}")
-        _print_threads_and_notes(plan)
     return EXIT_DIFFERENT if differs else EXIT_OK
-
-
-def _print_threads_and_notes(plan: Plan) -> None:
-    for call in plan.threads:
-        print(f"  {call.describe()}")
-    for note in plan.notes:
-        print(f"  note: {note}")
 
 
 def run_apply(args: argparse.Namespace) -> int:
