@@ -25,13 +25,21 @@ import numpy.typing as npt
 
 from applier.capture import live_task
 from applier.compare import narrow
-from applier.errors import MismatchError
+from applier.errors import MismatchError, RollbackFailed, UsageError
 from applier.executor import ApplyStats, Executor
 from applier.image import image_task
+from applier.journal import Journal
+from applier.lock import TargetLock
 from applier.model import ImageTask, LiveTask
 from applier.parts import Part
 from applier.plan import Plan, SetRegs, make_plan
 from applier.trackfile import load_tracking, save_tracking
+from applier.trust import (
+    check_identity,
+    check_target_allowed,
+    check_trusted,
+    check_undo_dir_trusted,
+)
 from applier.undo.image import (
     UNDO_FILE,
     UndoImageStats,
@@ -48,7 +56,7 @@ from injector.process import Process
 from injector.session import attach
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
 
-__all__ = ["ApplyResult", "apply", "diff"]
+__all__ = ["ApplyResult", "Overrides", "apply", "diff", "recover"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +83,14 @@ class _Image:
         return {s.image_tid: self.dir.core(s.image_tid) for s in plan.of(SetRegs)}
 
     def plan(
-        self, process: Process, *, leave_shared: bool, dirty: npt.NDArray[np.uint64] | None
+        self,
+        process: Process,
+        *,
+        leave_shared: bool,
+        dirty: npt.NDArray[np.uint64] | None,
+        read_only: bool = False,
     ) -> tuple[Plan, LiveTask]:
-        live = live_task(process, self.task.page_size, dirty=dirty)
+        live = live_task(process, self.task.page_size, dirty=dirty, read_only=read_only)
         ranges = None if self.scope is None else self.scope.ranges
         plan = make_plan(
             self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges
@@ -85,13 +98,32 @@ class _Image:
         return plan, live
 
 
+@attrs.frozen(kw_only=True)
+class Overrides:
+    """The refusals a caller may lift (each a CLI option of the same name)."""
+
+    other_process: bool = False  # the image is of another process (a replica)
+    write_code: bool = False  # write code pages that differ from the mapped file
+    trust_image: bool = False  # an image (or undo) directory others could have written
+    force: bool = False  # pid 1, applier itself or one of its ancestors
+
+
 @contextlib.contextmanager
 def _opened(
-    image_dir: str | os.PathLike[str], pid: int, task: int | None, parts: Part | Iterable[str]
+    image_dir: str | os.PathLike[str],
+    pid: int,
+    task: int | None,
+    parts: Part | Iterable[str],
+    overrides: Overrides,
 ) -> Iterator[_Image]:
-    """The image directory, opened and validated, with its task and the parts to restore: an
-    undo image restores at most the parts the apply it undoes changed, in that pid."""
-    with ImageDir.open(Path(image_dir)) as img:
+    """The image directory, checked (trusted, of this process), opened and validated, with
+    its task and the parts to restore: an undo image restores at most the parts the apply it
+    undoes changed, in that pid."""
+    path = Path(image_dir)
+    if not overrides.trust_image and path.is_dir():
+        check_trusted(path)
+    with ImageDir.open(path) as img:
+        check_target_allowed(pid, force=overrides.force)
         scope = load_scope(img.path)
         chosen = Part.of(parts)
         if scope is not None:
@@ -100,7 +132,15 @@ def _opened(
                     f"{UNDO_FILE}: this undo image is of pid {scope.pid}, not {pid}"
                 )
             chosen &= Part.of(scope.parts)
-        yield _Image(img, image_task(img, task), scope, chosen)
+        image = image_task(img, task)
+        check_identity(
+            image.pid,
+            img.inventory.dump_uptime,
+            pid,
+            other_process=overrides.other_process,
+            where=img.path,
+        )
+        yield _Image(img, image, scope, chosen)
 
 
 def _narrowed(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Plan:
@@ -125,12 +165,17 @@ def diff(
     task: int | None = None,
     parts: Part | Iterable[str] = Part.ALL,
     leave_shared: bool = False,
+    overrides: Overrides = Overrides(),
 ) -> Plan:
     """What differs between ``pid`` and the image, as the plan narrowed to it: the steps and
     pages whose effect would change the target (``applier.compare``). An empty plan means
-    equal. The target is not changed."""
-    with _opened(image_dir, pid, task, parts) as image, attach(pid) as process:
-        plan, _ = image.plan(process, leave_shared=leave_shared, dirty=None)
+    equal. The target is stopped while it is read and not changed: nothing is injected."""
+    with (
+        _opened(image_dir, pid, task, parts, overrides) as image,
+        TargetLock.acquire(pid, "work", f"compared with {image.dir.path}"),
+        attach(pid) as process,
+    ):
+        plan, _ = image.plan(process, leave_shared=leave_shared, dirty=None, read_only=True)
         cores = image.cores(plan)
         Executor(process, plan, cores, UndoLog.disabled()).validate()
         return _narrowed(process, plan, cores)
@@ -149,11 +194,16 @@ def apply(
     undo_dir: str | os.PathLike[str] | None = None,
     undo: bool = True,
     progress: bool = False,
+    overrides: Overrides = Overrides(),
 ) -> ApplyResult:
     """Revert ``pid`` to the checkpoint in ``image_dir``; roll back if anything fails.
 
+    Before the first write the target is held (a group stop under ptrace, so that if this
+    process dies the target stays stopped, never running half-applied) and a journal says
+    what is being applied (``applier.journal``; ``recover`` finishes it).
+
     ``undo=False`` keeps no copy of what is overwritten: faster for large applies, but a
-    step that fails then leaves the target half-applied (RollbackFailed).
+    step that fails then leaves the target half-applied (RollbackFailed; it stays held).
 
     ``undo_dir``: write there (an empty or new directory) an undo image: what the apply
     overwrote, in CRIU's format (``applier/undo/image.py``); ``apply(undo_dir, pid)`` puts it
@@ -161,71 +211,67 @@ def apply(
     rolled back (ApplyFailed). An apply that fails and cannot be rolled back (RollbackFailed)
     leaves it too. ``image_dir`` may itself be an undo image: then only its scope (the pages
     the earlier apply touched) and the parts that apply restored are written.
+
+    ``dry_run``: plan and validate only; nothing is injected or written.
     """
     undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
     if undo_path is not None:
         if not undo:
             raise ValueError("undo_dir needs undo=True")
         check_undo_dir(undo_path)
+        if not overrides.trust_image:
+            check_undo_dir_trusted(undo_path)
     with contextlib.ExitStack() as stack:
-        image = stack.enter_context(_opened(image_dir, pid, task, parts))
+        image = stack.enter_context(_opened(image_dir, pid, task, parts, overrides))
+        what = "a dry run of" if dry_run else "applying"
+        stack.enter_context(TargetLock.acquire(pid, "work", f"{what} {image.dir.path}"))
         state = load_tracking(image.dir.path, pid) if only_dirty else None
         # with --undo, the spool is a (nameless) file in DIR
         log = UndoLog.create(undo_path) if undo else UndoLog.disabled()
         stack.callback(log.close)
+        stale = None if dry_run else Journal.find(pid)  # left by an applier that died
+        journal: Journal | None = None
+        finished = False  # the journal goes once the target is detached and continued
+
+        def end_journal() -> None:
+            if journal is not None and finished:
+                journal.remove()
+
+        stack.callback(end_journal)
         process = stack.enter_context(attach(pid))
+        if not dry_run:
+            was_stopped = stale.was_stopped if stale is not None else process.was_stopped
+            journal = Journal.begin(
+                pid,
+                image.dir.path,
+                task=task,
+                parts=image.parts.labels(),
+                only_dirty=only_dirty,
+                leave_shared=leave_shared,
+                was_stopped=was_stopped,
+            )
+            process.hold()
+            process.resume_on_detach = not was_stopped
         tracker, dirty = _resume(process, state)
         try:
-            plan, live = image.plan(process, leave_shared=leave_shared, dirty=dirty)
-            logger.info(
-                "pid %d: %d steps planned (%d pages to write, %d layout changes)",
-                plan.pid,
-                len(plan.steps),
-                plan.pages_to_write,
-                plan.summary()["layout_changes"],
-            )
-            executor = Executor(
-                process,
-                plan,
-                image.cores(plan),
-                log,
-                only_dirty=only_dirty and dirty is None,
-                progress=progress,
-            )
-            source = (
-                f"tracker:{tracker.backend_name}"
-                if tracker is not None
-                else ("content" if only_dirty else None)
-            )
-            if dry_run:
-                executor.validate()
-                if only_dirty:  # count what the apply would find unchanged and skip
-                    plan = _narrowed(process, plan, executor.cores)
-                    executor.stats.pages_skipped = plan.pages_unchanged
-                result = ApplyResult(plan, executor.stats, dry_run=True, dirty_source=source)
-            else:
-                keeper = None
-                if undo_path is not None:
-                    before = capture(
-                        process,
-                        live,
-                        image.parts,
-                        exact_presence=dirty is None,
-                        image=str(image.dir.path.resolve()),
-                    )
-                    keeper = UndoImageWriter(undo_path, before, log, plan.page_size)
-                kept = executor.apply(verify=verify, keep=keeper)
-                logger.info(
-                    "pid %d: %d steps done in %.1f ms",
-                    plan.pid,
-                    len(plan.steps),
-                    executor.stats.seconds * 1e3,
-                )
-                assert kept is None or isinstance(kept, UndoImageStats)
-                result = ApplyResult(plan, executor.stats, dirty_source=source, undo=kept)
-        except BaseException:
+            result = _apply_held(
+                image, process, log, tracker, dirty,
+                leave_shared=leave_shared, only_dirty=only_dirty, verify=verify,
+                dry_run=dry_run, undo_path=undo_path, progress=progress,
+                write_code=overrides.write_code,
+            )  # fmt: skip
+        except BaseException as exc:
             if tracker is not None:
                 tracker.release()  # keep tracking: the target is as it was
+            if journal is not None:
+                if isinstance(exc, RollbackFailed):
+                    # Half-applied: it stays held, and the journal tells how to finish.
+                    process.resume_on_detach = False
+                    raise RollbackFailed(
+                        f"{exc}; pid {pid} is held (stopped): 'applier recover {pid}' applies "
+                        f"{image.dir.path} again"
+                    ) from exc
+                finished = True
             raise
         if tracker is not None:
             if not result.dry_run:
@@ -234,8 +280,88 @@ def apply(
                 save_tracking(image.dir.path, tracker.release(), must=False)
             else:
                 tracker.release()
+        finished = True
         return result
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns
+
+
+def _apply_held(
+    image: _Image,
+    process: Process,
+    log: UndoLog,
+    tracker: DirtyTracker | None,
+    dirty: npt.NDArray[np.uint64] | None,
+    *,
+    leave_shared: bool,
+    only_dirty: bool,
+    verify: bool,
+    dry_run: bool,
+    undo_path: Path | None,
+    progress: bool,
+    write_code: bool,
+) -> ApplyResult:
+    """Plan and carry out the apply on the stopped (and, unless a dry run, held) target."""
+    plan, live = image.plan(process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run)
+    logger.info(
+        "pid %d: %d steps planned (%d pages to write, %d layout changes)",
+        plan.pid,
+        len(plan.steps),
+        plan.pages_to_write,
+        plan.summary()["layout_changes"],
+    )
+    executor = Executor(
+        process,
+        plan,
+        image.cores(plan),
+        log,
+        only_dirty=only_dirty and dirty is None,
+        progress=progress,
+        allow_code_writes=write_code,
+    )
+    source = (
+        f"tracker:{tracker.backend_name}"
+        if tracker is not None
+        else ("content" if only_dirty else None)
+    )
+    if dry_run:
+        executor.validate()
+        if only_dirty:  # count what the apply would find unchanged and skip
+            plan = _narrowed(process, plan, executor.cores)
+            executor.stats.pages_skipped = plan.pages_unchanged
+        return ApplyResult(plan, executor.stats, dry_run=True, dirty_source=source)
+    keeper = None
+    if undo_path is not None:
+        before = capture(
+            process,
+            live,
+            image.parts,
+            exact_presence=dirty is None,
+            image=str(image.dir.path.resolve()),
+        )
+        keeper = UndoImageWriter(undo_path, before, log, plan.page_size)
+    kept = executor.apply(verify=verify, keep=keeper)
+    logger.info(
+        "pid %d: %d steps done in %.1f ms", plan.pid, len(plan.steps), executor.stats.seconds * 1e3
+    )
+    assert kept is None or isinstance(kept, UndoImageStats)
+    return ApplyResult(plan, executor.stats, dirty_source=source, undo=kept)
+
+
+def recover(pid: int) -> ApplyResult:
+    """Finish an apply that died: the journal names the image; apply it again (the target
+    is stopped, held by the dead applier) and let the target continue as before the apply.
+    Raises UsageError when there is no journal for ``pid``."""
+    journal = Journal.find(pid)
+    if journal is None:
+        raise UsageError(f"pid {pid}: no apply journal, nothing to recover")
+    return apply(
+        journal.image,
+        pid,
+        task=journal.task,
+        parts=journal.parts,
+        leave_shared=journal.leave_shared,
+        only_dirty=journal.only_dirty,
+    )
 
 
 def _resume(

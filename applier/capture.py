@@ -47,6 +47,8 @@ __all__ = [
     "task_entries",
 ]
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
 # /proc/PID/maps names of shmem objects: shared anonymous memory, memfd, SysV segments
 SHMEM_PREFIXES = ("/memfd:", "/dev/zero", "/SYSV")
 SPECIAL_NAMES = {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]", "[vectors]"}
@@ -102,10 +104,13 @@ def live_task(
     process: Process,
     page: int,
     *,
-    with_brk: bool = True,
+    read_only: bool = False,
     dirty: npt.NDArray[np.uint64] | None = None,
 ) -> LiveTask:
-    """The planner's view of the stopped target behind ``session``.
+    """The planner's view of the stopped ``process``.
+
+    ``read_only``: inject nothing (diff, dry runs); the program break is then unknown
+    (``brk`` None) and the planner takes it to the page from the ``[heap]`` mapping.
 
     With ``dirty`` (every page written since the target equalled the image) the pagemap is
     not read: only dirty pages can need discarding, and discarding a page that turns out not
@@ -118,7 +123,7 @@ def live_task(
     else:
         present = anon = np.asarray(dirty, dtype=np.uint64)
     exe = process.exe()
-    brk = process.brk(0) if with_brk else None
+    brk = None if read_only else process.brk(0)
     return LiveTask(
         pid=pid,
         regions=regions,
@@ -129,6 +134,10 @@ def live_task(
         anon=anon,
         brk=brk,
         mm_fields=mm_fields(process),
+        children=tuple(
+            (child, comm, ticks * 1_000_000 // _CLK_TCK)
+            for child, comm, ticks in process.children()
+        ),
     )
 
 

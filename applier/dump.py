@@ -31,10 +31,12 @@ import numpy.typing as npt
 from applier.capture import dump_selection, region_from_mapping, task_entries
 from applier.errors import MismatchError, OutputDirError
 from applier.limits import CHUNK_PAGES
+from applier.lock import TargetLock
 from applier.model import Kind
 from applier.progress import Progress
 from applier.ranges import align_up, covered, intervals, member
 from applier.trackfile import drop_tracking, save_tracking
+from applier.trust import check_target_allowed, uptime_us
 from formats import names
 from formats.imagedir import ImageDir
 from formats.imagewriter import ImageWriter, PageData
@@ -88,6 +90,7 @@ def dump(
     track: bool = False,
     parent: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> DumpStats:
     """Checkpoint ``pid`` (all threads) into ``image_dir`` (created; must be empty if it exists).
 
@@ -101,12 +104,16 @@ def dump(
     this image (its state file leaves the parent), so tracking continues from here.
 
     ``progress``: show a progress bar on stderr while pages are copied (a terminal only).
+
+    ``force``: also pid 1, applier itself and its ancestors (refused otherwise).
     """
+    check_target_allowed(pid, force=force)
     out = Path(image_dir)
     base = _Parent.load(Path(parent), pid) if parent is not None else None
     created = prepare_output_dir(out)
     try:
-        return _dump(pid, out, page_size, track, base, progress=progress)
+        with TargetLock.acquire(pid, "work", f"dumping into {out}"):
+            return _dump(pid, out, page_size, track, base, progress=progress)
     except BaseException:
         # Leave nothing half-written behind: what was there before was an empty directory.
         if created:
@@ -199,7 +206,7 @@ def dump_process(
     for inode, windows in _shared_objects(maps).items():
         runs = _shared_data(s, inode, windows, page_size, stats)
         writer.write_shmem_pagemap(inode, runs)
-    writer.finish()
+    writer.finish(dump_uptime=uptime_us())
     if tracker is not None and base is not None:
         # The new image owns the baseline now; the parent's state must not be used again
         # (an apply --only-dirty of the parent would trust a baseline that has moved).

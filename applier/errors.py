@@ -15,7 +15,8 @@ The codes:
 8     verification after apply found a difference (the target was rolled back unless
       --no-undo)
 70    internal error (a bug: run with ``--debug`` for the traceback)
-130   interrupted (Ctrl-C); an apply in progress is rolled back first
+129   SIGHUP, 130 SIGINT (Ctrl-C), 143 SIGTERM: interrupted; an apply in progress is rolled
+      back first
 ====  =====================================================================
 """
 
@@ -38,9 +39,11 @@ __all__ = [
     "EXIT_VERIFY",
     "ApplierError",
     "ApplyFailed",
+    "Interrupted",
     "MismatchError",
     "OutputDirError",
     "RollbackFailed",
+    "TargetBusy",
     "TargetGone",
     "UsageError",
     "VerifyFailed",
@@ -88,6 +91,19 @@ class OutputDirError(UsageError):
     """An output directory (dump, --undo) that is not empty or cannot be created."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal asked applier to stop (SIGINT, SIGTERM, SIGHUP): what was being applied is
+    rolled back first; the exit code is 128 + the signal number, as a shell reports it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class TargetBusy(ApplierError):
+    """Another applier holds a claim on the target (``applier.lock``)."""
+
+
 class TargetGone(ApplierError):
     """The target exited (or was killed) during the apply: there is nothing left to roll back."""
 
@@ -99,6 +115,7 @@ _EXIT_CODES: dict[type[BaseException], int] = {
     InjectorError: EXIT_TARGET,
     UsageError: EXIT_USAGE,
     MismatchError: EXIT_MISMATCH,
+    TargetBusy: EXIT_TARGET,
     TargetGone: EXIT_TARGET,
     ApplyFailed: EXIT_ROLLED_BACK,
     RollbackFailed: EXIT_ROLLBACK_FAILED,
@@ -109,6 +126,8 @@ _EXIT_CODES: dict[type[BaseException], int] = {
 
 def exit_code(exc: BaseException) -> int | None:
     """The documented exit code of ``exc``; None for an error that is not one of ours (a bug)."""
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
     for cls in type(exc).__mro__:
         if cls in _EXIT_CODES:
             return _EXIT_CODES[cls]

@@ -90,4 +90,6 @@ def image_task(img: ImageDir, pid: int | None = None) -> ImageTask:
         threads=threads,
         mm_fields=mm_fields,
         shared=shared,
+        children=tuple(int(e.pid) for e in img.pstree if int(e.ppid) == pid),
+        dump_uptime=img.inventory.dump_uptime,
     )

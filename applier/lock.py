@@ -24,14 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from applier.errors import UsageError
+from applier.errors import TargetBusy
 from injector.procfs import read_start_time
 
 __all__ = ["TargetBusy", "TargetLock", "lock_dir"]
-
-
-class TargetBusy(UsageError):
-    """Another applier holds a claim on the target."""
 
 
 def lock_dir() -> Path:

@@ -160,6 +160,8 @@ class ImageTask:
     threads: Sequence[int]  # thread ids of the image, leader first
     mm_fields: dict[str, int] = attrs.field(factory=dict)
     shared: dict[int, SharedObject] = attrs.field(factory=dict)  # by inode
+    children: tuple[int, ...] = ()  # pids of the task's children in pstree.img
+    dump_uptime: int | None = None  # when the image was taken, microseconds since boot
 
 
 @attrs.frozen
@@ -180,3 +182,5 @@ class LiveTask:
     mm_fields: dict[str, int] = attrs.field(factory=dict)
     # Each live thread's (instruction pointer, stack pointer) at the stop.
     thread_ip_sp: dict[int, tuple[int, int]] = attrs.field(factory=dict)
+    # Child processes: (pid, comm, start time in microseconds since boot).
+    children: tuple[tuple[int, str, int], ...] = ()

@@ -142,14 +142,20 @@ class ImageWriter:
         """Write ``pagemap-shmem-<shmid>.img`` (vaddr = offset in the object)."""
         return self.write_pagemap(names.pagemap_shmem(shmid), runs)
 
-    def finish(self, inventory: InventoryEntry | None = None) -> None:
+    def finish(
+        self, inventory: InventoryEntry | None = None, *, dump_uptime: int | None = None
+    ) -> None:
         """Write inventory.img, pstree.img, files.img, and pipes-data.img and memfd.img when
         they have entries (once: later calls do nothing)."""
         if self._finished:
             return
         self._finished = True
         inv = inventory or InventoryEntry(
-            img_version=CRTOOLS_IMAGES_V1_1, fdinfo_per_id=True, ns_per_id=True, lsmtype=0
+            img_version=CRTOOLS_IMAGES_V1_1,
+            fdinfo_per_id=True,
+            ns_per_id=True,
+            lsmtype=0,
+            dump_uptime=dump_uptime,  # µs since boot: tells a process started later apart
         )
         dump_image(self.path / names.INVENTORY, "INVENTORY", [inv])
         dump_image(self.path / names.PSTREE, "PSTREE", self._pstree)

@@ -40,6 +40,19 @@ class Process(Protocol):
     @property
     def arch(self) -> Arch: ...
 
+    resume_on_detach: bool  # after hold(): SIGCONT once detached (clear it to leave it held)
+
+    @property
+    def was_stopped(self) -> bool:
+        """Whether the process was in a group stop (SIGSTOP) when attached."""
+        ...
+
+    @property
+    def held(self) -> bool: ...
+    def hold(self) -> None:
+        """A group stop under ptrace: if this process dies, the target stays stopped."""
+        ...
+
     def alive(self) -> bool:
         """Whether the process still exists and is not a zombie (no ptrace request needed)."""
         ...
@@ -84,6 +97,10 @@ class Process(Protocol):
         ...
 
     def start_time(self) -> int: ...
+    def children(self) -> list[tuple[int, str, int]]:
+        """(pid, comm, start time in clock ticks) of each child process."""
+        ...
+
     def open_map_file(self, start: int, end: int) -> int:
         """A local read-only descriptor of the file behind a mapping (caller closes it)."""
         ...

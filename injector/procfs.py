@@ -18,6 +18,7 @@ from injector.maps import read_stat
 __all__ = [
     "MM_STAT_FIELDS",
     "read_auxv",
+    "read_children",
     "read_comm",
     "read_exe",
     "read_mm_fields",
@@ -92,6 +93,18 @@ def read_start_time(pid: int, procfs: Path = PROC) -> int:
     """Field 22 of /proc/PID/stat, the start time in clock ticks since boot: tells a reused
     pid apart."""
     return int(read_stat(pid, procfs=procfs)[19])
+
+
+def read_children(pid: int, procfs: Path = PROC) -> list[int]:
+    """The pids of the children of every thread of ``pid`` (/proc/PID/task/TID/children,
+    CONFIG_PROC_CHILDREN); empty when the kernel does not offer the file."""
+    out: list[int] = []
+    for task in sorted((procfs / str(pid) / "task").iterdir()):
+        try:
+            out.extend(int(w) for w in (task / "children").read_bytes().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(set(out))
 
 
 def thread_state(pid: int, tid: int | None = None, procfs: Path = PROC) -> str | None:

@@ -293,6 +293,16 @@ class Session(Tracer, NamedCalls):
         """Start time in clock ticks since boot (tells a reused pid apart)."""
         return int(str(self._proc(lambda: procfs.read_start_time(self.pid), "/proc/PID/stat")))
 
+    def children(self) -> list[tuple[int, str, int]]:
+        """(pid, comm, start time in clock ticks) of each child process (gone ones left out)."""
+        out = []
+        for child in procfs.read_children(self.pid):
+            try:
+                out.append((child, procfs.read_comm(child), procfs.read_start_time(child)))
+            except OSError:
+                continue
+        return out
+
     def open_map_file(self, start: int, end: int) -> int:
         """A read-only descriptor, in this process, of the file behind mapping
         ``[start, end)`` (/proc/PID/map_files: memfd and shared anonymous memory too); the

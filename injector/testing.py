@@ -117,6 +117,10 @@ class FakeProcess(NamedCalls):
         self.fail: dict[str, tuple[int, int]] = {}  # name -> (calls to let through, errno)
         self.unreadable: set[int] = set()  # page addresses whose reads fail (EFAULT)
         self.gone = False
+        self.child_processes: list[tuple[int, str, int]] = []
+        self.stopped_before = False  # as if it had been in a group stop when attached
+        self._held = False
+        self.resume_on_detach = False
         self._next_inode = 1000
 
     # ---- building the fake ---------------------------------------------------------------
@@ -177,6 +181,19 @@ class FakeProcess(NamedCalls):
 
     def alive(self) -> bool:
         return not self.gone
+
+    @property
+    def was_stopped(self) -> bool:
+        return self.stopped_before
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def hold(self) -> None:
+        self._alive()
+        self._held = True
+        self.resume_on_detach = not self.stopped_before
 
     def _alive(self) -> None:
         if self.gone:
@@ -340,6 +357,9 @@ class FakeProcess(NamedCalls):
 
     def start_time(self) -> int:
         return 12345
+
+    def children(self) -> list[tuple[int, str, int]]:
+        return list(self.child_processes)
 
     def open_map_file(self, start: int, end: int) -> int:
         raise NotImplementedError("the fake has no map_files")

@@ -139,6 +139,11 @@ class Tracer:
         self._active = False
         self._owner = 0
         self._pidfd = -1
+        self._held = False
+        self._initially_stopped = False
+        # Send SIGCONT after the detach: set by hold() unless the process was stopped
+        # already; clear it to leave a held process stopped (see hold()).
+        self.resume_on_detach = False
         # Seccomp filters are suspended for traced threads where the kernel lets us
         # (CAP_SYS_ADMIN): an injected call a filter forbids would otherwise kill the target.
         self.seccomp_suspended = True
@@ -163,6 +168,7 @@ class Tracer:
                     self._close_fds()
                 raise
             self._active = True
+            self._initially_stopped = self._stop_signal.get(self.pid) in _GROUP_STOP_SIGNALS
         return self
 
     def __exit__(
@@ -174,7 +180,9 @@ class Tracer:
         self.detach()
 
     def detach(self) -> None:
-        """Let every thread go (idempotent). Threads that were in a group stop stay stopped."""
+        """Let every thread go (idempotent). Threads that were in a group stop stay stopped;
+        a process held by :meth:`hold` is continued (SIGCONT) after the detach, unless
+        ``resume_on_detach`` was cleared."""
         if not self._active and not self._order and not self._unreaped:
             return
         if threading.get_ident() != self._owner:
@@ -182,9 +190,67 @@ class Tracer:
         with _signals_deferred(), _undisturbed():
             try:
                 self._release()
+                if self._held and self.resume_on_detach:
+                    self._send(signal.SIGCONT)
             finally:
                 self._active = False
+                self._held = False
                 self._close_fds()
+
+    @property
+    def was_stopped(self) -> bool:
+        """Whether the process was in a group stop (SIGSTOP, Ctrl-Z) when it was attached."""
+        return self._initially_stopped
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def hold(self) -> None:
+        """Put the whole process in a group stop (as SIGSTOP does) while every thread stays
+        traced, so that if this process dies, whatever kills it, the target is left stopped
+        and untraced (kernel/ptrace.c ``__ptrace_unlink`` re-instates the group stop on every
+        thread), never running half-changed. It stops there until SIGCONT: :meth:`detach`
+        sends it unless the process was stopped already or ``resume_on_detach`` is cleared.
+
+        Signals pending when the hold starts are delivered first (their handler frames are
+        set up, the handlers run only after the hold ends). Its parent sees a stop and a
+        continue (SIGCHLD, as for Ctrl-Z); a SIGCONT handler of the target runs once.
+        """
+        self.check()
+        if self._held:
+            return
+        self._held = True
+        if self._initially_stopped:
+            return  # the group stop is in effect already
+        self.resume_on_detach = True
+        deadline = time.monotonic() + self.timeout
+        self._send(signal.SIGSTOP)
+        for tid in self._order:  # the leader first: it takes SIGSTOP and starts the stop
+            self._to_group_stop(tid, deadline)
+
+    def _to_group_stop(self, tid: int, deadline: float) -> None:
+        """Resume ``tid`` from its interrupt stop until it reports the group stop."""
+        inject = 0
+        while True:
+            self.request(_libc.PTRACE_CONT, tid, 0, inject)
+            kind, sig = self.wait(tid, deadline)
+            if kind == EVENT_STOP and sig in _GROUP_STOP_SIGNALS:
+                self._stop_signal[tid] = sig
+                return
+            inject = 0
+            if kind == SIGNAL_STOP and sig == signal.SIGSTOP:
+                inject = sig  # let it act: the group stop begins
+            elif kind == SIGNAL_STOP:
+                # Another pending signal: deliver it, and stop again before user mode.
+                self.request(_libc.PTRACE_INTERRUPT, tid)
+                inject = sig
+
+    def _send(self, sig: int) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError as exc:
+            raise TargetExited(self.pid, "exited during the session", errno.ESRCH) from exc
 
     def _close_fds(self) -> None:
         """Close what the session opened on the target (subclasses add theirs)."""

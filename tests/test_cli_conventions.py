@@ -70,7 +70,7 @@ def test_every_error_maps_to_its_documented_code() -> None:
     ):
         assert exit_code(exc) == EXIT_TARGET
     assert exit_code(OutputDirError("not empty")) == EXIT_USAGE
-    assert exit_code(TargetBusy("busy")) == EXIT_USAGE
+    assert exit_code(TargetBusy("busy")) == EXIT_TARGET
     assert exit_code(KeyboardInterrupt()) == EXIT_INTERRUPTED
     assert exit_code(ZeroDivisionError()) is None
     assert EXIT_INTERNAL == 70

@@ -17,6 +17,7 @@ from applier import executor as execute
 from applier.api import apply
 from applier.dump import dump
 from applier.errors import ApplyFailed, MismatchError, RollbackFailed
+from applier.journal import Journal
 from applier.model import ImageTask, Kind, LiveTask, Region, SavedPages
 from applier.plan import Discard, SetRegs, Step, WritePages, make_plan
 from applier.undo import image as undo_image
@@ -157,8 +158,9 @@ def test_undo_of_an_undo_is_the_checkpoint_again(target: Target, tmp_path: Path)
 def test_failed_apply_that_cannot_be_rolled_back_leaves_an_undo_image(
     target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A step fails and so does the rollback: the error names the undo image, and applying
-    it puts the target back as it was."""
+    """A step fails and so does the rollback: the target is left held (stopped, untraced,
+    never running half-applied), the error names the undo image, and applying it puts the
+    target back as it was and lets it run."""
     image, checksum = scribbled(target, tmp_path)
     changed = snapshot(target.pid)
     real = execute.Executor._do
@@ -179,8 +181,10 @@ def test_failed_apply_that_cannot_be_rolled_back_leaves_an_undo_image(
     monkeypatch.undo()
     scope = load_scope(undo)
     assert scope is not None and scope.outcome == "rollback-failed"
-    assert command(target, "sum", "sum") != [checksum]  # half applied
+    assert target.state() == "T" and target.tracer() == 0  # held, half applied
+    assert Journal.find(target.pid) is not None
     apply(undo, target.pid)
+    assert Journal.find(target.pid) is None
     assert_same(changed, snapshot(target.pid))
     assert command(target, "sum", "sum") == [checksum]
     assert_untouched(target)

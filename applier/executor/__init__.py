@@ -60,6 +60,7 @@ _RUN: dict[type[Step], Handler] = {
 }
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
+    WritePages: pages.validate_code,
     SetRegs: registers.validate_regs,
 }
 _VERIFY: dict[type[Step], Handler] = {
@@ -94,8 +95,17 @@ class Executor:
         *,
         only_dirty: bool = False,
         progress: bool = True,
+        allow_code_writes: bool = False,
     ) -> None:
-        self.ctx = Context(process, plan, cores, undo, only_dirty=only_dirty, progress=progress)
+        self.ctx = Context(
+            process,
+            plan,
+            cores,
+            undo,
+            only_dirty=only_dirty,
+            progress=progress,
+            allow_code_writes=allow_code_writes,
+        )
 
     @property
     def stats(self) -> ApplyStats:

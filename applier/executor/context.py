@@ -44,6 +44,7 @@ class Context:
     cores: dict[int, CoreEntry]  # image tid -> core-<tid>.img
     undo: UndoLog
     only_dirty: bool = False  # write only pages whose contents differ (no tracker)
+    allow_code_writes: bool = False  # --write-code: code pages that differ from the file
     progress: bool = True
     stats: ApplyStats = attrs.field(factory=ApplyStats)
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)

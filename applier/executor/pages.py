@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from applier.errors import VerifyFailed
+from applier.errors import MismatchError, VerifyFailed
 from applier.executor.context import U64, Context
 from applier.limits import CHUNK, IOV_BATCH
 from applier.plan import SavedRuns, WritePages
@@ -34,7 +34,9 @@ __all__ = [
     "expand_ranges",
     "inside_any",
     "iov_rows",
+    "page_source",
     "read_ahead",
+    "validate_code",
     "verify_pages",
     "write_pages",
 ]
@@ -458,3 +460,37 @@ def _unmask(
         for lo, hi in ranges:
             a[lo:hi] = b[lo:hi] = bytes(hi - lo)
         differs[k] = a != b
+
+
+def validate_code(ctx: Context, step: WritePages) -> None:
+    """Refuse saved pages that would change code: in an executable file mapping, a page
+    whose bytes differ from the file at its offset (CRIU images may hold copied-on-write text
+    pages that equal the file; a different one patches the program). ``--write-code``
+    allows it."""
+    if ctx.allow_code_writes:
+        return
+    page = ctx.page
+    for code in step.code:
+        if code.path is None:
+            continue  # anonymous code (a JIT's): nothing to compare with
+        differs: list[int] = []
+        try:
+            with open(code.path, "rb") as f:
+                for run in step.runs:
+                    src = page_source(run.source)
+                    lo = max(run.vaddr, code.start)
+                    hi = min(run.vaddr + run.nr_pages * page, code.end)
+                    for addr in range(lo, hi, page):
+                        f.seek(code.offset + (addr - code.start))
+                        want = f.read(page).ljust(page, b"\0")
+                        have = src.pages.view(src.offset + (addr - src.vaddr), page)
+                        if have != want:
+                            differs.append(addr)
+        except OSError as exc:
+            raise MismatchError(f"cannot read {code.path} to check code pages: {exc}") from exc
+        if differs:
+            raise MismatchError(
+                f"the image would change {len(differs)} code pages of {code.path} (first at "
+                f"{differs[0]:#x}): their bytes differ from the file; --write-code writes "
+                "them anyway"
+            )

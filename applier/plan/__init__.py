@@ -8,6 +8,7 @@ each, ``make`` puts a whole plan together in execution order.
 from applier.plan.make import make_plan
 from applier.plan.memory import restrict_to_pages
 from applier.plan.steps import (
+    CodeWrite,
     Discard,
     MapAnon,
     MapFile,
@@ -25,6 +26,7 @@ from applier.plan.steps import (
 )
 
 __all__ = [
+    "CodeWrite",
     "Discard",
     "MapAnon",
     "MapFile",

@@ -37,6 +37,7 @@ from applier.plan.layout import (
 )
 from applier.plan.memory import (
     clip_saved,
+    code_writes,
     plan_discards,
     plan_shared,
     restrict_to_pages,
@@ -52,7 +53,7 @@ from applier.plan.steps import (
     WritePages,
 )
 from applier.plan.steps import recreated as recreated_by
-from applier.ranges import member
+from applier.ranges import align_up, member
 
 
 def make_plan(
@@ -81,10 +82,18 @@ def make_plan(
     notes: list[str] = []
     live_regions = list(live.regions)
 
-    if Part.BRK in parts and live.brk != image.brk:
+    if Part.BRK in parts and live.brk is not None and live.brk != image.brk:
         steps.append(SetBrk(live.brk, image.brk))
-        if live.brk is not None:
-            live_regions = simulate_brk(live_regions, live.brk, image.brk, page)
+        live_regions = simulate_brk(live_regions, live.brk, image.brk, page)
+    elif Part.BRK in parts and live.brk is None:
+        # Read-only (diff, dry runs): the break is known to the page, from [heap]'s end.
+        heap_end = max((r.end for r in live_regions if r.name == "[heap]"), default=None)
+        if heap_end != align_up(image.brk, page) and not (
+            heap_end is None and image.brk == image.start_brk
+        ):
+            steps.append(SetBrk(None, image.brk))
+            if heap_end is not None:
+                live_regions = simulate_brk(live_regions, heap_end, image.brk, page)
     if Part.LAYOUT in parts and image.mm_fields:
         fields = tuple(
             (name, live.mm_fields[name], value)
@@ -133,18 +142,44 @@ def make_plan(
                         "pagemap-shmem for it; --leave-shared applies everything else",
                     )
         if saved:
-            steps.append(WritePages(SavedRuns.of(saved)))
+            runs = SavedRuns.of(saved)
+            write = WritePages(runs, code_writes(runs, image_regions, page))
+            steps.append(write)
+            notes.extend(
+                f"writes {c.end - c.start} bytes into executable memory at "
+                f"{c.start:#x}-{c.end:#x} ({c.path or 'anonymous code'})"
+                for c in write.code
+            )
 
     if Part.REGS in parts:
         steps.extend(SetRegs(t, i) for t, i in match_threads(image, live))
     check_running_threads(steps, live)
+    children = _children_left(image, live, notes)
     return Plan(
         pid=live.pid,
         image_pid=image.pid,
         page_size=page,
         steps=tuple(steps),
         notes=tuple(notes),
+        children=children,
     )
+
+
+def _children_left(image: ImageTask, live: LiveTask, notes: list[str]) -> tuple[int, ...]:
+    """Child processes of the target that the image does not hold (they keep running as they
+    are: process trees are not applied), each with a note."""
+    out = []
+    for pid, comm, started in live.children:
+        if pid in image.children:
+            continue
+        when = (
+            "started since the checkpoint"
+            if image.dump_uptime is not None and started > image.dump_uptime
+            else "not in the image"
+        )
+        notes.append(f"child process {pid} ({comm}) is {when}: it keeps running as it is")
+        out.append(pid)
+    return tuple(out)
 
 
 def _merge(regions: Sequence[Region]) -> list[Region]:

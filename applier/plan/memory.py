@@ -12,13 +12,14 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.model import (
+    PROT_EXEC,
     ImageTask,
     Kind,
     LiveTask,
     Region,
     SavedPages,
 )
-from applier.plan.steps import Discard, SavedRuns, WriteShared
+from applier.plan.steps import CodeWrite, Discard, SavedRuns, WriteShared
 from applier.ranges import covered, intervals, member, page_ranges
 
 
@@ -101,6 +102,19 @@ def plan_shared(region: Region, image: ImageTask, page: int) -> WriteShared | No
     if cursor < region.end:
         holes.append((cursor, region.end))
     return WriteShared(region, tuple(runs), tuple(holes))
+
+
+def code_writes(runs: SavedRuns, regions: Sequence[Region], page: int) -> tuple[CodeWrite, ...]:
+    """The parts of ``runs`` that fall into executable private mappings of the image."""
+    out: list[CodeWrite] = []
+    for r in regions:
+        if not r.prot & PROT_EXEC or not r.kind.private:
+            continue
+        inside = clip_saved(runs, [r], page)
+        for a, e in zip(inside.vaddr.tolist(), inside.ends(page).tolist(), strict=True):
+            path = r.path if r.kind is Kind.FILE else None
+            out.append(CodeWrite(a, e, path, r.offset + (a - r.start)))
+    return tuple(out)
 
 
 def restrict_to_pages(

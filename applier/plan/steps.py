@@ -249,22 +249,43 @@ def _saved_runs(runs: Iterable[SavedPages]) -> SavedRuns:
 
 
 @attrs.frozen
+class CodeWrite:
+    """Saved pages that land in an executable mapping: ``path`` and ``offset`` (of
+    ``start``) name the file behind it, None for anonymous code (a JIT's)."""
+
+    start: int
+    end: int
+    path: str | None
+    offset: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": _hex(self.start), "end": _hex(self.end), "path": self.path}
+
+
+@attrs.frozen
 class WritePages:
     op: ClassVar[str] = "write"
     layout: ClassVar[bool] = False
     runs: SavedRuns = attrs.field(converter=_saved_runs)
+    code: tuple[CodeWrite, ...] = ()  # the parts of ``runs`` in executable mappings
 
     @property
     def nr_pages(self) -> int:
         return self.runs.nr_pages
 
+    @property
+    def code_bytes(self) -> int:
+        return sum(c.end - c.start for c in self.code)
+
     def describe(self) -> str:
-        return f"write   {self.nr_pages} saved pages in {len(self.runs)} runs"
+        code = f", {self.code_bytes} bytes into executable mappings" if self.code else ""
+        return f"write   {self.nr_pages} saved pages in {len(self.runs)} runs{code}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "op": "write",
             "pages": self.nr_pages,
+            "code": [c.as_dict() for c in self.code],
             "runs": [
                 [_hex(a), n]
                 for a, n in zip(self.runs.vaddr.tolist(), self.runs.npages.tolist(), strict=True)
@@ -391,6 +412,8 @@ class Plan:
     compared: bool = False
     pages_unchanged: int = 0
     threads: tuple[ThreadCall, ...] = ()
+    # Child processes the image does not hold: they keep running as they are.
+    children: tuple[int, ...] = ()
 
     def recreated(self) -> list[tuple[int, int]]:
         """The ranges the plan maps anew (nothing in them is worth keeping or comparing)."""
@@ -415,6 +438,7 @@ class Plan:
             "pages_to_discard": self.bytes_to_discard // self.page_size,
             "layout_changes": sum(s.layout for s in self.steps),
             "threads": len(self.of(SetRegs)),
+            "children_left_running": len(self.children),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -428,4 +452,5 @@ class Plan:
             "steps": [step.as_dict() for step in self.steps],
             "notes": list(self.notes),
             "threads": [t.as_dict() for t in self.threads],
+            "children_left_running": list(self.children),
         }

@@ -45,6 +45,7 @@ from applier.limits import CHUNK_PAGES
 from applier.model import LiveTask
 from applier.parts import Part
 from applier.ranges import covered, intervals, member, page_ranges
+from applier.trust import uptime_us
 from applier.undo.log import SavedRange, UndoLog
 from formats import names
 from formats.errors import ImageError
@@ -326,7 +327,7 @@ def write_undo_image(
     # The scope before inventory.img (written by finish): at no moment does the directory
     # look like a complete normal image, which would zero every page outside the scope.
     (directory / UNDO_FILE).write_text(scope.to_json() + "\n")
-    writer.finish()
+    writer.finish(dump_uptime=uptime_us())
     return UndoImageStats(directory, len(task_keys), len(scope_pages), shared_pages)
 
 

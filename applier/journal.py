@@ -1,0 +1,111 @@
+"""The apply journal: what an apply in progress is doing, on disk, so that if applier dies
+(``kill -9``, an OOM kill, a lost machine session) the held target can be finished.
+
+An apply holds its target in a group stop under ptrace before its first write
+(:meth:`injector.tracer.Tracer.hold`): if applier dies, the kernel leaves the target stopped
+and untraced, never running half-applied. The journal, written before the hold, says which
+image was being applied, how, by whom, and whether the target had been stopped before.
+``applier recover PID`` (or the next apply of that process) reads it and applies the image
+again: the image is on disk already, and an apply makes the process equal to it from any
+state, so finishing needs no record of what was written. It then continues the target
+(unless it had been stopped before) and removes the journal.
+
+Journals live beside the lock files (``applier.lock.lock_dir``), one per target process,
+named after its pid and start time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import attrs
+
+from applier.lock import lock_dir
+from injector.procfs import read_start_time
+
+__all__ = ["Journal"]
+
+FORMAT = "applier-journal/1"
+
+
+def _path(pid: int, start_time: int) -> Path:
+    return lock_dir() / f"journal-{pid}-{start_time}.json"
+
+
+@attrs.frozen
+class Journal:
+    """One apply in progress on process ``pid``."""
+
+    pid: int
+    start_time: int
+    image: str  # absolute path of the image directory
+    task: int | None
+    parts: tuple[str, ...]
+    only_dirty: bool
+    leave_shared: bool
+    was_stopped: bool  # the target was stopped (SIGSTOP, Ctrl-Z) before the apply held it
+    applier_pid: int
+    started: float  # time.time() when the apply began
+
+    @property
+    def path(self) -> Path:
+        return _path(self.pid, self.start_time)
+
+    def write(self) -> None:
+        """Write (or replace) the journal atomically."""
+        doc = {"format": FORMAT, **attrs.asdict(self)}
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    @classmethod
+    def begin(
+        cls,
+        pid: int,
+        image: Path,
+        *,
+        task: int | None,
+        parts: tuple[str, ...],
+        only_dirty: bool,
+        leave_shared: bool,
+        was_stopped: bool,
+    ) -> Journal:
+        journal = cls(
+            pid=pid,
+            start_time=read_start_time(pid),
+            image=str(image.resolve()),
+            task=task,
+            parts=parts,
+            only_dirty=only_dirty,
+            leave_shared=leave_shared,
+            was_stopped=was_stopped,
+            applier_pid=os.getpid(),
+            started=time.time(),
+        )
+        journal.write()
+        return journal
+
+    @classmethod
+    def find(cls, pid: int) -> Journal | None:
+        """The journal of the process ``pid`` is now (None if there is none, or it belongs to
+        an earlier process with that pid)."""
+        try:
+            path = _path(pid, read_start_time(pid))
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+            return None
+        try:
+            data["parts"] = tuple(data["parts"])
+            return cls(**data)
+        except TypeError:
+            return None
