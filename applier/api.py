@@ -31,6 +31,8 @@ from applier.image import image_task
 from applier.journal import Journal
 from applier.lock import TargetLock
 from applier.model import ImageTask, LiveTask
+from applier.overrides import NONE as NO_OVERRIDES
+from applier.overrides import Overrides
 from applier.parts import Part
 from applier.plan import Plan, SetRegs, make_plan
 from applier.trackfile import load_tracking, save_tracking
@@ -98,16 +100,6 @@ class _Image:
         return plan, live
 
 
-@attrs.frozen(kw_only=True)
-class Overrides:
-    """The refusals a caller may lift (each a CLI option of the same name)."""
-
-    other_process: bool = False  # the image is of another process (a replica)
-    write_code: bool = False  # write code pages that differ from the mapped file
-    trust_image: bool = False  # an image (or undo) directory others could have written
-    force: bool = False  # pid 1, applier itself or one of its ancestors
-
-
 @contextlib.contextmanager
 def _opened(
     image_dir: str | os.PathLike[str],
@@ -165,7 +157,7 @@ def diff(
     task: int | None = None,
     parts: Part | Iterable[str] = Part.ALL,
     leave_shared: bool = False,
-    overrides: Overrides = Overrides(),
+    overrides: Overrides = NO_OVERRIDES,
 ) -> Plan:
     """What differs between ``pid`` and the image, as the plan narrowed to it: the steps and
     pages whose effect would change the target (``applier.compare``). An empty plan means
@@ -194,7 +186,7 @@ def apply(
     undo_dir: str | os.PathLike[str] | None = None,
     undo: bool = True,
     progress: bool = False,
-    overrides: Overrides = Overrides(),
+    overrides: Overrides = NO_OVERRIDES,
 ) -> ApplyResult:
     """Revert ``pid`` to the checkpoint in ``image_dir``; roll back if anything fails.
 

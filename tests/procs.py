@@ -153,7 +153,7 @@ def run_applier(*args: str, unprivileged: bool = False) -> subprocess.CompletedP
     ``unprivileged``); never raises for a non-zero exit."""
     prefix = ["setpriv", *NOBODY] if unprivileged else []
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "applier.cli", *args],
+        [*prefix, sys.executable, "-m", "applier", *args],
         check=False,
         capture_output=True,
         text=True,

@@ -197,7 +197,7 @@ def test_dump_shows_progress_on_a_terminal(tmp_path: Path) -> None:
         assert piped.returncode == 0 and "dumping [" not in piped.stderr
         leader, follower = pty.openpty()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "applier.cli", "dump", str(tmp_path / "tty"), "--from",
+            [sys.executable, "-m", "applier", "dump", str(tmp_path / "tty"), "--from",
              str(t.pid)],
             stdout=subprocess.PIPE, stderr=follower, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},

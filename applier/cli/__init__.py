@@ -1,10 +1,15 @@
-"""Command-line interface: ``applier dump|show|diff|apply|check|demo``. Thin: parsing, dispatch,
-logging, and one error path (one line on stderr, or a JSON document under ``--json``, and the
-exit code ``applier.errors.exit_code`` gives; the codes are in ``applier/errors.py`` and
-``docs/cli.md``).
+"""Command-line interface: ``applier dump|show|diff|apply|recover|check|demo``. Thin: parsing,
+dispatch, logging, and one error path (one line on stderr, or a JSON document under
+``--json``, and the exit code ``applier.errors.exit_code`` gives; the codes are in
+``applier/errors.py`` and ``docs/cli.md``).
 
 Each command module registers its parser without importing what the command needs: the
 handler imports it when it runs, so ``applier --version`` or ``--help`` start in tens of ms.
+
+Signals: SIGINT, SIGTERM and SIGHUP end a command the same way. Until ``main`` runs there is
+nothing to undo, and the ``applier`` command (``applier._entry``) just exits with 128 + the
+signal (no traceback); from then on they raise ``Interrupted``, so an apply in progress is
+rolled back (and its target let go) before the one-line message and the same exit code.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
 from applier import __version__
 from applier.cli import apply as apply_cmd
-from applier.cli import check, demo, dump, show
-from applier.errors import EXIT_INTERNAL, exit_code
+from applier.cli import check, demo, dump, recover, show
+from applier.errors import EXIT_INTERNAL, Interrupted, exit_code
 
 __all__ = ["build_parser", "main"]
 
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--log-file", metavar="FILE", help="write the messages to FILE")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dump, show, apply_cmd, check, demo):
+    for module in (dump, show, apply_cmd, recover, check, demo):
         module.register(sub)
     return parser
 
@@ -97,13 +103,23 @@ def _error_json(exc: BaseException, code: int) -> None:
     print()
 
 
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbosity + args.more, args.quiet, args.log_file)
     func: Handler = args.func
     as_json = bool(getattr(args, "json", False))
+    before = {sig: signal.getsignal(sig) for sig in _STOPPING}
     try:
+        for sig in _STOPPING:  # from here a signal is an exception: an apply rolls back
+            signal.signal(sig, _raise_interrupted)
         return func(args)
     except BrokenPipeError:
         # The reader went away (``applier show --json | head``): not an error of ours.
@@ -116,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code is None or args.debug:
             traceback.print_exc()
         if isinstance(exc, KeyboardInterrupt):
-            message = "interrupted"
+            name = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+            message = f"interrupted ({name})"
         elif code is None:
             message = f"internal error: {exc!r} (a bug; please report it)"
         else:
@@ -126,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error_json(exc, code)
         print(f"applier: {message}", file=sys.stderr)
         return code
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

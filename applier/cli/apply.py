@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from applier.errors import EXIT_DIFFERENT, EXIT_OK
+from applier.overrides import Overrides
 from applier.parts import Part
 
 if TYPE_CHECKING:
@@ -53,6 +54,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the result (or the error) as one JSON document"
     )
+    p.add_argument(
+        "--other-process",
+        action="store_true",
+        help="apply an image of another process (another pid, or a pid reused since): the "
+        "replica case; refused by default",
+    )
+    p.add_argument(
+        "--trust-image",
+        action="store_true",
+        help="use an image (or undo) directory that users other than you and root could "
+        "have written; refused by default",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also work on pid 1, applier's own process or one of its ancestors",
+    )
+
+
+def overrides(args: argparse.Namespace) -> Overrides:
+    """The refusals the command line lifted."""
+    return Overrides(
+        other_process=args.other_process,
+        write_code=getattr(args, "write_code", False),
+        trust_image=args.trust_image,
+        force=args.force,
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,6 +113,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "'dump --track' left running, else by comparing contents page by page",
     )
     a.add_argument("--no-verify", action="store_true", help="do not read back after applying")
+    a.add_argument(
+        "--write-code",
+        action="store_true",
+        help="write saved pages into executable file mappings even where they differ from "
+        "the file (a patched program); refused by default",
+    )
     undo = a.add_mutually_exclusive_group()
     undo.add_argument(
         "--undo",
@@ -131,6 +165,7 @@ def run_diff(args: argparse.Namespace) -> int:
         task=args.task,
         parts=args.restore,
         leave_shared=args.leave_shared,
+        overrides=overrides(args),
     )
     differs = bool(plan.steps)
     s = plan.summary()
@@ -169,6 +204,7 @@ def run_apply(args: argparse.Namespace) -> int:
         undo_dir=args.undo,
         undo=not args.no_undo,
         progress=not args.json,
+        overrides=overrides(args),
     )
     if args.json:
         json.dump(apply_json(result), sys.stdout, indent=2)

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "written since are stored, the rest point into DIR (tracking moves on to this image)",
     )
     dp.add_argument("--json", action="store_true", help="print the result (or the error) as JSON")
+    dp.add_argument(
+        "--force", action="store_true", help="also pid 1, applier itself or its ancestors"
+    )
     dp.set_defaults(func=run_dump)
 
 
@@ -40,7 +43,12 @@ def run_dump(args: argparse.Namespace) -> int:
     from applier.dump import dump  # noqa: PLC0415 - the CLI imports per command
 
     stats = dump(
-        args.pid, args.image_dir, track=args.track, parent=args.parent, progress=not args.json
+        args.pid,
+        args.image_dir,
+        track=args.track,
+        parent=args.parent,
+        progress=not args.json,
+        force=args.force,
     )
     if args.json:
         json.dump(stats.as_dict(), sys.stdout, indent=2)

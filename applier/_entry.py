@@ -1,0 +1,25 @@
+"""The ``applier`` command's entry point: it sets quiet handlers for SIGINT, SIGTERM and
+SIGHUP before it imports anything else, so a Ctrl-C while the command starts ends it with
+one line and 128 + the signal, never a traceback (``applier.cli.main`` then replaces them
+with handlers that roll an apply back first)."""
+
+import os
+import signal
+import sys
+
+
+def _exit_now(signum: int, frame: object) -> None:  # pragma: no cover - timing dependent
+    os.write(2, b"applier: interrupted\n")
+    os._exit(128 + signum)
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_now)
+    from applier.cli import main as cli_main  # noqa: PLC0415 - after the handlers, on purpose
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

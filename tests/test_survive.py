@@ -1,0 +1,197 @@
+"""An apply that is killed: SIGTERM and SIGHUP roll back (exit 128 + signal); SIGKILL leaves
+the target held (stopped, untraced, a journal on disk) and ``applier recover`` or the next
+apply finishes it. Whatever the moment, the target's memory is then either as before the
+apply or as the image, and it runs on. Done for a target whose layout changed too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from applier.dump import dump
+from applier.journal import Journal
+from tests.procs import REPO, Target, assert_untouched, build_c, run_applier, spawn
+
+pytestmark = pytest.mark.live
+
+MIB = 128
+
+
+@pytest.fixture
+def big() -> Iterator[Target]:
+    """tests/targets/hold_target.c with 128 MiB of memory it can rewrite and hash."""
+    with spawn(build_c("hold_target.c"), str(MIB)) as t:
+        t.expect("ready")
+        yield t
+
+
+def ask(t: Target, line: str, key: str) -> list[str]:
+    t.send(line)
+    return t.expect(key, timeout=30)
+
+
+def digest(t: Target) -> str:
+    return ask(t, "hash", "hash")[0]
+
+
+def prepared(t: Target, tmp_path: Path, *, layout: bool) -> tuple[Path, str, str]:
+    """Fill, checkpoint (the image's hash), fill again and maybe change the layout (the
+    hash before the apply)."""
+    ask(t, "fill 1", "filled")
+    image = tmp_path / "ckpt"
+    dump(t.pid, image)
+    at_image = digest(t)
+    ask(t, "fill 2", "filled")
+    if layout:
+        ask(t, "layout", "layout")
+    before = digest(t)
+    assert before != at_image
+    return image, at_image, before
+
+
+def start_apply(image: Path, pid: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "applier", "apply", str(image), "--into", str(pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def wait_for_hold(pid: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> bool:
+    """Until the apply has written its journal (it is about to hold and write); False if it
+    finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Journal.find(pid) is not None:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.0005)
+    raise TimeoutError("the apply never started")
+
+
+def state(pid: int) -> tuple[str, int]:
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return fields["State"].split()[0], int(fields["TracerPid"])
+
+
+@pytest.mark.parametrize("layout", [False, True], ids=["same-layout", "layout-changed"])
+@pytest.mark.parametrize("after", [0.0, 0.03, 0.12], ids=["at-hold", "early", "later"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=str)
+def test_killed_apply_leaves_before_or_image(
+    big: Target, tmp_path: Path, sig: signal.Signals, after: float, layout: bool
+) -> None:
+    """A signal at some moment of a 128 MiB apply: the memory ends as before or as the
+    image, never in between; SIGKILL holds the target until recover."""
+    image, at_image, before = prepared(big, tmp_path, layout=layout)
+    proc = start_apply(image, big.pid)
+    started = wait_for_hold(big.pid, proc)
+    time.sleep(after)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode in (-signal.SIGKILL, 0)
+    else:
+        assert proc.returncode in (128 + sig, 0), err
+        if proc.returncode:
+            assert err.count("\n") == 1 and f"interrupted ({sig.name})" in err
+    if proc.returncode == -signal.SIGKILL and started:
+        # killed while it worked: held, untraced, with a journal; recover finishes it
+        deadline = time.monotonic() + 5
+        while state(big.pid)[0] not in "Tt" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run_state, tracer = state(big.pid)
+        if Journal.find(big.pid) is not None and run_state == "T":
+            assert tracer == 0
+            out = run_applier("recover", str(big.pid))
+            assert out.returncode == 0, out.stderr
+            assert f"recovered pid {big.pid}" in out.stdout
+            assert Journal.find(big.pid) is None
+    got = digest(big)
+    assert got in (before, at_image)
+    if proc.returncode == 128 + sig:
+        assert got in (before, at_image)  # rolled back, or the signal came after the last write
+    assert Journal.find(big.pid) is None
+    assert_untouched(big)
+    ask(big, "fill 3", "filled")  # and it works on
+    assert digest(big) not in (before, at_image)
+
+
+def test_next_apply_finishes_a_killed_one(big: Target, tmp_path: Path) -> None:
+    """Without recover: the next apply of a held target applies its own image and lets the
+    target run on."""
+    image, at_image, _ = prepared(big, tmp_path, layout=True)
+    proc = start_apply(image, big.pid)
+    assert wait_for_hold(big.pid, proc)
+    time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    out = run_applier("apply", str(image), "--into", str(big.pid))
+    assert out.returncode == 0, out.stderr
+    assert digest(big) == at_image
+    assert Journal.find(big.pid) is None
+    assert_untouched(big)
+
+
+def test_recover_without_journal_says_so(big: Target) -> None:
+    """Nothing to recover: exit 2, one line."""
+    out = run_applier("recover", str(big.pid))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "no apply journal" in out.stderr
+    assert_untouched(big)
+
+
+def test_a_stopped_target_stays_stopped(big: Target, tmp_path: Path) -> None:
+    """A target stopped with SIGSTOP before the apply is stopped after it too (the hold does
+    not continue it)."""
+    image, at_image, _ = prepared(big, tmp_path, layout=False)
+    os.kill(big.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 5
+        while state(big.pid)[0] != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out = run_applier("apply", str(image), "--into", str(big.pid))
+        assert out.returncode == 0, out.stderr
+        time.sleep(0.1)
+        assert state(big.pid) == ("T", 0)
+    finally:
+        os.kill(big.pid, signal.SIGCONT)
+    assert digest(big) == at_image
+    assert_untouched(big)
+
+
+def test_interrupt_while_starting_prints_no_traceback() -> None:
+    """SIGINT at several moments while the command loads and runs: one line, exit 130 (or
+    the command ran to its end), never a traceback. (The first ~30 ms are the interpreter's
+    own start, before any of applier's code runs: docs/cli.md, "Signals".)"""
+    codes = []
+    for delay in (0.06, 0.09, 0.12, 0.18, 0.25, 0.4):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "applier", "check"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err)
+        if proc.returncode == 130:
+            assert err.startswith("applier: interrupted") and err.count("\n") == 1
+        codes.append(proc.returncode)
+    assert 130 in codes  # the signal did land while applier ran
