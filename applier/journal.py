@@ -36,6 +36,19 @@ def _path(pid: int, start_time: int) -> Path:
     return lock_dir() / f"journal-{pid}-{start_time}.json"
 
 
+def _prune() -> None:
+    """Remove the journals of processes that are gone (nothing is left to finish there)."""
+    for path in lock_dir().glob("journal-*-*.json"):
+        try:
+            _, pid, start = path.stem.split("-")
+            alive = read_start_time(int(pid)) == int(start)
+        except (ValueError, OSError):
+            alive = False
+        if not alive:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 @attrs.frozen
 class Journal:
     """One apply in progress on process ``pid``."""
@@ -90,6 +103,7 @@ class Journal:
             applier_pid=os.getpid(),
             started=time.time(),
         )
+        _prune()
         journal.write()
         return journal
 
