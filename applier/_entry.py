@@ -16,6 +16,11 @@ def _exit_now(signum: int, frame: object) -> None:  # pragma: no cover - timing 
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_now)
+    if sys.argv[1:] == ["--version"]:  # answered without loading the command line
+        from applier import __version__  # noqa: PLC0415
+
+        print(f"applier {__version__}")
+        return 0
     from applier.cli import main as cli_main  # noqa: PLC0415 - after the handlers, on purpose
 
     return cli_main()

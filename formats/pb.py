@@ -19,13 +19,12 @@ Rules (docs: shared criu-image-format.md section 3, protobuf-c / python-protobuf
 from __future__ import annotations
 
 import enum
-import io
 import os
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import attrs
-from construct import GreedyBytes, Int32ul, Int64ul, Prefixed, StreamError, VarInt, ZigZag
+from construct import GreedyBytes, Int32ul, Int64ul, Prefixed, VarInt, ZigZag
 
 from formats.errors import ImageError
 
@@ -209,11 +208,19 @@ def field_default(obj: Message, name: str) -> Any:
 
 
 class _Reader:
-    """Reads wire primitives from one buffer with construct, translating errors to offsets."""
+    """Reads wire primitives from one buffer, translating errors to offsets.
+
+    Varints are decoded here in a loop over the bytes (the protobuf rule: 7 bits a byte,
+    little-endian, high bit "more follows", at most 10 bytes): construct's ``VarInt`` is the
+    definition, and ``tests/test_formats_pb.py`` checks both agree on every length; the loop
+    is what makes opening a directory of core images cheap (a few thousand varints)."""
+
+    __slots__ = ("base", "data", "entry", "path", "pos", "size")
 
     def __init__(self, data: bytes, path: str, base: int, entry: int | None) -> None:
         self.data = data
-        self.stream = io.BytesIO(data)
+        self.size = len(data)
+        self.pos = 0
         self.path = path
         self.base = base
         self.entry = entry
@@ -221,41 +228,42 @@ class _Reader:
     def error(self, message: str, pos: int) -> ImageError:
         return ImageError(self.path, message, offset=self.base + pos, entry=self.entry)
 
-    @property
-    def pos(self) -> int:
-        return self.stream.tell()
-
     def varint(self, what: str) -> int:
-        """One varint. Single-byte values (most tags and small numbers) are decoded here
-        directly; longer ones go through construct's VarInt, the codec's definition."""
-        start = self.pos
-        if start < len(self.data) and self.data[start] < 0x80:
-            self.stream.seek(start + 1)
-            return self.data[start]
-        try:
-            value: int = PbVarInt.parse_stream(self.stream)
-        except StreamError:
-            raise self.error(f"truncated varint ({what})", start) from None
-        if self.pos - start > 10 or value > _U64:
+        data, pos, size = self.data, self.pos, self.size
+        start = pos
+        value = shift = 0
+        while True:
+            if pos >= size:
+                raise self.error(f"truncated varint ({what})", start)
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift >= 70:
+                raise self.error(f"varint longer than 10 bytes ({what})", start)
+        if value > _U64:
             raise self.error(f"varint longer than 10 bytes ({what})", start)
+        self.pos = pos
         return value
 
     def fixed(self, size: int, what: str) -> int:
         start = self.pos
-        try:
-            value: int = (PbFixed64 if size == 8 else PbFixed32).parse_stream(self.stream)
-        except StreamError:
-            raise self.error(f"truncated fixed{size * 8} value ({what})", start) from None
-        return value
+        if start + size > self.size:
+            raise self.error(f"truncated fixed{size * 8} value ({what})", start)
+        self.pos = start + size
+        return int.from_bytes(self.data[start : start + size], "little")
 
     def chunk(self, what: str, start: int) -> bytes:
         length = self.varint(what)
-        if self.pos + length > len(self.data):
+        if self.pos + length > self.size:
             raise self.error(
                 f"length-delimited {what} of {length} bytes runs past the end of the message",
                 start,
             )
-        value: bytes = self.stream.read(length)
+        value = self.data[self.pos : self.pos + length]
+        self.pos += length
         return value
 
 
@@ -291,6 +299,43 @@ def _read_packed(reader: _Reader, kind: Kind, body_start: int, body: bytes) -> l
     return out
 
 
+@attrs.frozen
+class _Field:
+    """What ``parse`` needs to know of one declared field, looked up once per class."""
+
+    name: str
+    spec: FieldSpec
+    wire: int  # the wire type of one unpacked value
+    convert: Callable[[int], Any] | None  # int -> value for varint/fixed kinds; None: as is
+    repeated: bool
+
+
+def _converter(kind: Kind) -> Callable[[int], Any] | None:
+    if kind in (Kind.UINT64, Kind.FIXED64):
+        return None
+    return lambda value: _scalar_from_int(kind, value)
+
+
+_PARSE_TABLES: dict[type[Message], dict[int, _Field]] = {}
+
+
+def _parse_table(cls: type[Message]) -> dict[int, _Field]:
+    table = _PARSE_TABLES.get(cls)
+    if table is None:
+        table = {
+            number: _Field(
+                b.name,
+                b.spec,
+                b.spec.kind.wire_type,
+                _converter(b.spec.kind),
+                b.spec.label is Label.REPEATED,
+            )
+            for number, b in schema(cls).items()
+        }
+        _PARSE_TABLES[cls] = table
+    return table
+
+
 def parse(
     cls: type[M],
     data: bytes,
@@ -301,19 +346,34 @@ def parse(
 ) -> M:
     """Decode ``data`` as message ``cls``; ``path``/``offset``/``entry`` locate errors."""
     reader = _Reader(bytes(data), os.fspath(path), offset, entry)
-    fields = schema(cls)
+    fields = _parse_table(cls)
     values: dict[str, Any] = {}
     pieces: dict[int, list[tuple[int, bytes]]] = {}  # sub-message occurrences, merged at the end
     unknown: list[RawField] = []
-    size = len(reader.data)
+    size = reader.size
     while reader.pos < size:
         start = reader.pos
         key = reader.varint("field key")
         number, wire = key >> 3, key & 7
         if number == 0:
             raise reader.error("field number 0", start)
+        field = fields.get(number)
         if wire == WT_VARINT:
             raw_value: int | bytes = reader.varint(f"field {number}")
+            if field is not None and field.wire == WT_VARINT:
+                convert = field.convert
+                if field.repeated:
+                    # unpacked repeated: the same key again and again; read the whole run
+                    out = values.setdefault(field.name, [])
+                    out.append(raw_value if convert is None else convert(raw_value))  # type: ignore[arg-type]
+                    data = reader.data
+                    while reader.pos < size and data[reader.pos] == key and key < 0x80:
+                        reader.pos += 1
+                        got = reader.varint(f"field {number}")
+                        out.append(got if convert is None else convert(got))
+                else:
+                    values[field.name] = raw_value if convert is None else convert(raw_value)  # type: ignore[arg-type]
+                continue
         elif wire == WT_FIXED64:
             raw_value = reader.fixed(8, f"field {number}")
         elif wire == WT_FIXED32:
@@ -323,62 +383,59 @@ def parse(
             body_start = reader.pos - len(raw_value)
         else:
             raise reader.error(f"wire type {wire} (group or invalid) in field {number}", start)
-        bound = fields.get(number)
-        if bound is None:
+        if field is None:
             unknown.append(RawField(number, reader.data[start : reader.pos]))
             continue
-        spec = bound.spec
+        spec = field.spec
         if spec.kind is Kind.MESSAGE:
             if wire != WT_LEN:
-                raise reader.error(f"{bound.name}: wire type {wire}, expected 2", start)
+                raise reader.error(f"{field.name}: wire type {wire}, expected 2", start)
             assert isinstance(raw_value, bytes)
             pieces.setdefault(number, []).append((body_start, raw_value))
             continue
         if wire == WT_LEN and spec.kind not in (Kind.STRING, Kind.BYTES):
-            if spec.label is not Label.REPEATED:
-                raise reader.error(f"{bound.name}: wire type 2 for a scalar field", start)
+            if not field.repeated:
+                raise reader.error(f"{field.name}: wire type 2 for a scalar field", start)
             assert isinstance(raw_value, bytes)
             ints = _read_packed(reader, spec.kind, body_start, raw_value)
-            values.setdefault(bound.name, []).extend(_scalar_from_int(spec.kind, v) for v in ints)
+            values.setdefault(field.name, []).extend(_scalar_from_int(spec.kind, v) for v in ints)
             continue
-        if wire != spec.kind.wire_type:
-            raise reader.error(
-                f"{bound.name}: wire type {wire}, expected {spec.kind.wire_type}", start
-            )
+        if wire != field.wire:
+            raise reader.error(f"{field.name}: wire type {wire}, expected {field.wire}", start)
         if spec.kind is Kind.STRING:
             assert isinstance(raw_value, bytes)
             try:
                 value: Any = raw_value.decode("utf-8")
             except UnicodeDecodeError:
-                raise reader.error(f"{bound.name}: string is not UTF-8", start) from None
+                raise reader.error(f"{field.name}: string is not UTF-8", start) from None
         elif spec.kind is Kind.BYTES:
             value = raw_value
         else:
             assert isinstance(raw_value, int)
-            value = _scalar_from_int(spec.kind, raw_value)
-        if spec.label is Label.REPEATED:
-            values.setdefault(bound.name, []).append(value)
+            value = raw_value if field.convert is None else field.convert(raw_value)
+        if field.repeated:
+            values.setdefault(field.name, []).append(value)
         else:
-            values[bound.name] = value
+            values[field.name] = value
     for number, occurrences in pieces.items():
-        bound = fields[number]
-        sub_cls = bound.spec.message
+        field = fields[number]
+        sub_cls = field.spec.message
         assert sub_cls is not None
-        if bound.spec.label is Label.REPEATED:
-            values[bound.name] = [
+        if field.repeated:
+            values[field.name] = [
                 parse(sub_cls, body, path=reader.path, offset=offset + at, entry=entry)
                 for at, body in occurrences
             ]
         else:
             merged = b"".join(body for _, body in occurrences)
-            values[bound.name] = parse(
+            values[field.name] = parse(
                 sub_cls, merged, path=reader.path, offset=offset + occurrences[0][0], entry=entry
             )
-    for bound in fields.values():
-        if bound.spec.label is Label.REQUIRED and bound.name not in values:
+    for field in fields.values():
+        if field.spec.label is Label.REQUIRED and field.name not in values:
             raise ImageError(
                 reader.path,
-                f"{cls.__name__}: required field {bound.name} ({bound.spec.number}) is missing",
+                f"{cls.__name__}: required field {field.name} ({field.spec.number}) is missing",
                 offset=offset,
                 entry=entry,
             )

@@ -8,11 +8,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from applier.errors import EXIT_DIFFERENT, EXIT_OK
-from applier.overrides import Overrides
 from applier.parts import Part
 
 if TYPE_CHECKING:
     from applier.api import ApplyResult
+    from applier.overrides import Overrides
     from applier.plan import Plan
 
 __all__ = ["pid_arg", "print_plan", "register"]
@@ -75,6 +75,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> Overrides:
     """The refusals the command line lifted."""
+    from applier.overrides import Overrides  # noqa: PLC0415 - attrs costs 35 ms to import
+
     return Overrides(
         other_process=args.other_process,
         write_code=getattr(args, "write_code", False),
