@@ -133,6 +133,9 @@ int main(void) {
         } else if (!strcmp(cmd, "madv")) {
             if (madvise((void *)a, b * PAGE, MADV_DONTNEED)) _exit(9);
             say("ok\n");
+        } else if (!strcmp(cmd, "pageout")) {
+            if (madvise((void *)a, b * PAGE, 21 /* MADV_PAGEOUT */)) _exit(14);
+            say("ok\n");
         } else if (!strcmp(cmd, "remap")) {
             if (munmap((void *)a, b * PAGE)) _exit(10);
             void *m = mmap((void *)a, b * PAGE, PROT_READ | PROT_WRITE,
