@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from formats.mm import VmaStatus as S
 from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from injector import attach
 from injector.maps import Mapping
+from injector.memory import buffer_address
 from injector.process import Process
 from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
 
@@ -201,7 +202,10 @@ def dump_process(
         holes = (changed, base.starts, base.ends)
     plan = _select(s, maps, vmas, page_size, holes)
     bar = Progress(plan.data_pages * page_size, progress, verb="dumping")
-    writer.add_process(proc, mm=mm, cores=cores, runs=_page_data(s, plan, stats, bar))
+    writer.add_process(proc, mm=mm, cores=cores)
+    writer.write_pagemap_filled(
+        names.pagemap(proc.pid), _pagemap_runs(plan, stats), _reader(s, stats, bar, page_size)
+    )
     bar.finish()
     for inode, windows in _shared_objects(maps).items():
         runs = _shared_data(s, inode, windows, page_size, stats)
@@ -340,23 +344,39 @@ def _select(
     return _Selection(out, data, page)
 
 
-def _page_data(s: Process, sel: _Selection, stats: DumpStats, bar: Progress) -> Iterator[PageData]:
-    """The task pagemap's runs with their bytes, read from the target in chunks."""
+def _pagemap_runs(sel: _Selection, stats: DumpStats) -> list[tuple[int, int, int]]:
+    """The task pagemap's runs in address order: (vaddr, pages, flags); data runs cut to
+    CHUNK_PAGES (8 MiB) as CRIU's page-pipe does."""
     page = sel.page
+    out: list[tuple[int, int, int]] = []
     for start, runs, lazy in sel.mappings:
         for first, count, hole in runs:
             if hole:
                 stats.parent_pages += count
-                yield start + first * page, count, PE_PARENT, None
+                out.append((start + first * page, count, PE_PARENT))
                 continue
             for off in range(0, count, CHUNK_PAGES):
                 n = min(CHUNK_PAGES, count - off)
-                addr = start + (first + off) * page
-                buf = bytearray(n * page)
-                s.read_into(addr, memoryview(buf))
-                stats.pages += n
-                bar.advance(n * page)
-                yield addr, n, PE_PRESENT | lazy, bytes(buf)
+                out.append((start + (first + off) * page, n, PE_PRESENT | lazy))
+    return out
+
+
+def _reader(
+    s: Process, stats: DumpStats, bar: Progress, page: int
+) -> Callable[[memoryview, list[tuple[int, int, int]]], None]:
+    """Copies runs of the target's memory straight into a window of the pages file."""
+
+    def fill(view: memoryview, placed: list[tuple[int, int, int]]) -> None:
+        base = np.uint64(buffer_address(view))
+        table = np.array(placed, dtype=np.uint64).reshape(-1, 3)
+        local = np.stack((base + table[:, 0], table[:, 2]), axis=1)
+        remote = np.ascontiguousarray(table[:, 1:3])
+        s.read_iov(np.ascontiguousarray(local), remote)
+        done = int(table[:, 2].sum())
+        stats.pages += done // page
+        bar.advance(done)
+
+    return fill
 
 
 def _start_tracking(session: Process, out: Path, stats: DumpStats) -> None:

@@ -1,6 +1,7 @@
 // Benchmark target: N MiB of private anonymous memory, every page written.
 // stdin: "dirty <permille> <seed>" writes one byte into that share of its pages, spread
-// evenly with a seed-dependent phase; answers "ok <pages>". "quit" exits.
+// evenly with a seed-dependent phase; "dirtyn <count> <seed>" into that many pages, evenly
+// spread; both answer "ok <pages>". "quit" exits.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,7 +21,13 @@ int main(int argc, char **argv) {
     char line[128];
     while (fgets(line, sizeof line, stdin)) {
         unsigned permille, seed;
-        if (sscanf(line, "dirty %u %u", &permille, &seed) == 2) {
+        unsigned long count;
+        if (sscanf(line, "dirtyn %lu %u", &count, &seed) == 2) {  // count pages, evenly spread
+            size_t step = count ? pages / count : 1, n = 0;
+            for (size_t p = seed % step; p < pages && n < count; p += step, n++) mem[p * 4096 + 100] ^= 0x5a;
+            printf("ok %zu\n", n);
+            fflush(stdout);
+        } else if (sscanf(line, "dirty %u %u", &permille, &seed) == 2) {
             size_t n = 0;
             for (size_t p = 0; p < pages; p++) {
                 if ((p * 7919 + seed) % 1000 < permille) { mem[p * 4096 + 100] ^= 0x5a; n++; }

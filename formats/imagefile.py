@@ -281,7 +281,9 @@ def build_image(magic_name: str, entries: Sequence[Message], *, head: bool = Tru
         cls = kind.entry_class(index)
         if not isinstance(entry, cls):
             raise TypeError(f"{magic_name} entry {index} must be {cls.__name__}")
-        parts.append(_Entry.build(build(entry)))
+        payload = build(entry)
+        parts.append(len(payload).to_bytes(4, "little"))  # what _Entry (construct) builds
+        parts.append(payload)
         if isinstance(entry, ExtraMessage):
             if len(entry.extra) != entry.extra_length():
                 raise ValueError(

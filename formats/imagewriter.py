@@ -12,8 +12,9 @@ The root process of the tree must have ppid 0, as CRIU writes it (crit 3.17's ``
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from formats import names
@@ -26,10 +27,10 @@ from formats.core import (
 )
 from formats.fdkinds import MemfdInodeEntry, PipeDataEntry
 from formats.files import FD_CLOEXEC, FdinfoEntry, FileEntry, FownEntry, FsEntry, RegFileEntry
-from formats.imagefile import dump_image
+from formats.imagefile import build_image, dump_image
 from formats.inventory import CRTOOLS_IMAGES_V1_1, InventoryEntry, PstreeEntry, TaskKobjIdsEntry
 from formats.mm import MAP_ANONYMOUS, MAP_PRIVATE, MmEntry, VmaEntry, VmaStatus
-from formats.pagemap import PE_PRESENT, make_entries
+from formats.pagemap import PE_PRESENT, entries_bytes
 from formats.pagemap_msgs import PagemapHead
 
 __all__ = ["ImageWriter", "PageData", "anon_vma", "fd_entry", "regular_file", "x86_core"]
@@ -134,8 +135,55 @@ class ImageWriter:
                 elif data is not None:
                     raise ValueError(f"run at 0x{vaddr:x}: data without PE_PRESENT")
                 plain.append((vaddr, nr_pages, flags))
-        entries = [PagemapHead(pages_id=pages_id), *make_entries(plain, self.page_size)]
-        dump_image(self.path / name, "PAGEMAP", entries)
+        self._write_pagemap_image(name, pages_id, plain)
+        return pages_id
+
+    def _write_pagemap_image(
+        self, name: str, pages_id: int, runs: Sequence[tuple[int, int, int]]
+    ) -> None:
+        head = build_image("PAGEMAP", [PagemapHead(pages_id=pages_id)])
+        (self.path / name).write_bytes(head + entries_bytes(runs, self.page_size))
+
+    def write_pagemap_filled(
+        self,
+        name: str,
+        runs: Sequence[tuple[int, int, int]],
+        fill: Callable[[memoryview, list[tuple[int, int, int]]], None],
+        *,
+        window: int = 64 << 20,
+    ) -> int:
+        """Write pagemap ``name`` whose data runs (``PE_PRESENT``) ``fill`` copies straight
+        into the pages file: the file is sized first and mapped a window at a time, and
+        ``fill(view, [(offset in view, vaddr, bytes), ...])`` writes each window's runs (a
+        dumper reads the target's memory into it: one copy, no buffer in between). Returns
+        the pages_id."""
+        pages_id = self._next_pages_id
+        self._next_pages_id += 1
+        page = self.page_size
+        placed: list[tuple[int, int, int]] = []  # (file offset, vaddr, bytes)
+        total = 0
+        for vaddr, nr_pages, flags in runs:
+            if flags & PE_PRESENT:
+                placed.append((total, vaddr, nr_pages * page))
+                total += nr_pages * page
+        with (self.path / names.pages(pages_id)).open("w+b") as pages:
+            if total:
+                os.ftruncate(pages.fileno(), total)
+            i = 0
+            while i < len(placed):
+                lo = placed[i][0]
+                j = i + 1
+                while j < len(placed) and placed[j][0] + placed[j][2] - lo <= window:
+                    j += 1
+                hi = placed[j - 1][0] + placed[j - 1][2]
+                with mmap.mmap(pages.fileno(), hi - lo, offset=lo) as m:
+                    view = memoryview(m)
+                    try:
+                        fill(view, [(off - lo, vaddr, n) for off, vaddr, n in placed[i:j]])
+                    finally:
+                        view.release()
+                i = j
+        self._write_pagemap_image(name, pages_id, runs)
         return pages_id
 
     def write_shmem_pagemap(self, shmid: int, runs: Iterable[PageData]) -> int:

@@ -447,46 +447,75 @@ def parse(
 # writing
 
 
+def varint_bytes(value: int) -> bytes:
+    """The protobuf varint of an unsigned ``value`` (< 2**64): construct's ``VarInt`` is the
+    definition (tests/test_formats_pb.py checks both agree), this loop the fast way."""
+    if value < 0x80:
+        return _SMALL[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
 def _key(number: int, wire: int) -> bytes:
-    return _b(PbVarInt, (number << 3) | wire)
+    return varint_bytes((number << 3) | wire)
 
 
-def _b(con: Any, value: Any) -> bytes:
-    data: bytes = con.build(value)
-    return data
+def _length_delimited(body: bytes) -> bytes:
+    return varint_bytes(len(body)) + body
 
 
 def _encode_value(spec: FieldSpec, value: Any) -> bytes:
     kind = spec.kind
     if kind is Kind.MESSAGE:
-        return _b(PbLengthDelimited, build(value))
+        return _length_delimited(build(value))
     if kind is Kind.STRING:
-        return _b(PbLengthDelimited, value.encode("utf-8"))
+        return _length_delimited(value.encode("utf-8"))
     if kind is Kind.BYTES:
-        return _b(PbLengthDelimited, bytes(value))
+        return _length_delimited(bytes(value))
     if kind is Kind.FIXED32:
-        return _b(PbFixed32, value & _U32)
+        return (int(value) & _U32).to_bytes(4, "little")
     if kind is Kind.FIXED64:
-        return _b(PbFixed64, value & _U64)
+        return (int(value) & _U64).to_bytes(8, "little")
     if kind in (Kind.SINT32, Kind.SINT64):
-        return _b(PbZigZag, int(value))
+        v = int(value)
+        return varint_bytes(((v << 1) ^ (v >> 63)) & _U64)
     if kind is Kind.BOOL:
-        return _b(PbVarInt, 1 if value else 0)
+        return _SMALL[1 if value else 0]
     # int32/int64/enum negatives are sign-extended to 64 bits (10 bytes), like protobuf-c.
-    return _b(PbVarInt, int(value) & _U64)
+    return varint_bytes(int(value) & _U64)
+
+
+_KEYS: dict[type[Message], list[tuple[int, str, FieldSpec, bytes]]] = {}
+
+
+def _build_table(cls: type[Message]) -> list[tuple[int, str, FieldSpec, bytes]]:
+    table = _KEYS.get(cls)
+    if table is None:
+        table = [
+            (number, b.name, b.spec, _key(number, b.spec.kind.wire_type))
+            for number, b in schema(cls).items()
+        ]
+        _KEYS[cls] = table
+    return table
 
 
 def build(obj: Message) -> bytes:
     """Encode ``obj``: ascending field numbers, unknown fields merged back by number."""
     chunks: list[tuple[int, bytes]] = []
-    for number, bound in schema(type(obj)).items():
-        spec = bound.spec
-        value = getattr(obj, bound.name)
-        key = _key(number, spec.kind.wire_type)
+    for number, name, spec, key in _build_table(type(obj)):
+        value = getattr(obj, name)
         if spec.label is Label.REPEATED:
             chunks.extend((number, key + _encode_value(spec, item)) for item in value)
         elif value is not None:
             chunks.append((number, key + _encode_value(spec, value)))
-    chunks.extend((raw.number, raw.raw) for raw in obj.unknown_fields)
-    chunks.sort(key=lambda c: c[0])  # stable: repeated and unknown keep their order
+    if obj.unknown_fields:
+        chunks.extend((raw.number, raw.raw) for raw in obj.unknown_fields)
+        chunks.sort(key=lambda c: c[0])  # stable: repeated and unknown keep their order
     return b"".join(chunk for _, chunk in chunks)
