@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import numpy as np
@@ -54,13 +55,16 @@ from applier.undo.image import (
 from applier.undo.log import UndoLog
 from formats.core import CoreEntry
 from formats.imagedir import ImageDir
+from injector.errors import InjectorError
 from injector.process import Process
 from injector.session import attach
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
 
-__all__ = ["ApplyResult", "Overrides", "apply", "diff", "recover"]
+__all__ = ["ApplyResult", "Overrides", "Prepared", "apply", "diff", "recover"]
 
 logger = logging.getLogger(__name__)
+
+U64 = npt.NDArray[np.uint64]
 
 
 @attrs.frozen
@@ -213,11 +217,139 @@ def apply(
         check_undo_dir(undo_path)
         if not overrides.trust_image:
             check_undo_dir_trusted(undo_path)
+    with _opened(image_dir, pid, task, parts, overrides) as image:
+        tracking = _SavedTracker(image.dir.path, pid) if only_dirty else None
+        return _apply_image(
+            image, pid, tracking,
+            task=task, leave_shared=leave_shared, only_dirty=only_dirty, verify=verify,
+            dry_run=dry_run, undo_path=undo_path, undo=undo, progress=progress,
+            write_code=overrides.write_code,
+        )  # fmt: skip
+    raise AssertionError("unreachable")  # pragma: no cover - the with block returns
+
+
+class _Tracking(Protocol):
+    """Where an apply's dirty tracker comes from and goes back to."""
+
+    def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]: ...
+    def done(self, tracker: DirtyTracker, *, applied: bool) -> None: ...
+
+
+@attrs.define
+class _SavedTracker:
+    """The tracker state a tracked dump saved beside the image (``applier.trackfile``)."""
+
+    image_dir: Path
+    pid: int
+
+    def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
+        return _resume(process, load_tracking(self.image_dir, self.pid))
+
+    def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
+        if applied:
+            # The target now equals the image: "written since" starts again here.
+            tracker.reset()
+            save_tracking(self.image_dir, tracker.release(), must=False)
+        else:
+            tracker.release()  # keep tracking: the target is as it was
+
+
+@attrs.define
+class _KeptTracker:
+    """A tracker kept open in this process between applies (``Prepared``): resumed from the
+    saved state once, then moved from session to session; its state file follows."""
+
+    saved: _SavedTracker
+    tracker: DirtyTracker | None = None
+
+    def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
+        if self.tracker is None:
+            self.tracker, dirty = self.saved.resume(process)
+            return self.tracker, dirty
+        try:
+            self.tracker.rebind(process)
+            return self.tracker, self.tracker.dirty_pages()
+        except TrackingError as exc:
+            logger.warning(
+                "dirty tracking of pid %d lost (%s): comparing page contents", process.pid, exc
+            )
+            self.tracker = None
+            return None, None
+
+    def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
+        if applied:
+            tracker.reset()
+            save_tracking(self.saved.image_dir, tracker.state(), must=False)
+
+    def close(self) -> None:
+        """Stop tracking (in a session of its own; nothing to do if the target is gone)."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            state = load_tracking(self.saved.image_dir, self.saved.pid)
+            if state is None:
+                return
+            with contextlib.suppress(InjectorError), attach(self.saved.pid) as process:
+                resume_tracker(process, state).close()
+            return
+        with contextlib.suppress(InjectorError), attach(self.saved.pid) as process:
+            tracker.rebind(process)
+            tracker.close()
+
+
+class Prepared:
+    """An image opened and checked once for many applies into one process (what
+    ``applier.fixture.Checkpoint`` restores with): the parsed image and its task, the trust
+    and identity checks, the dirty tracker kept open in this process, the image's pages left
+    mapped. Each ``apply`` then does only the work that depends on what changed."""
+
+    def __init__(
+        self, image_dir: str | os.PathLike[str], pid: int, *, overrides: Overrides = NO_OVERRIDES
+    ) -> None:
+        self.pid = pid
+        self._stack = contextlib.ExitStack()
+        self.image = self._stack.enter_context(_opened(image_dir, pid, None, Part.ALL, overrides))
+        self.tracking = _KeptTracker(_SavedTracker(self.image.dir.path, pid))
+
+    def apply(
+        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
+    ) -> ApplyResult:
+        """``apply(image_dir, pid, only_dirty=True, ...)`` with everything kept warm."""
+        image = attrs.evolve(self.image, parts=self.image.parts & Part.of(parts))
+        return _apply_image(
+            image, self.pid, self.tracking,
+            task=None, leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
+            undo_path=None, undo=undo, progress=False, write_code=False, keep_mapped=True,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the tracker and close the image."""
+        try:
+            self.tracking.close()
+        finally:
+            self._stack.close()
+
+
+def _apply_image(
+    image: _Image,
+    pid: int,
+    tracking: _Tracking | None,
+    *,
+    task: int | None,
+    leave_shared: bool,
+    only_dirty: bool,
+    verify: bool,
+    dry_run: bool,
+    undo_path: Path | None,
+    undo: bool,
+    progress: bool,
+    write_code: bool,
+    keep_mapped: bool = False,
+) -> ApplyResult:
+    """Everything of an apply once the image is open and checked: claim the target, attach,
+    hold and journal, resume the tracker, plan, carry out, let go."""
     with contextlib.ExitStack() as stack:
-        image = stack.enter_context(_opened(image_dir, pid, task, parts, overrides))
         what = "a dry run of" if dry_run else "applying"
         stack.enter_context(TargetLock.acquire(pid, "work", f"{what} {image.dir.path}"))
-        state = load_tracking(image.dir.path, pid) if only_dirty else None
         # with --undo, the spool is a (nameless) file in DIR
         log = UndoLog.create(undo_path) if undo else UndoLog.disabled()
         stack.callback(log.close)
@@ -231,30 +363,31 @@ def apply(
 
         stack.callback(end_journal)
         process = stack.enter_context(attach(pid))
-        if not dry_run:
-            was_stopped = stale.was_stopped if stale is not None else process.was_stopped
-            journal = Journal.begin(
-                pid,
-                image.dir.path,
-                task=task,
-                parts=image.parts.labels(),
-                only_dirty=only_dirty,
-                leave_shared=leave_shared,
-                was_stopped=was_stopped,
-            )
-            process.hold()
-            process.resume_on_detach = not was_stopped
-        tracker, dirty = _resume(process, state)
+        tracker: DirtyTracker | None = None
         try:
+            if not dry_run:
+                was_stopped = stale.was_stopped if stale is not None else process.was_stopped
+                journal = Journal.begin(
+                    pid,
+                    image.dir.path,
+                    task=task,
+                    parts=image.parts.labels(),
+                    only_dirty=only_dirty,
+                    leave_shared=leave_shared,
+                    was_stopped=was_stopped,
+                )
+                process.hold()
+                process.resume_on_detach = not was_stopped
+            tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
             result = _apply_held(
                 image, process, log, tracker, dirty,
                 leave_shared=leave_shared, only_dirty=only_dirty, verify=verify,
                 dry_run=dry_run, undo_path=undo_path, progress=progress,
-                write_code=overrides.write_code,
+                write_code=write_code, keep_mapped=keep_mapped,
             )  # fmt: skip
         except BaseException as exc:
-            if tracker is not None:
-                tracker.release()  # keep tracking: the target is as it was
+            if tracker is not None and tracking is not None:
+                tracking.done(tracker, applied=False)
             if journal is not None:
                 if isinstance(exc, RollbackFailed):
                     # Half-applied: it stays held, and the journal tells how to finish.
@@ -265,13 +398,8 @@ def apply(
                     ) from exc
                 finished = True
             raise
-        if tracker is not None:
-            if not result.dry_run:
-                # The target now equals the image: "written since" starts again here.
-                tracker.reset()
-                save_tracking(image.dir.path, tracker.release(), must=False)
-            else:
-                tracker.release()
+        if tracker is not None and tracking is not None:
+            tracking.done(tracker, applied=not result.dry_run)
         finished = True
         return result
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns
@@ -291,6 +419,7 @@ def _apply_held(
     undo_path: Path | None,
     progress: bool,
     write_code: bool,
+    keep_mapped: bool = False,
 ) -> ApplyResult:
     """Plan and carry out the apply on the stopped (and, unless a dry run, held) target."""
     plan, live = image.plan(process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run)
@@ -309,6 +438,7 @@ def _apply_held(
         only_dirty=only_dirty and dirty is None,
         progress=progress,
         allow_code_writes=write_code,
+        keep_mapped=keep_mapped,
     )
     source = (
         f"tracker:{tracker.backend_name}"

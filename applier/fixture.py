@@ -28,14 +28,14 @@ from types import TracebackType
 
 import attrs
 
-from applier.api import apply
+from applier.api import Prepared
 from applier.dump import DumpStats, dump
 from applier.executor import ApplyStats
 from applier.lock import TargetLock
 from applier.parts import Part
 from applier.trackfile import load_tracking
-from injector import attach
 from injector.errors import InjectorError
+from injector.session import attach
 from injector.tracking import resume_tracker
 
 __all__ = ["Checkpoint"]
@@ -52,6 +52,7 @@ class Checkpoint:
     restores: int = 0
     closed: bool = False
     claim: TargetLock | None = None
+    prepared: Prepared | None = None
 
     @classmethod
     def take(
@@ -78,7 +79,13 @@ class Checkpoint:
         except BaseException:
             claim.release()
             raise
-        return cls(pid, path, stats, owns_path=owns, claim=claim)
+        checkpoint = cls(pid, path, stats, owns_path=owns, claim=claim)
+        try:
+            checkpoint.prepared = Prepared(path, pid)
+        except BaseException:
+            checkpoint.close()
+            raise
+        return checkpoint
 
     @property
     def tracked(self) -> bool:
@@ -91,7 +98,8 @@ class Checkpoint:
         """Put the process back to the checkpoint (only the pages changed since last time)."""
         if self.closed:
             raise ValueError(f"checkpoint of pid {self.pid} is closed")
-        result = apply(self.path, self.pid, parts=parts, only_dirty=True, verify=verify, undo=undo)
+        assert self.prepared is not None
+        result = self.prepared.apply(parts=parts, verify=verify, undo=undo)
         self.restores += 1
         return result.stats
 
@@ -100,12 +108,20 @@ class Checkpoint:
         if self.closed:
             return
         self.closed = True
-        state = load_tracking(self.path, self.pid)
-        if state is not None:
+        try:
             # The process may have exited (a fixture torn down first), or the tracker may be
-            # gone: nothing left to stop (TrackingError is an InjectorError).
-            with contextlib.suppress(InjectorError), attach(self.pid) as session:
-                resume_tracker(session, state).close()
+            # gone: nothing left to stop then.
+            if self.prepared is not None:
+                self.prepared.close()
+            else:
+                state = load_tracking(self.path, self.pid)
+                if state is not None:
+                    with contextlib.suppress(InjectorError), attach(self.pid) as session:
+                        resume_tracker(session, state).close()
+        finally:
+            self._drop()
+
+    def _drop(self) -> None:
         if self.owns_path:
             shutil.rmtree(self.path, ignore_errors=True)
         if self.claim is not None:

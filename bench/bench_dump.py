@@ -13,6 +13,8 @@ pages (2,621: 1% of 1 GiB) were written: the cost should not grow with the proce
     python bench/bench_dump.py [--mib 1024] [--big 4096] [--repeat 3] [--dir /dev/shm]
 """
 
+# ruff: noqa: E402 (the repository is put on sys.path first)
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from applier.dump import dump  # noqa: E402
+from applier.dump import dump
 from bench.bench_apply import (
     PTRACE_DETACH,
     PTRACE_INTERRUPT,

@@ -54,6 +54,7 @@ _PROC: Final = "/proc"
 _PAGE: Final = 4096
 _XSTATE_MAX: Final = 1 << 16
 _PTRACE_GET_RSEQ_CONFIGURATION: Final = 0x420F
+_RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTRACE_DETACH})
 
 
 def attach(pid: int, *, timeout: float = 10.0) -> Session:
@@ -70,6 +71,7 @@ class Session(Tracer, NamedCalls):
         self._pagemap_fd = -1
         self._memory: MemoryIO | None = None
         self._insn: int | None = None
+        self._maps: list[Mapping] | None = None  # until something runs in the target
 
     def _close_fds(self) -> None:
         if self._memory is not None:
@@ -108,8 +110,12 @@ class Session(Tracer, NamedCalls):
         return self._mem().read_iov
 
     def maps(self) -> list[Mapping]:
-        """The target's mappings, in address order."""
+        """The target's mappings, in address order. Read once per stretch of the session in
+        which nothing ran in the target: stopped threads cannot change their layout, so the
+        list is kept until the next injected syscall."""
         self.check()
+        if self._maps is not None:
+            return list(self._maps)
         try:
             result = read_maps(self.pid)
         except (FileNotFoundError, ProcessLookupError) as exc:
@@ -118,7 +124,8 @@ class Session(Tracer, NamedCalls):
             raise InjectorError(self.pid, "cannot read /proc/PID/maps", _errno(exc)) from exc
         if not result and self.gone():  # a zombie has no memory left
             raise TargetExited(self.pid, "exited during the session", errno.ESRCH)
-        return result
+        self._maps = result
+        return list(result)
 
     def vm_flags(self) -> dict[int, frozenset[str]]:
         """smaps ``VmFlags`` of every mapping, keyed by start address."""
@@ -327,6 +334,11 @@ class Session(Tracer, NamedCalls):
             raise InjectorError(self.pid, "no syscall instruction found in the vDSO or any text")
         return self._insn
 
+    def request(self, request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+        if request in _RESUMING:  # the target runs: the cached layout may go stale
+            self._maps = None
+        return super().request(request, tid, addr, data)
+
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Run syscall ``nr`` with up to six integer arguments in a stopped thread (default:
         the leader) and return its result; -4095..-1 raises InjectedSyscallError."""
@@ -343,8 +355,12 @@ class Session(Tracer, NamedCalls):
                     "() could kill it",
                 )
         insn = self.syscall_site()
-        with _signals_deferred():
-            result = run_syscall(self, tid, nr, args, insn)
+        self._maps = None  # whatever the call does, the layout may change
+        try:
+            with _signals_deferred():
+                result = run_syscall(self, tid, nr, args, insn)
+        finally:
+            self._maps = None
         if -4095 <= result < 0:
             raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
         return result

@@ -96,6 +96,7 @@ class Executor:
         only_dirty: bool = False,
         progress: bool = True,
         allow_code_writes: bool = False,
+        keep_mapped: bool = False,
     ) -> None:
         self.ctx = Context(
             process,
@@ -105,6 +106,7 @@ class Executor:
             only_dirty=only_dirty,
             progress=progress,
             allow_code_writes=allow_code_writes,
+            keep_mapped=keep_mapped,
         )
 
     @property
@@ -153,6 +155,12 @@ class Executor:
     def apply(self, *, verify: bool = True, keep: UndoKeeper | None = None) -> object | None:
         """The whole transaction: run, verify, keep the undo image; returns what ``keep``
         wrote (None without it). Whatever fails is rolled back where the log allows."""
+        try:
+            return self._transaction(verify=verify, keep=keep)
+        finally:
+            self.ctx.close()
+
+    def _transaction(self, *, verify: bool, keep: UndoKeeper | None) -> object | None:
         undo = self.ctx.undo
         try:
             self.run()

@@ -3,6 +3,7 @@ registers, the undo log, the statistics, and scratch buffers reused across batch
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import attrs
@@ -45,6 +46,9 @@ class Context:
     undo: UndoLog
     only_dirty: bool = False  # write only pages whose contents differ (no tracker)
     allow_code_writes: bool = False  # --write-code: code pages that differ from the file
+    # Leave the image's pages mapped in this process after use (repeated applies of one
+    # image: Checkpoint.restore), instead of dropping them to bound the RSS.
+    keep_mapped: bool = False
     progress: bool = True
     stats: ApplyStats = attrs.field(factory=ApplyStats)
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
@@ -58,9 +62,23 @@ class Context:
         return self.undo.save_ranges(ranges, self.process.read_runs)
 
     def scratch(self, which: int) -> U64:
-        """CHUNK-byte buffers, allocated on first use: 0 and 1 for target memory read (old
-        contents, read-back; two so that one batch is read while the one before is handled),
-        2 for image pages gathered for a compare."""
+        """CHUNK-byte buffers: 0 and 1 for target memory read (old contents, read-back; two
+        so that one batch is read while the one before is handled), 2 for image pages
+        gathered for a compare. Taken from a per-process pool on first use and given back by
+        ``close``: an apply every test would otherwise fault 24 MiB of fresh pages in."""
         while len(self._buffers) <= which:
-            self._buffers.append(np.empty(CHUNK // 8, dtype=np.uint64))
+            with _POOL_LOCK:
+                self._buffers.append(_POOL.pop() if _POOL else np.empty(CHUNK // 8, np.uint64))
         return self._buffers[which]
+
+    def close(self) -> None:
+        """Give the scratch buffers back to the pool."""
+        with _POOL_LOCK:
+            while self._buffers and len(_POOL) < _POOL_MAX:
+                _POOL.append(self._buffers.pop())
+        self._buffers.clear()
+
+
+_POOL: list[U64] = []
+_POOL_MAX = 3
+_POOL_LOCK = threading.Lock()

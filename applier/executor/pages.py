@@ -85,8 +85,9 @@ class Pieces:
     follows (which releases them).
     """
 
-    def __init__(self, runs: SavedRuns, page: int) -> None:
+    def __init__(self, runs: SavedRuns, page: int, *, keep_mapped: bool = False) -> None:
         self.page = page
+        self.keep_mapped = keep_mapped  # never drop spans (repeated applies of one image)
         self.files: list[PagesFile] = []
         self._views: list[memoryview] = []
         used = np.unique(runs.source)
@@ -154,7 +155,8 @@ class Pieces:
 
     def used(self, i: int, j: int) -> None:
         """Batch ``i:j`` is done with: drop the spans of the pages files used so far once
-        RELEASE_BYTES of dense page data went through, or the spans reach RELEASE_SPAN.
+        RELEASE_BYTES of dense page data went through, or the spans reach RELEASE_SPAN (not
+        with ``keep_mapped``).
 
         A sparse batch maps more than its pages (fault-around, large folios: touching 1%
         of a 1 GiB file maps all of it here), so dropping sparse spans early bounds nothing
@@ -173,6 +175,9 @@ class Pieces:
             self.release()
 
     def release(self) -> None:
+        if self.keep_mapped:
+            self._span.clear()
+            return
         for f, (lo, hi) in self._span.items():
             self.files[f].release(lo, hi - lo)
         self._span.clear()
@@ -291,7 +296,7 @@ def write_pages(ctx: Context, step: WritePages) -> None:
     appended to the undo spool), optionally one compare, one batched write."""
     page = ctx.page
     progress = Progress(step.nr_pages * page, ctx.progress)
-    pieces = Pieces(step.runs, page)
+    pieces = Pieces(step.runs, page, keep_mapped=ctx.keep_mapped)
     release = True
     try:
         # Pieces in regions this apply created hold nothing worth keeping.
@@ -363,7 +368,7 @@ def verify_pages(ctx: Context, step: WritePages) -> None:
     """Read every written piece back (one process_vm_readv per batch) and compare it with
     the image, one numpy compare per batch."""
     page = ctx.page
-    pieces = Pieces(step.runs, page)
+    pieces = Pieces(step.runs, page, keep_mapped=ctx.keep_mapped)
     rows = ctx.scratch(2)
 
     def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64:
