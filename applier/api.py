@@ -377,6 +377,7 @@ def _apply_image(
                     was_stopped=was_stopped,
                 )
                 process.hold()
+                journal.mark_held()
                 process.resume_on_detach = not was_stopped
             tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
             result = _apply_held(
