@@ -1,4 +1,4 @@
-"""Command-line interface: ``applier dump|show|diff|apply|recover|check|demo``. Thin: parsing,
+"""Command-line interface: ``applier dump|show|diff|apply|call|recover|check|demo``. Thin: parsing,
 dispatch, logging, and one error path (one line on stderr, or a JSON document under
 ``--json``, and the exit code ``applier.errors.exit_code`` gives; the codes are in
 ``applier/errors.py`` and ``docs/cli.md``).
@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from applier import __version__
 from applier.cli import apply as apply_cmd
+from applier.cli import call as call_cmd
 from applier.cli import check, demo, dump, recover, show
 from applier.errors import EXIT_INTERNAL, Interrupted, exit_code
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply CRIU checkpoint images into an already running process.",
         epilog="Exit codes: 0 ok (diff: same), 1 diff: different, 2 usage, 3 bad image, "
         "4 image does not match the target, 5 target problem, 6 apply failed and rolled back, "
-        "7 rollback failed too, 8 verification failed, 70 internal error, 130 interrupted.",
+        "7 rollback failed too, 8 verification failed, 9 call: the function crashed, "
+        "10 call: it timed out (both put back), 70 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"applier {__version__}")
     parser.add_argument(
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--log-file", metavar="FILE", help="write the messages to FILE")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dump, show, apply_cmd, recover, check, demo):
+    for module in (dump, show, apply_cmd, call_cmd, recover, check, demo):
         module.register(sub)
     return parser
 

@@ -25,6 +25,9 @@ How a call runs (x86_64, System V ABI), with every thread of the target stopped:
 5. Afterwards the thread is stopped again (``PTRACE_INTERRUPT``) and its general-purpose and
    XSAVE registers are put back exactly; the scratch mapping is unmapped.
 6. The tracker says which pages were written during the call (the scratch mapping left out).
+   If the target holds a userfaultfd already (another tracker: ``dump --track``, a
+   ``Checkpoint``, ``rollback()``), the call's tracker compares page contents instead, so as
+   not to disturb the other one's write-protection.
    With ``record``, ``record/after`` is an incremental image on top of ``record/before``
    holding exactly those pages (``applier.dump.dump_layer``).
 7. If the function crashed (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP, SIGSYS), did
@@ -54,7 +57,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.errors import ApplierError, UsageError
+from applier.errors import ApplierError, CallCrashed, CallTimedOut, UsageError
 from applier.symbols import NotExecutable, Symbol, resolve
 from injector import _libc
 from injector.errors import InjectorError, StopTimeout
@@ -99,14 +102,6 @@ _CRASH_SIGNALS = frozenset(
 _FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 
 Arg = int | str | bytes
-
-
-class CallCrashed(ApplierError):
-    """The called function was killed by a signal; the process was put back as it was."""
-
-
-class CallTimedOut(ApplierError):
-    """The called function did not return in time; the process was put back as it was."""
 
 
 @attrs.frozen
@@ -302,7 +297,10 @@ def _call_stopped(
         raise ApplierError(f"pid {s.pid}: {RETURN_TRAP:#x} is mapped: no address to return to")
     before.mkdir(parents=True, exist_ok=True)
     dump_process(s, before)
-    tracker = open_tracker(s)
+    # A userfaultfd already in the target may be another tracker (``dump --track``, a
+    # Checkpoint): a second uffd-wp tracker would re-protect its pages and hide what was
+    # written from it, so the call then compares contents instead.
+    tracker = open_tracker(s, "content" if _has_userfaultfd(s.pid) else "auto")
     try:
         scratch = _Scratch.make(s, args, tid)
         values = [a if isinstance(a, int) else scratch.address_of(i) for i, a in enumerate(args)]
@@ -347,6 +345,19 @@ def _call_stopped(
         ", rolled back" if result.rolled_back else "",
     )
     return result
+
+
+def _has_userfaultfd(pid: int) -> bool:
+    """Whether process ``pid`` holds a userfaultfd descriptor."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
+                return True
+    return False
 
 
 @attrs.define
