@@ -65,7 +65,7 @@ from injector.maps import find
 from injector.regs import UserRegsStruct
 from injector.session import Session, attach
 from injector.tracer import EVENT_STOP, SIGNAL_STOP
-from injector.tracking import open_tracker
+from injector.tracking import DirtyTracker, open_tracker
 
 __all__ = [
     "RETURN_TRAP",
@@ -304,7 +304,13 @@ def _call_stopped(
     try:
         scratch = _Scratch.make(s, args, tid)
         values = [a if isinstance(a, int) else scratch.address_of(i) for i, a in enumerate(args)]
-        outcome = _run(s, tid, symbol.address, values, timeout)
+        try:
+            outcome = _run(s, tid, symbol.address, values, timeout)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or an error in the middle: the thread has its
+            # registers back; put the memory back too, then let the exception go on.
+            _abandon(s, tracker, scratch, tid, before)
+            raise
         scratch.drop(s, tid)
         written = tracker.dirty_pages()
         written = written[
@@ -345,6 +351,16 @@ def _call_stopped(
         ", rolled back" if result.rolled_back else "",
     )
     return result
+
+
+def _abandon(s: Session, tracker: DirtyTracker, scratch: _Scratch, tid: int, before: Path) -> None:
+    """Best effort after a call that was cut short: unmap the scratch memory and apply the
+    checkpoint back (only the pages written since)."""
+    try:
+        scratch.drop(s, tid)
+        _restore(s, before, tracker.dirty_pages())
+    except Exception as exc:  # the original error is the one to report
+        logger.warning("pid %d: call cut short, and not rolled back: %s", s.pid, exc)
 
 
 def _has_userfaultfd(pid: int) -> bool:

@@ -24,7 +24,7 @@ from applier.errors import (
     exit_code,
 )
 from applier.invoke import RETURN_TRAP, call, parse_arg
-from applier.symbols import UnknownSymbol
+from applier.symbols import UnknownSymbol, resolve
 from formats.pagemap import PE_PARENT
 from injector import attach
 from tests.live_state import Snapshot, assert_same, command, snapshot
@@ -123,6 +123,9 @@ def test_arguments_alignment_and_strings(target: Target) -> None:
     assert snapshot(target.pid).layout == layout  # the scratch mapping is gone
     assert call(target.pid, "greet", b"xy", 2).value == 4
     assert command(target, "get", "get")[1] == "xyxy"
+    # by address, and a signal raised during the call reaching the program's handler
+    assert call(target.pid, resolve(target.pid, "add6").address, 1, 0, 0, 0, 0, 1).value == 7
+    assert call(target.pid, "with_signal").value == 1
     assert_untouched(target)
 
 

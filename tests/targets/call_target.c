@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <time.h>
 
 #define PG 4096
@@ -95,6 +96,15 @@ long still(long ms) {  // how far the other threads got while this call slept
     return b - a;
 }
 
+static volatile long handled;
+static void on_usr1(int sig) { (void)sig; handled++; }
+
+long with_signal(void) {  // a signal during the call: its handler runs, the call returns
+    long was = handled;
+    raise(SIGUSR1);
+    return handled - was;
+}
+
 static void *worker(void *arg) {
     long i = (long)arg;
     __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
@@ -120,6 +130,7 @@ static void answer(const char *fmt, ...) {
 int main(void) {
     for (size_t i = 0; i < sizeof area; i++) area[i] = (unsigned char)('a' + i % 26);
     area[3 * PG] = 0;
+    signal(SIGUSR1, on_usr1);
     heapbuf = malloc(8 * PG);
     for (int i = 0; i < 8 * PG; i++) heapbuf[i] = (unsigned char)(i * 3);
     answer("ready %d\n", getpid());
