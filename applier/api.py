@@ -32,7 +32,7 @@ from applier.executor.pages import differing_pages, page_source
 from applier.image import image_task
 from applier.journal import Journal
 from applier.lock import TargetLock
-from applier.model import ImageTask, LiveTask, SavedPages
+from applier.model import ImageTask, Kind, LiveTask, SavedPages
 from applier.overrides import NONE as NO_OVERRIDES
 from applier.overrides import Overrides
 from applier.parts import Part
@@ -346,8 +346,13 @@ class _LayerCheck:
                     f"{len(differ)} of the {len(self.parent)} pages it leaves to its parent "
                     f"differ, the first at {int(differ[0]):#x}; apply the parent first"
                 )
+        # Pages holding data that the layer's chain does not hold: to be discarded. Of a
+        # private file mapping only the process's own copies count (the others are the
+        # file's pages, which a discard would leave as they are).
         regions = [region_from_mapping(m) for m in process.maps()]
-        present, _ = present_pages(process, regions, page)
+        anon, _ = present_pages(process, [r for r in regions if r.kind is not Kind.FILE], page)
+        _, copies = present_pages(process, [r for r in regions if r.kind is Kind.FILE], page)
+        present = np.concatenate([anon, copies])
         extra = present[~member(present, self.parent)]
         return None, np.unique(np.concatenate([extra, self.own]))
 

@@ -272,7 +272,8 @@ def test_record_layer_holds_the_written_pages_and_undoes_and_redoes(
     # undo, redo, undo
     applier.api.apply(rec / "before", target.pid)
     assert_same(at_before, snapshot(target.pid))
-    applier.api.apply(rec / "after", target.pid, layer=True)
+    redo = applier.api.apply(rec / "after", target.pid, layer=True)
+    assert redo.stats.pages_written == len(own) and redo.stats.bytes_discarded == 0
     assert_same(at_after, snapshot(target.pid))
     out = run_applier("apply", str(rec / "before"), "--into", str(target.pid))
     assert out.returncode == 0, out.stderr
