@@ -300,7 +300,7 @@ def _call_stopped(
     # A userfaultfd already in the target may be another tracker (``dump --track``, a
     # Checkpoint): a second uffd-wp tracker would re-protect its pages and hide what was
     # written from it, so the call then compares contents instead.
-    tracker = open_tracker(s, "content" if _has_userfaultfd(s.pid) else "auto")
+    tracker = open_tracker(s, "content" if _has_userfaultfd(s.pid) else "auto", local_only=True)
     try:
         scratch = _Scratch.make(s, args, tid)
         values = [a if isinstance(a, int) else scratch.address_of(i) for i, a in enumerate(args)]

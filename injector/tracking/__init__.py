@@ -67,22 +67,27 @@ def probe_backends() -> dict[str, str | None]:
     }
 
 
-def open_tracker(session: Process, backend: str = "auto") -> DirtyTracker:
+def open_tracker(
+    session: Process, backend: str = "auto", *, local_only: bool = False
+) -> DirtyTracker:
     """Start tracking the session's process; no page counts as written right after.
 
     ``backend="auto"`` takes the first backend in :data:`BACKENDS` that is available and
     opens for this target (a target whose own userfaultfd is refused, say, falls through).
+
+    ``local_only``: a uffd-wp tracker keeps its userfaultfd in this process only (none is
+    left in the target even if this process dies); it cannot be released and resumed.
     """
     if backend == "auto":
         reasons: list[str] = []
         for name in BACKENDS:
             try:
-                return open_tracker(session, name)
+                return open_tracker(session, name, local_only=local_only)
             except TrackerUnavailable as exc:
                 reasons.append(exc.message)
         raise TrackerUnavailable(session.pid, "; ".join(reasons))
     if backend == "uffd-wp":
-        return UffdWpTracker.open(session)
+        return UffdWpTracker.open(session, local_only=local_only)
     if backend == "soft-dirty":
         reason = probe_soft_dirty()
         if reason is not None:

@@ -144,8 +144,13 @@ class UffdWpTracker(DirtyTracker):
     # -- creation --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, session: Process) -> UffdWpTracker:
-        """Create a userfaultfd in the target, register its private writable memory, reset."""
+    def open(cls, session: Process, *, local_only: bool = False) -> UffdWpTracker:
+        """Create a userfaultfd in the target, register its private writable memory, reset.
+
+        ``local_only``: close the target's descriptor as soon as this process holds its copy.
+        Nothing of the tracker stays in the target then, whatever happens to this process
+        (when the last copy closes, the kernel drops the registration), but it cannot be
+        released and resumed later."""
         pid = session.pid
         reason = probe_uffd_wp()
         if reason is not None:
@@ -159,13 +164,17 @@ class UffdWpTracker(DirtyTracker):
         local = -1
         try:
             local = session.pidfd_getfd(remote)
+            if local_only:
+                session.close(remote)
+                remote = -1
             _uffd.uffd_api(local, FEATURES)
             tracker = cls(session, local_fd=local, remote_fd=remote)
         except BaseException as exc:
             if local >= 0:
                 os.close(local)
-            with contextlib.suppress(InjectorError):
-                session.close(remote)
+            if remote >= 0:
+                with contextlib.suppress(InjectorError):
+                    session.close(remote)
             if isinstance(exc, OSError) and not isinstance(exc, InjectorError):
                 raise _os_error(pid, "uffd-wp: UFFDIO_API", exc) from exc
             raise
@@ -218,6 +227,8 @@ class UffdWpTracker(DirtyTracker):
     # -- the interface ---------------------------------------------------------------------
 
     def state(self) -> TrackerState:
+        if self.remote_fd < 0:
+            raise TrackingError(self.pid, "this uffd-wp tracker lives in this process only")
         return TrackerState(
             backend=self.backend_name,
             pid=self.pid,
@@ -349,6 +360,8 @@ class UffdWpTracker(DirtyTracker):
         for start, end in intersect(self._registered, private):
             with contextlib.suppress(OSError):
                 _uffd.uffd_unregister(self.local_fd, start, end - start)
+        if self.remote_fd < 0:
+            return
         try:
             self.session.close(self.remote_fd)
         except InjectorError as exc:
