@@ -7,9 +7,12 @@
 
 How a call runs (x86_64, System V ABI), with every thread of the target stopped:
 
-1. A full checkpoint (``applier.dump.dump_process``, into a temporary directory or
-   ``record/before``) and a dirty-page tracker (``injector.tracking``, uffd-wp here) are
-   taken: "before the call" is that moment.
+1. The target is held (a group stop under ptrace, ``Tracer.hold``) and a journal names the
+   checkpoint (``applier.journal``): if applier dies during the call, the target stays
+   stopped and ``applier recover`` applies the checkpoint. Then a full checkpoint
+   (``applier.dump.dump_process``, into a temporary directory or ``record/before``) and a
+   dirty-page tracker (``injector.tracking``, uffd-wp here, its userfaultfd open in this
+   process only) are taken: "before the call" is that moment.
 2. String arguments are copied into one fresh anonymous mapping (scratch) of the target.
 3. The calling thread (the leader, or ``thread``) gets new registers: ``rip`` = the function,
    the arguments in ``rdi, rsi, rdx, rcx, r8, r9``, ``rax`` = 0 (no vector arguments for a
@@ -34,7 +37,8 @@ How a call runs (x86_64, System V ABI), with every thread of the target stopped:
    not return within ``timeout`` seconds, or ``rollback`` was asked, the checkpoint is applied
    back in the same session with the tracker's pages as the dirty set (``applier.api``): only
    what the call changed is written, layout and break are put back, registers too.
-8. The tracker is closed: its userfaultfd leaves the target.
+8. The tracker is closed (nothing of it was ever left in the target), the journal removed,
+   and the target let go (SIGCONT ends the hold).
 
 Kernel state the function changes (descriptors it opens or closes, file offsets, the signal
 mask, threads it starts) is not rolled back: only memory, layout, program break and registers.
@@ -57,7 +61,14 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.errors import ApplierError, CallCrashed, CallTimedOut, UsageError
+from applier.errors import (
+    ApplierError,
+    CallCrashed,
+    CallTimedOut,
+    RollbackFailed,
+    TargetBusy,
+    UsageError,
+)
 from applier.symbols import NotExecutable, Symbol, resolve
 from injector import _libc
 from injector.errors import InjectorError, StopTimeout
@@ -243,7 +254,9 @@ def call(
     if timeout <= 0:
         raise UsageError(f"--timeout must be positive, not {timeout:g}")
     from applier.dump import prepare_output_dir  # noqa: PLC0415 - heavy imports per use
+    from applier.journal import Journal  # noqa: PLC0415
     from applier.lock import TargetLock  # noqa: PLC0415
+    from applier.parts import Part  # noqa: PLC0415
     from applier.trust import check_target_allowed  # noqa: PLC0415
 
     check_target_allowed(pid, force=force)
@@ -258,18 +271,58 @@ def call(
         before = temp / "before"
     else:
         before = record_dir / "before"
+    progress = _Progress()
+    journal: Journal | None = None
+    keep = False  # the target is left held, with its journal and the checkpoint
     try:
         with (
             TargetLock.acquire(pid, "work", f"calling {symbol.name} in it"),
             attach(pid) as session,
         ):
-            return _call_stopped(
-                session, symbol, args, thread=thread, timeout=timeout, rollback=rollback,
-                before=before, record=record_dir, started=started,
+            if Journal.find(pid) is not None:
+                raise TargetBusy(
+                    f"pid {pid} is held by an applier that died: 'applier recover {pid}' first"
+                )
+            # Held (a group stop under ptrace) before anything changes, as apply does: if
+            # applier dies during the call, the target is left stopped, never running on
+            # half-changed, and the journal names the checkpoint that recover applies.
+            was_stopped = session.was_stopped
+            journal = Journal.begin(
+                pid, before, task=None, parts=Part.ALL.labels(), only_dirty=False,
+                leave_shared=False, was_stopped=was_stopped,
             )  # fmt: skip
+            session.hold()
+            journal.mark_held()
+            session.resume_on_detach = not was_stopped
+            try:
+                return _call_stopped(
+                    session, symbol, args, thread=thread, timeout=timeout, rollback=rollback,
+                    before=before, record=record_dir, started=started, progress=progress,
+                )  # fmt: skip
+            except BaseException as exc:
+                if progress.safe or not session.alive():
+                    raise
+                keep = True
+                session.resume_on_detach = False
+                raise RollbackFailed(
+                    f"pid {pid}: the call of {symbol.name} was cut short and the process could "
+                    f"not be put back ({exc}); it is held (stopped): 'applier recover {pid}' "
+                    f"applies {before} again"
+                ) from exc
     finally:
-        if temp is not None:
+        if journal is not None and not keep:
+            journal.remove()
+        if temp is not None and not keep:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+@attrs.define
+class _Progress:
+    """Whether the target is in a state a caller can be handed back: before the call, or
+    after a call that returned (False while the function runs, and after a crash until the
+    roll back is done)."""
+
+    safe: bool = True
 
 
 def _call_stopped(
@@ -283,6 +336,7 @@ def _call_stopped(
     before: Path,
     record: Path | None,
     started: float,
+    progress: _Progress,
 ) -> CallResult:
     from applier.dump import dump_layer, dump_process  # noqa: PLC0415
 
@@ -304,13 +358,15 @@ def _call_stopped(
     try:
         scratch = _Scratch.make(s, args, tid)
         values = [a if isinstance(a, int) else scratch.address_of(i) for i, a in enumerate(args)]
+        progress.safe = False
         try:
             outcome = _run(s, tid, symbol.address, values, timeout)
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM) or an error in the middle: the thread has its
             # registers back; put the memory back too, then let the exception go on.
-            _abandon(s, tracker, scratch, tid, before)
+            progress.safe = _abandon(s, tracker, scratch, tid, before)
             raise
+        progress.safe = outcome.value is not None  # returned: the state after the call
         scratch.drop(s, tid)
         written = tracker.dirty_pages()
         written = written[
@@ -322,6 +378,7 @@ def _call_stopped(
         restored = 0
         if failed or rollback:
             restored = _restore(s, before, written)
+            progress.safe = True
     finally:
         tracker.close()
     seconds = time.perf_counter() - started
@@ -353,14 +410,16 @@ def _call_stopped(
     return result
 
 
-def _abandon(s: Session, tracker: DirtyTracker, scratch: _Scratch, tid: int, before: Path) -> None:
-    """Best effort after a call that was cut short: unmap the scratch memory and apply the
-    checkpoint back (only the pages written since)."""
+def _abandon(s: Session, tracker: DirtyTracker, scratch: _Scratch, tid: int, before: Path) -> bool:
+    """After a call that was cut short: unmap the scratch memory and apply the checkpoint
+    back (only the pages written since); whether that worked."""
     try:
         scratch.drop(s, tid)
         _restore(s, before, tracker.dirty_pages())
     except Exception as exc:  # the original error is the one to report
         logger.warning("pid %d: call cut short, and not rolled back: %s", s.pid, exc)
+        return False
+    return True
 
 
 def _has_userfaultfd(pid: int) -> bool:

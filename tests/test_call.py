@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +26,12 @@ from applier.errors import (
     exit_code,
 )
 from applier.invoke import RETURN_TRAP, call, parse_arg
+from applier.journal import Journal
 from applier.symbols import UnknownSymbol, resolve
 from formats.pagemap import PE_PARENT
 from injector import attach
 from tests.live_state import Snapshot, assert_same, command, snapshot
-from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
+from tests.procs import REPO, Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
 
@@ -390,4 +393,44 @@ def test_argument_parsing_and_refusals(target: Target) -> None:
     with pytest.raises(UnknownSymbol):
         call(target.pid, "no_such_function")
     assert RETURN_TRAP < 65536  # below mmap_min_addr: nothing is ever mapped there
+    assert_untouched(target)
+
+
+def test_applier_killed_during_the_call_leaves_the_target_held(target: Target) -> None:
+    """SIGKILL to applier while the function runs: the target is left stopped and untraced,
+    with no userfaultfd of applier's in it, and a journal naming the checkpoint; `applier
+    recover` puts it back to its state before the call, running."""
+    (checksum,) = command(target, "sum", "sum")
+    before = snapshot(target.pid)
+    fds_before = fds(target.pid)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "applier", "call", str(target.pid), "spin", "--timeout", "60"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while Journal.find(target.pid) is None or target.state() != "R":
+            assert time.monotonic() < deadline, "the call did not start"
+            assert proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.2)  # spin() is running now
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while target.state() != "T" or target.tracer() != 0:
+        assert time.monotonic() < deadline, f"state {target.state()}"
+        time.sleep(0.01)
+    journal = Journal.find(target.pid)
+    assert journal is not None
+    assert fds(target.pid) == fds_before  # the tracker's userfaultfd died with applier
+    try:
+        out = run_applier("recover", str(target.pid))
+        assert out.returncode == 0, out.stderr
+    finally:
+        shutil.rmtree(Path(journal.image).parent, ignore_errors=True)
+    assert Journal.find(target.pid) is None
+    assert_same(before, snapshot(target.pid))
+    assert command(target, "sum", "sum") == [checksum]
     assert_untouched(target)
