@@ -261,6 +261,7 @@ class _KeptTracker:
 
     saved: _SavedTracker
     tracker: DirtyTracker | None = None
+    written: TrackerState | None = None  # the state last saved in the image directory
 
     def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
         if self.tracker is None:
@@ -279,7 +280,10 @@ class _KeptTracker:
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
         if applied:
             tracker.reset()
-            save_tracking(self.saved.image_dir, tracker.state(), must=False)
+            state = tracker.state()
+            if state != self.written:  # most resets leave it as it was
+                save_tracking(self.saved.image_dir, state, must=False)
+                self.written = state
 
     def close(self) -> None:
         """Stop tracking (in a session of its own; nothing to do if the target is gone)."""
