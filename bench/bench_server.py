@@ -171,7 +171,7 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run(
                 [*applier, "-q", "apply", str(image), "--into", str(mc.pid), "--only-dirty"],
-                check=True, env=env,
+                check=True, env=env, capture_output=True,
             )  # fmt: skip
             if seed:
                 cli.append(time.perf_counter() - t0)
