@@ -34,7 +34,7 @@ from applier.limits import CHUNK_PAGES
 from applier.lock import TargetLock
 from applier.model import Kind
 from applier.progress import Progress
-from applier.ranges import align_up, covered, intervals, member
+from applier.ranges import align_up, intervals, joined
 from applier.trackfile import drop_tracking, save_tracking
 from applier.trust import check_target_allowed, uptime_us
 from formats import names
@@ -52,6 +52,8 @@ from injector.tracking import TrackerState, TrackingError, open_tracker, resume_
 __all__ = ["DumpStats", "dump", "dump_process", "prepare_output_dir"]
 
 logger = logging.getLogger(__name__)
+
+U64 = npt.NDArray[np.uint64]
 
 
 @attrs.define
@@ -74,7 +76,8 @@ def _runs(
 ) -> Iterator[tuple[int, int, bool]]:
     """(first index, count, is a hole) of the selected pages, in order: consecutive selected
     pages of the same kind (hole or data) form one run."""
-    kind = np.where(sel, np.where(hole, 2, 1), 0).astype(np.int8)
+    kind = sel.astype(np.int8)
+    kind += sel & hole
     if not kind.any():
         return
     edges = np.nonzero(np.diff(np.concatenate(([0], kind, [0]))))[0]
@@ -164,7 +167,7 @@ class _Parent:
             raise MismatchError(f"{path}: its tracker follows pid {state.pid}, not {pid}")
         page = img.page_size
         starts, ends = intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in img.page_runs(pid))
-        return cls(path, state, starts, ends)
+        return cls(path, state, *joined(starts, ends))
 
 
 def dump_process(
@@ -331,17 +334,42 @@ def _select(
     for m, vma in zip(maps, vmas, strict=True):
         if not vma.has_pagemap or vma.status & S.VVAR:
             continue
-        sel = dump_selection(m, s.page_flags(m.start, m.end))
+        sel = dump_selection(s, m)
         lazy = PE_LAZY if vma.status & S.ANON_PRIVATE and not vma.status & S.VDSO else 0
         in_parent = np.zeros(len(sel), dtype=bool)
         if holes is not None:
             changed, p_starts, p_ends = holes
-            addrs = np.arange(m.start, m.end, page, dtype=np.uint64)
-            in_parent = sel & covered(addrs, p_starts, p_ends) & ~member(addrs, changed)
+            in_parent = sel & _in_ranges(m, p_starts, p_ends, page)
+            in_parent[_indices(m, changed, page)] = False
         runs = list(_runs(sel, in_parent))
         data += sum(count for _, count, hole in runs if not hole)
         out.append((m.start, runs, lazy))
     return _Selection(out, data, page)
+
+
+def _in_ranges(m: Mapping, starts: U64, ends: U64, page: int) -> npt.NDArray[np.bool_]:
+    """Per page of ``m``: whether one of the sorted, disjoint [start, end) ranges holds it
+    (a running count over the range edges: no per-page search)."""
+    count = (m.end - m.start) // page
+    lo = int(np.searchsorted(ends, np.uint64(m.start), side="right"))
+    hi = int(np.searchsorted(starts, np.uint64(m.end), side="left"))
+    if lo >= hi:
+        return np.zeros(count, dtype=bool)
+    if hi - lo == 1 and starts[lo] <= m.start and ends[lo] >= m.end:
+        return np.ones(count, dtype=bool)
+    a = np.clip(starts[lo:hi].astype(np.int64) - m.start, 0, m.end - m.start) // page
+    b = (np.clip(ends[lo:hi].astype(np.int64) - m.start, 0, m.end - m.start) + page - 1) // page
+    edges = np.zeros(count + 1, dtype=np.int32)
+    np.add.at(edges, a, 1)
+    np.add.at(edges, b, -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
+def _indices(m: Mapping, pages: U64, page: int) -> npt.NDArray[np.int64]:
+    """Page indices inside ``m`` of the sorted page addresses ``pages`` that fall in it."""
+    lo = int(np.searchsorted(pages, np.uint64(m.start), side="left"))
+    hi = int(np.searchsorted(pages, np.uint64(m.end), side="left"))
+    return (pages[lo:hi].astype(np.int64) - m.start) // page
 
 
 def _pagemap_runs(sel: _Selection, stats: DumpStats) -> list[tuple[int, int, int]]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
-from injector import _libc, procfs
+from injector import _libc, _uffd, procfs
 from injector.calls import NamedCalls
 from injector.errors import (
     InjectedSyscallError,
@@ -35,6 +35,8 @@ from injector.maps import (
     PROT_READ,
     PROT_WRITE,
     Mapping,
+    holds_data,
+    own_copies,
     read_maps,
     read_page_flags,
     read_vmflags,
@@ -74,6 +76,8 @@ class Session(Tracer, NamedCalls):
         super().__init__(pid, timeout=timeout)
         self._mem_fd = -1
         self._pagemap_fd = -1
+        self._scanner: _uffd.PageScanner | None = None  # PAGEMAP_SCAN on _pagemap_fd
+        self._scan_refused = False  # the kernel has no PAGEMAP_SCAN
         self._memory: MemoryIO | None = None
         self._insn: int | None = None
         self._maps: list[Mapping] | None = None  # until something runs in the target
@@ -87,6 +91,7 @@ class Session(Tracer, NamedCalls):
             if fd >= 0:
                 os.close(fd)
         self._mem_fd = self._pagemap_fd = -1
+        self._scanner = None
         super()._close_fds()
 
     # ---- memory ------------------------------------------------------------------------
@@ -157,6 +162,51 @@ class Session(Tracer, NamedCalls):
             return read_page_flags(self._pagemap_fd, start, end, _PAGE)
         except OSError as exc:
             raise self._translate_memory(exc, start, "pagemap read") from exc
+
+    def data_pages(self, start: int, end: int, *, own: bool = False) -> npt.NDArray[np.bool_]:
+        """Which pages hold data, from one ``PAGEMAP_SCAN`` for present and swapped pages;
+        pagemap entries are read only for the swapped ranges (a PTE marker is reported as
+        swapped too, and only its entry tells it apart). Without PAGEMAP_SCAN (Linux < 6.7)
+        every entry is read."""
+        count = (end - start + _PAGE - 1) // _PAGE
+        if self._scan_refused:
+            flags = self.page_flags(start, end)
+            return own_copies(flags) if own else holds_data(flags)
+        self.page_flags(start, start)  # opens the pagemap
+        if self._scanner is None:
+            self._scanner = _uffd.PageScanner(self._pagemap_fd, 4096)
+        try:
+            # PAGE_IS_FILE costs a folio lookup per page (3.5x the walk): asked only for ``own``
+            kinds = _uffd.PAGE_IS_PRESENT | _uffd.PAGE_IS_SWAPPED
+            regions = self._scanner.scan(
+                start, end, category_anyof_mask=kinds,
+                return_mask=kinds | (_uffd.PAGE_IS_FILE if own else 0),
+            )  # fmt: skip
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                raise self._translate_memory(exc, start, "PAGEMAP_SCAN") from exc
+            self._scan_refused = True
+            return self.data_pages(start, end, own=own)
+        out = np.zeros(count, dtype=bool)
+        first = ((regions[:, 0] - np.uint64(start)) // np.uint64(_PAGE)).astype(np.int64)
+        last = ((regions[:, 1] - np.uint64(start)) // np.uint64(_PAGE)).astype(np.int64)
+        cats = regions[:, 2]
+        present = (cats & np.uint64(_uffd.PAGE_IS_PRESENT)) != 0
+        if own:
+            present &= (cats & np.uint64(_uffd.PAGE_IS_FILE)) == 0
+        if len(regions) == 1 and present[0] and first[0] == 0 and last[0] >= count:
+            return np.ones(count, dtype=bool)  # all of it, the common case
+        if present.any():
+            edges = np.zeros(count + 1, dtype=np.int32)
+            np.add.at(edges, first[present], 1)
+            np.add.at(edges, last[present], -1)
+            out |= np.cumsum(edges[:-1]) > 0
+        swapped = ((cats & np.uint64(_uffd.PAGE_IS_PRESENT)) == 0).nonzero()[0]
+        for i in swapped.tolist():
+            a, b = int(first[i]), int(last[i])
+            flags = self.page_flags(start + a * _PAGE, start + b * _PAGE)
+            out[a:b] = own_copies(flags) if own else holds_data(flags)
+        return out
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes at ``address`` (PROT_NONE and unreadable pages too)."""

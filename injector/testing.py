@@ -46,6 +46,8 @@ from injector.maps import (
     PROT_READ,
     PROT_WRITE,
     Mapping,
+    holds_data,
+    own_copies,
 )
 from injector.process import IovIO
 from injector.regs import REG_NAMES, Arch, X86Regs
@@ -220,6 +222,10 @@ class FakeProcess(NamedCalls):
             if v.start <= address < v.end:
                 return v
         return None
+
+    def data_pages(self, start: int, end: int, *, own: bool = False) -> npt.NDArray[np.bool_]:
+        flags = self.page_flags(start, end)
+        return own_copies(flags) if own else holds_data(flags)
 
     def page_flags(self, start: int, end: int) -> npt.NDArray[np.uint64]:
         self._alive()
