@@ -164,8 +164,39 @@ def status(pid: int, start_time: int | None = None) -> HolderInfo | None:
     return None if got is None else got[0]
 
 
+@attrs.define
+class _Kept:
+    """A tracker this process keeps (``CallerKeeper``), and the baseline it serves."""
+
+    tracker: UffdWpTracker
+    token: str
+    image: str
+
+
+# (pid, start time) -> the tracker kept here: an apply in this process finds it as it
+# would find a holder (a Checkpoint's image applied with ``apply(..., only_dirty=True)``).
+_KEPT: dict[tuple[int, int], _Kept] = {}
+
+
+def _kept(pid: int, start_time: int | None) -> _Kept | None:
+    start = _start_time(pid, start_time)
+    if start is None:
+        return None
+    kept = _KEPT.get((pid, start))
+    if kept is not None and kept.tracker.closed:
+        del _KEPT[(pid, start)]
+        return None
+    return kept
+
+
 def take(pid: int, start_time: int | None = None) -> tuple[HolderInfo, int] | None:
-    """A copy of the held userfaultfd (the caller closes it), or None if no holder runs."""
+    """A copy of the held userfaultfd (the caller closes it), or None if no holder runs.
+    A tracker this process keeps itself counts as a holder (pid: this process)."""
+    kept = _kept(pid, start_time)
+    if kept is not None:
+        t = kept.tracker
+        info = HolderInfo(os.getpid(), pid, t.start_time, t.inode, kept.token, kept.image)
+        return info, os.dup(t.local_fd)
     got = _request(pid, start_time, {"op": "get"}, want_fd=True)
     if got is None:
         return None
@@ -176,6 +207,11 @@ def take(pid: int, start_time: int | None = None) -> tuple[HolderInfo, int] | No
 
 def set_baseline(pid: int, start_time: int, token: str, image: Path) -> HolderInfo:
     """Tell the holder that ``image`` (with ``token``) owns the baseline now."""
+    kept = _kept(pid, start_time)
+    if kept is not None:
+        kept.token, kept.image = token, str(image)
+        t = kept.tracker
+        return HolderInfo(os.getpid(), pid, t.start_time, t.inode, token, str(image))
     got = _request(pid, start_time, {"op": "set", "token": token, "image": str(image)})
     if got is None:
         raise TrackerLost(pid, "its tracker holder is gone")
@@ -384,6 +420,10 @@ class CallerKeeper(Keeper):
     def keep(
         self, process: Process, tracker: DirtyTracker, out: Path, token: str, reused: bool
     ) -> None:
-        if reused and isinstance(tracker, UffdWpTracker):
-            set_baseline(tracker.pid, tracker.start_time, token, out.resolve())
+        if isinstance(tracker, UffdWpTracker):
+            if reused:
+                set_baseline(tracker.pid, tracker.start_time, token, out.resolve())
+            else:
+                key = (tracker.pid, tracker.start_time)
+                _KEPT[key] = _Kept(tracker, token, str(out.resolve()))
         self.tracker, self.borrowed = tracker, reused
