@@ -253,6 +253,7 @@ def spawn(pid: int, start_time: int, uffd: int, token: str, image: Path) -> int:
         path.unlink()  # a stale one: the caller found no holder answering there
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     pidfd = -1
+    first: subprocess.Popen[bytes] | None = None
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         old = os.umask(0o177)
@@ -296,12 +297,25 @@ def spawn(pid: int, start_time: int, uffd: int, token: str, image: Path) -> int:
     except BaseException:
         with contextlib.suppress(OSError):
             path.unlink()
+        if first is not None:
+            _end_started(first, read_end)
         raise
     finally:
         for fd in (read_end, write_end, pidfd):
             if fd >= 0:
                 os.close(fd)
         listener.close()
+
+
+def _end_started(first: subprocess.Popen[bytes], read_end: int) -> None:
+    """A spawn interrupted (a signal, a timeout) after the holder was started: end it, so no
+    holder is left serving a socket that is gone."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        first.wait(timeout=TIMEOUT)
+        ready, _, _ = select.select([read_end], [], [], TIMEOUT)
+        words = os.read(read_end, 64).decode().split() if ready else []
+        if len(words) == 2 and words[0] == "ready":
+            os.kill(int(words[1]), 15)  # SIGTERM: it removes what it has and exits
 
 
 def resume(process: Process, state: TrackerState, image_dir: Path) -> DirtyTracker:

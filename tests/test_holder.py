@@ -226,7 +226,8 @@ def test_holder_exits_with_the_target(tmp_path: Path) -> None:
         sock = holder.socket_path(
             t.pid, json.loads((tmp_path / "ck" / TRACKING_FILE).read_text())["start_time"]
         )
-        t.kill()
+        os.kill(t.pid, signal.SIGKILL)  # not t.kill(): that stops the holder first
+        t.proc.wait(timeout=10)
         assert _gone(held)
         deadline = time.monotonic() + 2
         while sock.exists() and time.monotonic() < deadline:
