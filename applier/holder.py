@@ -109,7 +109,10 @@ def _request(
     start = _start_time(pid, start_time)
     if start is None:
         return None
-    path = socket_path(pid, start)
+    try:
+        path = socket_path(pid, start)
+    except OSError:
+        return None  # no lock directory: no holder either
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     fd: int | None = None
     try:
@@ -122,6 +125,10 @@ def _request(
             with contextlib.suppress(OSError):  # its holder died without cleaning up
                 path.unlink()
             return None
+        except OSError as exc:
+            raise HolderError(
+                pid, f"cannot reach the tracker holder at {path}", exc.errno or 0
+            ) from exc
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
         if uid not in (0, os.getuid()):

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from applier import holder
+from applier.api import apply
+from applier.dump import dump
 from applier.errors import EXIT_MISMATCH, EXIT_TARGET, EXIT_USAGE
 from applier.fixture import Checkpoint
 from formats.names import TRACKING as TRACKING_FILE
+from injector.procfs import read_start_time
 from injector.session import attach
 from injector.tracking import UffdWpTracker, open_tracker, resume_tracker
 from tests.live_state import command, snapshot
@@ -307,6 +310,38 @@ def test_checkpoint_borrows_a_running_holder(untracked: Target, tmp_path: Path) 
     assert _uffds("self") == own and _uffds(t.pid) == 0
     info = holder.status(t.pid)
     assert info is not None and info.holder == held and _wp_vmas(t.pid) > 0
+    assert_untouched(t)
+
+
+def test_a_holder_that_does_not_answer(
+    untracked: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped holder: a tracked dump waits at most the timeout and starts no second
+    tracker (the note says why); apply --only-dirty compares contents; once continued, the
+    holder serves again."""
+    t = untracked
+    monkeypatch.setattr(holder, "TIMEOUT", 0.3)
+    (checksum,) = command(t, "sum", "sum")
+    first = dump(t.pid, tmp_path / "1", track=True)
+    held = first.holder
+    assert first.tracking == "uffd-wp" and isinstance(held, int)
+    os.kill(held, signal.SIGSTOP)  # ours: the dump above started it
+    try:
+        second = dump(t.pid, tmp_path / "2", track=True)
+        assert second.tracking is None and second.holder is None
+        assert second.tracking_note == (
+            f"pid {t.pid}: tracker holder at {holder.socket_path(t.pid, read_start_time(t.pid))}"
+            ": no answer"
+        )
+        assert not (tmp_path / "2" / TRACKING_FILE).exists() and _uffds(t.pid) == 0
+        command(t, "touch", "touched")
+        result = apply(tmp_path / "1", t.pid, only_dirty=True)
+        assert result.dirty_source == "content"
+        assert command(t, "sum", "sum") == [checksum]
+    finally:
+        os.kill(held, signal.SIGCONT)
+    info = holder.status(t.pid)
+    assert info is not None and info.holder == held
     assert_untouched(t)
 
 
