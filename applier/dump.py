@@ -30,8 +30,16 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.capture import dump_selection, region_from_mapping, task_entries
-from applier.errors import MismatchError, OutputDirError
-from applier.holder import CallerKeeper, HolderKeeper, Keeper, new_token, reuse, set_baseline
+from applier.errors import MismatchError, OutputDirError, TargetBusy
+from applier.holder import (
+    CallerKeeper,
+    HolderKeeper,
+    Keeper,
+    checkpointed,
+    new_token,
+    reuse,
+    set_baseline,
+)
 from applier.holder import resume as resume_held
 from applier.limits import CHUNK_PAGES
 from applier.lock import TargetLock
@@ -232,6 +240,9 @@ def dump_process(
     tracker = None
     changed = None
     if base is not None:
+        busy = checkpointed(pid)
+        if busy is not None:
+            raise TargetBusy(f"{busy}: an incremental dump would move its tracker's baseline")
         try:
             tracker = resume_held(s, base.state, base.path)
             changed = tracker.dirty_pages()
@@ -448,6 +459,10 @@ def _start_tracking(session: Process, out: Path, stats: DumpStats, keeper: Keepe
     reasons = []
     tracker: DirtyTracker | None = None
     reused = False
+    busy = checkpointed(session.pid) if isinstance(keeper, HolderKeeper) else None
+    if busy is not None:
+        stats.tracking_note = f"{busy}: its tracker's baseline stays with that checkpoint"
+        return
     try:
         running = reuse(session)
     except TrackingError as exc:

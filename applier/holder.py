@@ -36,7 +36,7 @@ from typing import Any
 
 import attrs
 
-from applier.lock import lock_dir
+from applier.lock import TargetBusy, TargetLock, lock_dir
 from applier.trackfile import load_baseline
 from injector.process import Process
 from injector.procfs import read_start_time
@@ -55,6 +55,7 @@ __all__ = [
     "HolderInfo",
     "HolderKeeper",
     "Keeper",
+    "checkpointed",
     "new_token",
     "resume",
     "set_baseline",
@@ -323,6 +324,17 @@ def _end_started(first: subprocess.Popen[bytes], read_end: int) -> None:
         words = os.read(read_end, 64).decode().split() if ready else []
         if len(words) == 2 and words[0] == "ready":
             os.kill(int(words[1]), 15)  # SIGTERM: it removes what it has and exits
+
+
+def checkpointed(pid: int) -> str | None:
+    """Who keeps an open :class:`applier.fixture.Checkpoint` of ``pid`` (its ``checkpoint``
+    claim), or None. Its tracker's baseline must not move: a reset by someone else would
+    make its next restore miss the pages written before that reset."""
+    try:
+        TargetLock.acquire(pid, "checkpoint", "probed by a tracked dump").release()
+    except TargetBusy as exc:
+        return str(exc)
+    return None
 
 
 def resume(process: Process, state: TrackerState, image_dir: Path) -> DirtyTracker:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,6 +312,45 @@ def test_checkpoint_borrows_a_running_holder(untracked: Target, tmp_path: Path) 
     info = holder.status(t.pid)
     assert info is not None and info.holder == held and _wp_vmas(t.pid) > 0
     assert_untouched(t)
+
+
+@pytest.mark.parametrize("with_holder", [False, True])
+def test_an_open_checkpoint_keeps_its_baseline(
+    untracked: Target, tmp_path: Path, with_holder: bool
+) -> None:
+    """While a Checkpoint is open (its own tracker, or one borrowed from a holder), a
+    dump --track starts no tracking and resets nothing, and --parent is refused: the
+    checkpoint's next restore still reverts what was written before those dumps."""
+    t = untracked
+    if with_holder:
+        _track(tmp_path / "cli", t.pid)
+    (checksum,) = command(t, "sum", "sum")
+    with Checkpoint.take(t.pid) as cp:
+        command(t, "touch", "touched")  # written before the dump below
+        out = run_applier("dump", str(tmp_path / "ck"), "--from", str(t.pid), "--track")
+        assert out.returncode == 0
+        assert out.stderr == (
+            f"no dirty-page tracking: pid {t.pid} is busy: checkpointed by applier pid "
+            f"{os.getpid()} ({_argv()}): its tracker's baseline stays with that checkpoint\n"
+        )
+        assert not (tmp_path / "ck" / TRACKING_FILE).exists()
+        refused = run_applier(
+            "dump", str(tmp_path / "inc"), "--from", str(t.pid), "--parent", str(cp.path)
+        )
+        assert refused.returncode == EXIT_TARGET, refused.stderr
+        assert "an incremental dump would move its tracker's baseline" in refused.stderr
+        assert not (tmp_path / "inc").exists()
+        stats = cp.restore()
+        assert stats.pages_written >= 2
+        assert command(t, "sum", "sum") == [checksum]
+        assert _uffds(t.pid) == 0
+    assert (holder.status(t.pid) is not None) is with_holder
+    assert_untouched(t)
+
+
+def _argv() -> str:
+    """How applier.lock names this process in a claim."""
+    return " ".join(sys.argv[:3]) if sys.argv and sys.argv[0] else "python"
 
 
 def test_a_holder_that_does_not_answer(
