@@ -131,6 +131,7 @@ def _request(
                 pid, f"cannot reach the tracker holder at {path}", exc.errno or 0
             ) from exc
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        # (the credentials of whoever called listen(): the dump that started the holder)
         _, uid, _ = struct.unpack("3i", creds)
         if uid not in (0, os.getuid()):
             raise HolderError(pid, f"{path} is served by uid {uid}, not by applier's user")
