@@ -263,6 +263,7 @@ class _KeptTracker:
     saved: _SavedTracker
     tracker: DirtyTracker | None = None
     borrowed: bool = False  # a copy of a holder's userfaultfd: closing it leaves tracking on
+    written: TrackerState | None = None  # the state last saved in the image directory
 
     def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
         if self.tracker is None:
@@ -281,7 +282,10 @@ class _KeptTracker:
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
         if applied:
             tracker.reset()
-            save_tracking(self.saved.image_dir, tracker.state(), must=False)
+            state = tracker.state()
+            if state != self.written:  # most resets leave it as it was
+                save_tracking(self.saved.image_dir, state, must=False)
+                self.written = state
 
     def close(self) -> None:
         """Stop tracking (in a session of its own; nothing to do if the target is gone)."""
@@ -322,7 +326,7 @@ class Prepared:
         self._stack = contextlib.ExitStack()
         self.image = self._stack.enter_context(_opened(image_dir, pid, None, Part.ALL, overrides))
         saved = _SavedTracker(self.image.dir.path, pid)
-        self.tracking = _KeptTracker(saved, tracker, borrowed)
+        self.tracking = _KeptTracker(saved, tracker, borrowed=borrowed)
 
     def apply(
         self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
@@ -391,6 +395,7 @@ def _apply_image(
                     was_stopped=was_stopped,
                 )
                 process.hold()
+                journal.mark_held()
                 process.resume_on_detach = not was_stopped
             tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
             result = _apply_held(

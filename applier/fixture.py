@@ -21,6 +21,7 @@ letting the two reset each other's state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import attrs
 
 from applier.api import Prepared
 from applier.dump import DumpStats, dump_tracked
+from applier.errors import RollbackFailed
 from applier.executor import ApplyStats
 from applier.lock import TargetLock
 from applier.parts import Part
@@ -41,6 +43,8 @@ from injector.session import attach
 from injector.tracking import resume_tracker
 
 __all__ = ["Checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 
 @attrs.define
@@ -97,13 +101,29 @@ class Checkpoint:
         return load_tracking(self.path, self.pid) is not None
 
     def restore(
-        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
+        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = False, undo: bool = False
     ) -> ApplyStats:
-        """Put the process back to the checkpoint (only the pages changed since last time)."""
+        """Put the process back to the checkpoint (only the pages changed since last time).
+
+        By default a restore neither keeps an undo log nor reads its writes back: the state
+        it goes to is the checkpoint itself, on disk, so a restore that fails part-way is
+        finished by applying the checkpoint once more (roll forward) rather than undone; the
+        kernel's count of bytes written is checked on every write. If that second attempt
+        fails too, the process stays held (stopped, untraced) with a journal, and
+        ``applier recover PID`` finishes it. ``verify=True`` reads every written page back;
+        ``undo=True`` rolls a failed restore back to the state before it instead."""
         if self.closed:
             raise ValueError(f"checkpoint of pid {self.pid} is closed")
         assert self.prepared is not None
-        result = self.prepared.apply(parts=parts, verify=verify, undo=undo)
+        try:
+            result = self.prepared.apply(parts=parts, verify=verify, undo=undo)
+        except RollbackFailed as exc:
+            if undo:
+                raise
+            logger.warning(
+                "restore of pid %d failed (%s): applying the checkpoint again", self.pid, exc
+            )
+            result = self.prepared.apply(parts=parts, verify=True, undo=False)
         self.restores += 1
         return result.stats
 

@@ -36,9 +36,26 @@ def _path(pid: int, start_time: int) -> Path:
     return lock_dir() / f"journal-{pid}-{start_time}.json"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_pruned: set[Path] = set()  # the journal directories pruned by this process
+
+
 def _prune() -> None:
-    """Remove the journals of processes that are gone (nothing is left to finish there)."""
-    for path in lock_dir().glob("journal-*-*.json"):
+    """Remove the journals (and hold marks) of processes that are gone (nothing is left to
+    finish there); once per process and directory (a Checkpoint applies many times)."""
+    if lock_dir() in _pruned:
+        return
+    _pruned.add(lock_dir())
+    for path in [*lock_dir().glob("journal-*-*.json"), *lock_dir().glob("journal-*-*.held")]:
         try:
             _, pid, start = path.stem.split("-")
             alive = read_start_time(int(pid)) == int(start)
@@ -75,9 +92,20 @@ class Journal:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, self.path)
 
+    @property
+    def held_mark(self) -> Path:
+        return self.path.with_suffix(".held")
+
+    def mark_held(self) -> None:
+        """Record that the target is held: from here on the apply may write, so a journal
+        whose applier died is kept for ``recover`` even if someone continues the target."""
+        os.close(os.open(self.held_mark, os.O_WRONLY | os.O_CREAT, 0o600))
+
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.held_mark.unlink()
 
     @classmethod
     def begin(
@@ -109,8 +137,9 @@ class Journal:
 
     @classmethod
     def find(cls, pid: int) -> Journal | None:
-        """The journal of the process ``pid`` is now (None if there is none, or it belongs to
-        an earlier process with that pid)."""
+        """The journal of the process ``pid`` is now (None if there is none, if it belongs to
+        an earlier process with that pid, or if its applier died before holding the target:
+        such a journal is removed)."""
         try:
             path = _path(pid, read_start_time(pid))
             data = json.loads(path.read_text())
@@ -120,6 +149,11 @@ class Journal:
             return None
         try:
             data["parts"] = tuple(data["parts"])
-            return cls(**data)
+            journal = cls(**data)
         except TypeError:
             return None
+        if not journal.held_mark.exists() and not _alive(journal.applier_pid):
+            # its applier died before it held the target: nothing was written
+            journal.remove()
+            return None
+        return journal

@@ -59,6 +59,12 @@ class Process(Protocol):
 
     # layout and memory
     def maps(self) -> list[Mapping]: ...
+    @property
+    def layout_epoch(self) -> int:
+        """A number that changes whenever the layout may have changed since it was last read
+        (the target ran, or a call that can map or unmap ran in it)."""
+        ...
+
     def page_flags(self, start: int, end: int) -> U64Array:
         """/proc/PID/pagemap entries, one uint64 per page (``injector.maps`` bits)."""
         ...

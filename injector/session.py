@@ -42,7 +42,7 @@ from injector.maps import (
 from injector.memory import MemoryIO
 from injector.process import IovIO
 from injector.regs import X86Regs
-from injector.syscalls import syscall_name
+from injector.syscalls import NR, syscall_name
 from injector.tracer import Tracer, _errno, _signals_deferred, _status_fields
 
 if TYPE_CHECKING:
@@ -55,6 +55,11 @@ _PAGE: Final = 4096
 _XSTATE_MAX: Final = 1 << 16
 _PTRACE_GET_RSEQ_CONFIGURATION: Final = 0x420F
 _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTRACE_DETACH})
+# Calls that never change the address space: an injected one keeps the cached layout (the
+# other threads stay stopped meanwhile). ``brk(0)`` only asks for the break.
+_LAYOUT_NEUTRAL: Final = frozenset(
+    {"close", "lseek", "fcntl", "dup", "dup2", "getpid", "gettid", "getppid", "rt_sigprocmask"}
+)
 
 
 def attach(pid: int, *, timeout: float = 10.0) -> Session:
@@ -72,6 +77,7 @@ class Session(Tracer, NamedCalls):
         self._memory: MemoryIO | None = None
         self._insn: int | None = None
         self._maps: list[Mapping] | None = None  # until something runs in the target
+        self._epoch = 0  # layout_epoch
 
     def _close_fds(self) -> None:
         if self._memory is not None:
@@ -108,6 +114,10 @@ class Session(Tracer, NamedCalls):
         """``read_iov`` that another thread of this process may call while the session's own
         thread works on (process_vm_readv needs no ptrace stop); for read-ahead."""
         return self._mem().read_iov
+
+    @property
+    def layout_epoch(self) -> int:
+        return self._epoch
 
     def maps(self) -> list[Mapping]:
         """The target's mappings, in address order. Read once per stretch of the session in
@@ -337,6 +347,7 @@ class Session(Tracer, NamedCalls):
     def request(self, request: int, tid: int, addr: int = 0, data: int = 0) -> int:
         if request in _RESUMING:  # the target runs: the cached layout may go stale
             self._maps = None
+            self._epoch += 1
         return super().request(request, tid, addr, data)
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
@@ -355,12 +366,17 @@ class Session(Tracer, NamedCalls):
                     "() could kill it",
                 )
         insn = self.syscall_site()
+        table = NR.get(self.arch, {})
+        neutral = any(table.get(n) == nr for n in _LAYOUT_NEUTRAL) or (
+            nr == table.get("brk") and args[:1] in ((), (0,))
+        )
+        keep, epoch = (self._maps, self._epoch) if neutral else (None, self._epoch + 1)
         self._maps = None  # whatever the call does, the layout may change
         try:
             with _signals_deferred():
                 result = run_syscall(self, tid, nr, args, insn)
         finally:
-            self._maps = None
+            self._maps, self._epoch = keep, epoch
         if -4095 <= result < 0:
             raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
         return result

@@ -120,6 +120,7 @@ class FakeProcess(NamedCalls):
         self.child_processes: list[tuple[int, str, int]] = []
         self.stopped_before = False  # as if it had been in a group stop when attached
         self._held = False
+        self.epoch = 0  # layout_epoch: every injected call counts as a possible change
         self.resume_on_detach = False
         self._next_inode = 1000
 
@@ -198,6 +199,10 @@ class FakeProcess(NamedCalls):
     def _alive(self) -> None:
         if self.gone:
             raise TargetExited(self._pid, "exited during the session", errno.ESRCH)
+
+    @property
+    def layout_epoch(self) -> int:
+        return self.epoch
 
     def maps(self) -> list[Mapping]:
         self._alive()
@@ -370,6 +375,7 @@ class FakeProcess(NamedCalls):
     # ---- Process: system calls -----------------------------------------------------------
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        self.epoch += 1
         self._alive()
         self._thread(self._pid if tid is None else tid)
         name = _NAMES.get(nr, f"syscall_{nr}")

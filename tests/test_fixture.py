@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from applier.api import apply
-from applier.errors import MismatchError
+from applier import executor as execute
+from applier.api import apply, recover
+from applier.errors import MismatchError, RollbackFailed
 from applier.fixture import Checkpoint
+from applier.journal import Journal
+from applier.plan.steps import SetRegs, Step
 from tests.live_state import assert_same, command, snapshot
 from tests.procs import Target, assert_untouched
 
@@ -37,10 +40,10 @@ def test_checkpoint_restores_many_times_and_cleans_up(target: Target) -> None:
         at_checkpoint = snapshot(target.pid)
         assert cp.tracked and userfaultfds(target.pid) == 0
         assert userfaultfds("self") == own + 1
-        for _ in range(3):
+        for verify in (False, True, False):
             command(target, "scribble", "done")
-            stats = cp.restore()
-            assert stats.verified and stats.pages_written > 0
+            stats = cp.restore(verify=verify)
+            assert stats.verified == verify and stats.pages_written > 0
             assert_same(at_checkpoint, snapshot(target.pid))
             assert command(target, "sum", "sum") == [checksum]
         path = cp.path
@@ -49,6 +52,46 @@ def test_checkpoint_restores_many_times_and_cleans_up(target: Target) -> None:
     assert_untouched(target)
     with pytest.raises(ValueError, match="closed"):
         cp.restore()
+
+
+def test_a_failed_restore_rolls_forward(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore whose first attempt fails part-way (after its pages were written) applies
+    the checkpoint again: the process ends at the checkpoint, running and untraced. When
+    the second attempt fails too, it is held with a journal and ``recover`` finishes it."""
+
+    real = execute.Executor._do
+    failures = [1]
+
+    def failing(self: execute.Executor, step: Step) -> None:
+        if isinstance(step, SetRegs) and failures[0] > 0:
+            failures[0] -= 1
+            raise OSError(5, "injected failure")
+        real(self, step)
+
+    with Checkpoint.take(target.pid) as cp:
+        at_checkpoint = snapshot(target.pid)
+        monkeypatch.setattr(execute.Executor, "_do", failing)
+        command(target, "scribble", "done")
+        stats = cp.restore()
+        assert failures == [0] and stats.verified  # the second attempt verifies
+        assert_same(at_checkpoint, snapshot(target.pid))
+        assert_untouched(target)
+        assert Journal.find(target.pid) is None
+
+        failures[0] = 2
+        command(target, "scribble", "done")
+        with pytest.raises(RollbackFailed, match=f"applier recover {target.pid}"):
+            cp.restore()
+        assert Journal.find(target.pid) is not None
+        with open(f"/proc/{target.pid}/stat") as fh:
+            assert fh.read().rsplit(")", 1)[1].split()[0] == "T"  # held
+        recover(target.pid)
+        assert Journal.find(target.pid) is None
+        assert_same(at_checkpoint, snapshot(target.pid))
+        assert_untouched(target)
+        command(target, "scribble", "done")
+        cp.restore()
+        assert_same(at_checkpoint, snapshot(target.pid))
 
 
 def test_plugin_fixture(applier_checkpoint: Callable[[int], Checkpoint], target: Target) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from applier.dump import dump
@@ -214,3 +215,31 @@ def test_interrupt_while_starting_prints_no_traceback() -> None:
             assert err.startswith("applier: interrupted") and err.count("\n") == 1
         codes.append(proc.returncode)
     assert 130 in codes  # the signal did land while applier ran
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["not-held", "held"])
+def test_journal_of_an_applier_that_died_before_the_hold(tmp_path: Path, held: bool) -> None:
+    """A journal whose applier is gone and never held the target is removed (nothing was
+    written); with the hold mark it stays for recover, even if the target runs."""
+    target = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        journal = Journal.begin(
+            target.pid, tmp_path, task=None, parts=("memory",), only_dirty=False,
+            leave_shared=False, was_stopped=False,
+        )  # fmt: skip
+        journal = attrs.evolve(journal, applier_pid=dead.pid)
+        journal.write()
+        if held:
+            journal.mark_held()
+        found = Journal.find(target.pid)
+        if held:
+            assert found == journal and journal.path.exists()
+        else:
+            assert found is None and not journal.path.exists()
+        journal.remove()
+        assert not journal.path.exists() and not journal.held_mark.exists()
+    finally:
+        target.kill()
+        target.wait()

@@ -106,7 +106,11 @@ def _error_json(exc: BaseException, code: int) -> None:
 _STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+_received: list[int] = []  # the stopping signals that arrived, in order
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -117,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     as_json = bool(getattr(args, "json", False))
     before = {sig: signal.getsignal(sig) for sig in _STOPPING}
+    _received.clear()
     try:
         for sig in _STOPPING:  # from here a signal is an exception: an apply rolls back
             signal.signal(sig, _raise_interrupted)
@@ -128,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (Exception, KeyboardInterrupt) as exc:
+        if _received and not isinstance(exc, KeyboardInterrupt):
+            # The signal's exception was turned into another one on its way up (an import
+            # in C that it interrupted raises ImportError): it is still an interruption.
+            exc = Interrupted(_received[0])
         code = exit_code(exc)
         if code is None or args.debug:
             traceback.print_exc()

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from injector import _uffd
+from injector.arrays import union
 from injector.errors import InjectorError
 from injector.maps import Mapping
 from injector.process import Process
@@ -142,6 +143,8 @@ class UffdWpTracker(DirtyTracker):
         self.start_time = read_start_time(self.pid) if start_time is None else start_time
         self._registered = merge(registered)
         self._fresh = merge(fresh)
+        # (session, layout epoch) of the last refresh: a reset in the same layout skips its own
+        self._refreshed: tuple[object, int] | None = None
         self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._scanner = _uffd.PageScanner(self._pagemap)
 
@@ -309,11 +312,12 @@ class UffdWpTracker(DirtyTracker):
             fresh = intersect(fresh, wanted)
         if not fresh:
             return written
-        return np.union1d(written, pages_in(fresh))
+        return union(written, pages_in(fresh))
 
     def reset(self) -> None:
         self._check_open()
-        self._refresh(None, written=False)
+        if self._refreshed != (self.session, self.session.layout_epoch):
+            self._refresh(None, written=False)
         fresh = intersect(self._fresh, self._registered)
         old = subtract(self._registered, fresh)
         try:
@@ -378,6 +382,8 @@ class UffdWpTracker(DirtyTracker):
         self._fresh = merge([*intersect(self._fresh, tracked), *unregistered])
         self._registered = subtract(tracked, merge([*failed, *subtract(unregistered, writable)]))
         pages = np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+        # Only a full refresh (every tracked range scanned) stands in for the reset's own.
+        self._refreshed = (self.session, self.session.layout_epoch) if wanted is None else None
         return tracked, pages
 
     def _register(self, piece: Range, maps: Sequence[Mapping]) -> list[Range]:
