@@ -28,7 +28,6 @@ from applier.capture import live_task
 from applier.compare import narrow
 from applier.errors import MismatchError, RollbackFailed, UsageError
 from applier.executor import ApplyStats, Executor
-from applier.holder import resume as resume_held
 from applier.image import image_task
 from applier.journal import Journal
 from applier.lock import TargetLock
@@ -513,6 +512,8 @@ def _resume(
     gone, or serving a newer image's baseline (``applier.holder``)."""
     if state is None:
         return None, None
+    from applier.holder import resume as resume_held  # noqa: PLC0415 - only when tracked
+
     try:
         tracker = resume_held(process, state, image_dir)
         return tracker, tracker.dirty_pages()

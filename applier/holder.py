@@ -24,15 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import select
-import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -48,6 +45,9 @@ from injector.tracking import (
     UffdWpTracker,
     resume_tracker,
 )
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "CallerKeeper",
@@ -87,6 +87,8 @@ class HolderInfo:
 
 
 def new_token() -> str:
+    import secrets  # noqa: PLC0415 - only tracked dumps need it (and random, 2 ms)
+
     return secrets.token_hex(8)
 
 
@@ -107,6 +109,8 @@ def _request(
     pid: int, start_time: int | None, request: dict[str, Any], *, want_fd: bool = False
 ) -> tuple[HolderInfo, int | None] | None:
     """Ask the holder of (pid, start time); None if none runs (a stale socket is removed)."""
+    import socket  # noqa: PLC0415 - 2 ms, and only commands that track need it
+
     start = _start_time(pid, start_time)
     if start is None:
         return None
@@ -255,6 +259,9 @@ def stop(pid: int, start_time: int | None = None) -> HolderInfo | None:
 def spawn(pid: int, start_time: int, uffd: int, token: str, image: Path) -> int:
     """Start a holder for ``uffd`` (not taken: the caller still closes its copy); returns the
     holder's pid once it serves."""
+    import socket  # noqa: PLC0415 - only a first tracked dump starts one
+    import subprocess  # noqa: PLC0415
+
     path = socket_path(pid, start_time)
     if len(os.fsencode(path)) >= 108:
         raise HolderError(pid, f"socket path {path} is too long")
@@ -319,6 +326,8 @@ def spawn(pid: int, start_time: int, uffd: int, token: str, image: Path) -> int:
 def _end_started(first: subprocess.Popen[bytes], read_end: int) -> None:
     """A spawn interrupted (a signal, a timeout) after the holder was started: end it, so no
     holder is left serving a socket that is gone."""
+    import subprocess  # noqa: PLC0415
+
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         first.wait(timeout=TIMEOUT)
         ready, _, _ = select.select([read_end], [], [], TIMEOUT)
