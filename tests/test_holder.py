@@ -156,6 +156,12 @@ def test_five_tracked_dumps_reuse_one_tracker(untracked: Target, tmp_path: Path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "plain" / f"pagemap-{t.pid}.img").exists()
     assert_untouched(t)
+    # the holder knows the image that owns the baseline: the last tracked one
+    out = run_applier("untrack", str(t.pid), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == {
+        "pid": t.pid, "holder": held, "image": str((tmp_path / "ck4").resolve())
+    }  # fmt: skip
+    assert _gone(held, timeout=0.5) and _wp_vmas(t.pid) == 0
 
 
 def test_only_dirty_reverts_the_written_pages(untracked: Target, tmp_path: Path) -> None:
