@@ -15,6 +15,7 @@ File descriptors, sockets, signals and namespaces are not dumped: an image writt
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -29,13 +30,23 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.capture import dump_selection, region_from_mapping, task_entries
-from applier.errors import MismatchError, OutputDirError
+from applier.errors import MismatchError, OutputDirError, TargetBusy
+from applier.holder import (
+    CallerKeeper,
+    HolderKeeper,
+    Keeper,
+    checkpointed,
+    new_token,
+    reuse,
+    set_baseline,
+)
+from applier.holder import resume as resume_held
 from applier.limits import CHUNK_PAGES
 from applier.lock import TargetLock
 from applier.model import Kind
 from applier.progress import Progress
 from applier.ranges import align_up, intervals, joined
-from applier.trackfile import drop_tracking, save_tracking
+from applier.trackfile import drop_tracking, load_tracking, save_tracking
 from applier.trust import check_target_allowed, uptime_us
 from formats import names
 from formats.imagedir import ImageDir
@@ -47,9 +58,15 @@ from injector import attach
 from injector.maps import Mapping
 from injector.memory import buffer_address
 from injector.process import Process
-from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
+from injector.tracking import (
+    DirtyTracker,
+    TrackerState,
+    TrackingError,
+    UffdWpTracker,
+    open_tracker,
+)
 
-__all__ = ["DumpStats", "dump", "dump_process", "prepare_output_dir"]
+__all__ = ["DumpStats", "dump", "dump_process", "dump_tracked", "prepare_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +83,8 @@ class DumpStats:
     seconds: float = 0.0
     tracking: str | None = None  # tracker backend left running, if any
     tracking_note: str | None = None  # why tracking was not started
+    holder: int | None = None  # pid of the process that keeps the tracker's userfaultfd
+    tracking_reused: bool = False  # the tracker already ran (a new baseline, no new one)
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -100,7 +119,11 @@ def dump(
 
     ``track``: also start dirty-page tracking in the target at the moment of the checkpoint
     (userfaultfd write-protect, or soft-dirty where the kernel has it) and record its state
-    in ``names.TRACKING``, so ``apply --only-dirty`` writes only the pages written since.
+    in ``names.TRACKING``, so ``apply --only-dirty`` writes only the pages written since. The
+    userfaultfd is not left in the target: a holder process keeps it (``applier.holder``;
+    ``stats.holder``, ended by ``applier untrack`` / ``holder.stop``); a holder already
+    running for the target is reused, with the new baseline. :func:`dump_tracked` keeps it
+    in the calling process instead.
 
     ``parent``: an incremental dump on top of a tracked checkpoint of the same process (CRIU's
     ``--prev-images-dir``): pages the tracker saw written since, or that the parent chain does
@@ -111,14 +134,47 @@ def dump(
 
     ``force``: also pid 1, applier itself and its ancestors (refused otherwise).
     """
+    keeper = HolderKeeper()
+    return _checked_dump(
+        pid, Path(image_dir), page_size, track, parent, keeper=keeper, progress=progress,
+        force=force,
+    )  # fmt: skip
+
+
+def dump_tracked(
+    pid: int, image_dir: str | os.PathLike[str], *, force: bool = False
+) -> tuple[DumpStats, DirtyTracker | None, bool]:
+    """``dump(pid, image_dir, track=True)`` with the tracker kept in this process: (stats,
+    tracker or None if tracking could not start, whether it is borrowed from a running
+    holder). The caller moves it from session to session (``rebind``) and ends it with
+    ``close()`` (own) or ``release()`` (borrowed: the holder's tracking goes on)."""
+    keeper = CallerKeeper()
+    stats = _checked_dump(pid, Path(image_dir), 4096, True, None, keeper=keeper, force=force)
+    return stats, keeper.tracker, keeper.borrowed
+
+
+def _checked_dump(
+    pid: int,
+    out: Path,
+    page_size: int,
+    track: bool,
+    parent: str | os.PathLike[str] | None,
+    *,
+    keeper: Keeper,
+    progress: bool = False,
+    force: bool = False,
+) -> DumpStats:
     check_target_allowed(pid, force=force)
-    out = Path(image_dir)
     base = _Parent.load(Path(parent), pid) if parent is not None else None
     created = prepare_output_dir(out)
     try:
         with TargetLock.acquire(pid, "work", f"dumping into {out}"):
-            return _dump(pid, out, page_size, track, base, progress=progress)
+            return _dump(pid, out, page_size, track, base, progress=progress, keeper=keeper)
     except BaseException:
+        if isinstance(keeper, HolderKeeper):
+            keeper.abandon()
+        elif isinstance(keeper, CallerKeeper) and keeper.tracker is not None:
+            _drop_kept(keeper)
         # Leave nothing half-written behind: what was there before was an empty directory.
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -156,13 +212,12 @@ class _Parent:
     @classmethod
     def load(cls, path: Path, pid: int) -> _Parent:
         img = ImageDir.open(path)  # validated in full (and its own parents) before anything
-        try:
-            state = TrackerState.from_json((path / names.TRACKING).read_text())
-        except (OSError, ValueError) as exc:
+        state = load_tracking(path)
+        if state is None:
             raise MismatchError(
                 f"{path}: no dirty tracking of pid {pid} to build on (dump the parent with "
                 "--track, or take a full dump)",
-            ) from exc
+            )
         if state.pid != pid:
             raise MismatchError(f"{path}: its tracker follows pid {state.pid}, not {pid}")
         page = img.page_size
@@ -178,16 +233,21 @@ def dump_process(
     track: bool = False,
     base: _Parent | None = None,
     progress: bool = False,
+    keeper: Keeper | None = None,
 ) -> DumpStats:
     """Write the image of the stopped process ``s`` into ``out`` (an empty directory); see
-    :func:`dump`. Works on any :class:`injector.process.Process` (tracking needs a real one)."""
+    :func:`dump`. Works on any :class:`injector.process.Process` (tracking needs a real one).
+    ``keeper`` takes a new tracker (``track``); without one, a holder is started here."""
     pid = s.pid
     stats = DumpStats(pid=pid)
     tracker = None
     changed = None
     if base is not None:
+        busy = checkpointed(pid)
+        if busy is not None:
+            raise TargetBusy(f"{busy}: an incremental dump would move its tracker's baseline")
         try:
-            tracker = resume_tracker(s, base.state)
+            tracker = resume_held(s, base.state, base.path)
             changed = tracker.dirty_pages()
         except TrackingError as exc:
             raise MismatchError(
@@ -218,11 +278,20 @@ def dump_process(
         # The new image owns the baseline now; the parent's state must not be used again
         # (an apply --only-dirty of the parent would trust a baseline that has moved).
         tracker.reset()
-        save_tracking(out, tracker.release())
+        token = new_token()
+        save_tracking(out, tracker.state(), baseline=token)
         drop_tracking(base.path)
+        if isinstance(tracker, UffdWpTracker) and tracker.remote_fd < 0:
+            stats.holder = set_baseline(pid, tracker.start_time, token, out.resolve()).holder
+            stats.tracking_reused = True
+        tracker.release()
         stats.tracking = tracker.backend_name
     elif track:
-        _start_tracking(s, out, stats)
+        own = keeper is None
+        keeper = HolderKeeper() if keeper is None else keeper
+        _start_tracking(s, out, stats, keeper)
+        if own:
+            _finish_keeping(keeper, out, stats)
     stats.threads = len(s.tids)
     stats.vmas = len(vmas)
     return stats
@@ -236,11 +305,16 @@ def _dump(
     base: _Parent | None = None,
     *,
     progress: bool = False,
+    keeper: Keeper | None = None,
 ) -> DumpStats:
     started = time.perf_counter()
     with attach(pid) as s:
-        stats = dump_process(s, out, page_size, track=track, base=base, progress=progress)
+        stats = dump_process(
+            s, out, page_size, track=track, base=base, progress=progress, keeper=keeper
+        )
     stats.seconds = time.perf_counter() - started
+    if track and keeper is not None and stats.tracking is not None:
+        _finish_keeping(keeper, out, stats)
     logger.info(
         "dumped pid %d: %d pages, %d VMAs in %.1f ms",
         pid,
@@ -407,17 +481,76 @@ def _reader(
     return fill
 
 
-def _start_tracking(session: Process, out: Path, stats: DumpStats) -> None:
-    """Start a resumable tracker while the target is still stopped; record its state."""
+def _start_tracking(session: Process, out: Path, stats: DumpStats, keeper: Keeper) -> None:
+    """Start a resumable tracker while the target is still stopped (or take the one that
+    runs: a new baseline); record its state and give it to ``keeper``."""
     reasons = []
-    for backend in ("uffd-wp", "soft-dirty"):
-        try:
-            tracker = open_tracker(session, backend)
-        except TrackingError as exc:
-            reasons.append(str(exc))
-            continue
-        state = tracker.release()
-        save_tracking(out, state)
-        stats.tracking = backend
+    tracker: DirtyTracker | None = None
+    reused = False
+    busy = checkpointed(session.pid) if isinstance(keeper, HolderKeeper) else None
+    if busy is not None:
+        stats.tracking_note = f"{busy}: its tracker's baseline stays with that checkpoint"
         return
-    stats.tracking_note = "; ".join(reasons)
+    try:
+        running = reuse(session)
+    except TrackingError as exc:
+        # A holder that does not answer still holds the registrations: a second
+        # userfaultfd could register nothing.
+        stats.tracking_note = str(exc)
+        return
+    if running is not None:
+        tracker, info = running
+        try:
+            tracker.reset()
+        except BaseException:
+            tracker.release()
+            raise
+        reused = True
+        stats.holder = info.holder
+    else:
+        for backend in ("uffd-wp", "soft-dirty"):
+            try:
+                tracker = open_tracker(session, backend, in_target=False)
+            except TrackingError as exc:
+                reasons.append(str(exc))
+                continue
+            break
+    if tracker is None:
+        stats.tracking_note = "; ".join(reasons)
+        return
+    try:
+        token = new_token()
+        save_tracking(out, tracker.state(), baseline=token)
+        keeper.keep(session, tracker, out, token, reused)
+    except BaseException:
+        if reused:
+            tracker.release()
+        else:
+            tracker.close()
+        drop_tracking(out)
+        raise
+    stats.tracking = tracker.backend_name
+    stats.tracking_reused = reused
+
+
+def _finish_keeping(keeper: Keeper, out: Path, stats: DumpStats) -> None:
+    """Hand the new tracker to its keeper once the target runs (a holder is started); if
+    that fails the image stays, untracked, and the note says why."""
+    try:
+        holder = keeper.finish()
+    except TrackingError as exc:
+        drop_tracking(out)
+        stats.tracking, stats.tracking_note = None, str(exc)
+        return
+    if holder is not None:
+        stats.holder = holder
+
+
+def _drop_kept(keeper: CallerKeeper) -> None:
+    """A dump that failed after the tracker was kept: let it go again."""
+    tracker, keeper.tracker = keeper.tracker, None
+    if tracker is None:
+        return
+    # Closing this process's copy: a borrowed tracker runs on in its holder, an own one ends.
+    with contextlib.suppress(TrackingError):
+        tracker.release()

@@ -163,7 +163,7 @@ def main() -> None:
         # CLI reset, a tracked dump the CLI applies with --only-dirty
         image = work / "ckpt"
         dump(mc.pid, image, track=True)
-        mc.fds = mc.fd_count()  # (the tracker may hold a descriptor in the server)
+        mc.fds = mc.fd_count()  # (the tracker's userfaultfd is in a holder, not here)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         applier = [sys.executable, "-m", "applier"]
         for seed in range(args.repeat + 1):
@@ -176,7 +176,7 @@ def main() -> None:
             if seed:
                 cli.append(time.perf_counter() - t0)
             check(mc, args.keys, args.changed, seed)
-        mc.stop()  # (its tracker goes with it)
+        mc.stop()  # (its tracker's holder exits with it)
         mc = Memcached(work)
         mc.load(args.keys)
         with Checkpoint.take(mc.pid) as cp:

@@ -45,6 +45,7 @@ __all__ = [
     "UndoUnmap",
 ]
 
+
 def _mem_available() -> int:
     """MemAvailable of /proc/meminfo in bytes (unbounded if it cannot be read)."""
     try:
@@ -206,7 +207,7 @@ class UndoLog:
         memfd for the pool."""
         memfd = self._spool()
         where = Path(os.environ.get("TMPDIR") or "/var/tmp")
-        disk = tempfile.TemporaryFile(prefix="applier-undo-", dir=where)
+        disk = tempfile.TemporaryFile(prefix="applier-undo-", dir=where)  # noqa: SIM115 - the log keeps it
         done = 0
         while done < self.end:
             n = os.sendfile(disk.fileno(), memfd.fileno(), done, self.end - done)
