@@ -28,7 +28,7 @@ How a call runs (x86_64, System V ABI), with every thread of the target stopped:
 5. Afterwards the thread is stopped again (``PTRACE_INTERRUPT``) and its general-purpose and
    XSAVE registers are put back exactly; the scratch mapping is unmapped.
 6. The tracker says which pages were written during the call (the scratch mapping left out).
-   If the target holds a userfaultfd already (another tracker: ``dump --track``, a
+   If another tracker follows the target (``dump --track``'s holder, an open
    ``Checkpoint``, ``rollback()``), the call's tracker compares page contents instead, so as
    not to disturb the other one's write-protection.
    With ``record``, ``record/after`` is an incremental image on top of ``record/before``
@@ -351,10 +351,11 @@ def _call_stopped(
         raise ApplierError(f"pid {s.pid}: {RETURN_TRAP:#x} is mapped: no address to return to")
     before.mkdir(parents=True, exist_ok=True)
     dump_process(s, before)
-    # A userfaultfd already in the target may be another tracker (``dump --track``, a
-    # Checkpoint): a second uffd-wp tracker would re-protect its pages and hide what was
-    # written from it, so the call then compares contents instead.
-    tracker = open_tracker(s, "content" if _has_userfaultfd(s.pid) else "auto", local_only=True)
+    # Another tracker of this process (``dump --track``'s holder, an open Checkpoint, an
+    # older dump's userfaultfd in the target): a second uffd-wp tracker would re-protect its
+    # pages and hide what was written from it, so the call then compares contents instead.
+    backend = "content" if _tracked_elsewhere(s.pid) else "auto"
+    tracker = open_tracker(s, backend, in_target=False)
     try:
         scratch = _Scratch.make(s, args, tid)
         values = [a if isinstance(a, int) else scratch.address_of(i) for i, a in enumerate(args)]
@@ -420,6 +421,19 @@ def _abandon(s: Session, tracker: DirtyTracker, scratch: _Scratch, tid: int, bef
         logger.warning("pid %d: call cut short, and not rolled back: %s", s.pid, exc)
         return False
     return True
+
+
+def _tracked_elsewhere(pid: int) -> bool:
+    """Whether another dirty tracker follows ``pid``: a holder (``dump --track``), an open
+    ``Checkpoint`` (its claim), or a userfaultfd in the target itself."""
+    from applier import holder  # noqa: PLC0415
+
+    if holder.checkpointed(pid) is not None or _has_userfaultfd(pid):
+        return True
+    try:
+        return holder.status(pid) is not None
+    except holder.HolderError:
+        return True  # a holder that does not answer may still hold a tracker
 
 
 def _has_userfaultfd(pid: int) -> bool:

@@ -46,9 +46,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_pruned: set[Path] = set()  # the journal directories pruned by this process
+
+
 def _prune() -> None:
     """Remove the journals (and hold marks) of processes that are gone (nothing is left to
-    finish there)."""
+    finish there); once per process and directory (a Checkpoint applies many times)."""
+    if lock_dir() in _pruned:
+        return
+    _pruned.add(lock_dir())
     for path in [*lock_dir().glob("journal-*-*.json"), *lock_dir().glob("journal-*-*.held")]:
         try:
             _, pid, start = path.stem.split("-")

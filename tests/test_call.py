@@ -434,3 +434,22 @@ def test_applier_killed_during_the_call_leaves_the_target_held(target: Target) -
     assert_same(before, snapshot(target.pid))
     assert command(target, "sum", "sum") == [checksum]
     assert_untouched(target)
+
+
+def test_call_leaves_another_trackers_baseline_alone(target: Target, tmp_path: Path) -> None:
+    """A `dump --track` holder follows the target: the call compares contents instead of
+    re-protecting pages, so `apply --only-dirty` of the checkpoint afterwards still writes
+    back what the call wrote."""
+    ck = tmp_path / "ck"
+    out = run_applier("dump", str(ck), "--from", str(target.pid), "--track")
+    assert out.returncode == 0, out.stderr
+    at_ck = snapshot(target.pid)
+    (counter, _, _) = command(target, "get", "get")
+    assert call(target.pid, "bump", 9).value == int(counter) + 9
+    out = run_applier("apply", str(ck), "--into", str(target.pid), "--only-dirty", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["dirty_source"].startswith("tracker:")
+    got = snapshot(target.pid)
+    assert got.memory == at_ck.memory and got.layout == at_ck.layout
+    assert command(target, "get", "get")[0] == counter
+    assert_untouched(target)

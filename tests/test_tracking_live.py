@@ -237,29 +237,6 @@ def test_uffd_close_leaves_nothing_in_the_target(target: Target) -> None:
         resume_tracker(s, state)
 
 
-def test_uffd_local_only_keeps_nothing_in_the_target(target: Target) -> None:
-    """local_only: the target's userfaultfd is closed at once, tracking still sees exactly
-    the written pages through this process's copy, release() is refused, and close() leaves
-    no registration behind."""
-    _skip_unless_available("uffd-wp")
-    base = _map(target, 4)
-    before = _uffd_fds(target.pid)
-    with attach(target.pid) as s:
-        tracker = open_tracker(s, "uffd-wp", local_only=True)
-        assert _uffd_fds(target.pid) == before
-        assert any("uw" in flags for flags in s.vm_flags().values())
-        with pytest.raises(TrackingError):
-            tracker.state()
-    _cmd(target, f"touch {base + PAGE:#x}")
-    with attach(target.pid) as s:
-        tracker.rebind(s)
-        assert _offsets(tracker.dirty_pages([(base, base + 4 * PAGE)]), base) == [1]
-        tracker.close()
-        assert not any("uw" in flags for flags in s.vm_flags().values())
-    assert _uffd_fds(target.pid) == before
-    _cmd(target, "ping", "pong")
-
-
 def test_uffd_resume_refuses_a_foreign_descriptor(target: Target) -> None:
     """A state whose fd number now names something else is refused, not trusted."""
     _skip_unless_available("uffd-wp")
