@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -452,4 +453,69 @@ def test_call_leaves_another_trackers_baseline_alone(target: Target, tmp_path: P
     got = snapshot(target.pid)
     assert got.memory == at_ck.memory and got.layout == at_ck.layout
     assert command(target, "get", "get")[0] == counter
+    assert_untouched(target)
+
+
+def _start_spin(target: Target) -> subprocess.Popen[bytes]:
+    """`applier call PID spin` in a new interpreter, returned once spin() runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "applier", "call", str(target.pid), "spin", "--timeout", "60"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while Journal.find(target.pid) is None or target.state() != "R":
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the call did not start")
+        time.sleep(0.01)
+    time.sleep(0.2)
+    return proc
+
+
+def test_interrupted_call_is_rolled_back(target: Target) -> None:
+    """SIGINT or SIGTERM to applier while the function runs: the process is put back, let go
+    and running; applier exits 128 + the signal with one line."""
+    (checksum,) = command(target, "sum", "sum")
+    before = snapshot(target.pid)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = _start_spin(target)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + sig, err
+        assert err.decode().count("\n") == 1 and "interrupted" in err.decode()
+        assert Journal.find(target.pid) is None
+        assert_untouched(target)
+        assert_same(before, snapshot(target.pid))
+    assert command(target, "sum", "sum") == [checksum]
+
+
+def test_call_into_a_stopped_process_leaves_it_stopped(target: Target) -> None:
+    """A process stopped by SIGSTOP: the call runs, and the process is still stopped after."""
+    (counter, _, _) = command(target, "get", "get")
+    os.kill(target.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while target.state() != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    try:
+        assert call(target.pid, "bump", 2).value == int(counter) + 2
+        time.sleep(0.05)
+        assert target.state() == "T" and target.tracer() == 0
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    assert command(target, "get", "get")[0] == str(int(counter) + 2)
+    assert_untouched(target)
+
+
+def test_vector_registers_are_restored(target: Target) -> None:
+    """greet() runs libc's SSE/AVX string code: the XSAVE area (x87, SSE, AVX state) of the
+    thread is the same afterwards, as are its general-purpose registers."""
+    with attach(target.pid) as s:
+        xstate, regs = s.get_xstate(target.pid), s.get_regs(target.pid)
+    assert call(target.pid, "greet", "vector registers", 40).value == 16 * 40
+    with attach(target.pid) as s:
+        assert s.get_xstate(target.pid) == xstate
+        assert s.get_regs(target.pid) == regs
     assert_untouched(target)
