@@ -82,7 +82,7 @@ class ApplyResult:
     plan: Plan
     stats: ApplyStats
     dry_run: bool = False
-    dirty_source: str | None = None  # "tracker:<backend>", "content" or None (all pages)
+    dirty_source: str | None = None  # "tracker:<backend>", "content", "layer" or None (all)
     undo: UndoImageStats | None = None  # the undo image written (``undo_dir``)
 
 
@@ -529,6 +529,8 @@ def _apply_image(
             raise
         if tracker is not None and tracking is not None:
             tracking.done(tracker, applied=not result.dry_run)
+        if isinstance(tracking, _LayerCheck):
+            result = attrs.evolve(result, dirty_source="layer")
         finished = True
         return result
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns

@@ -278,10 +278,13 @@ def test_record_layer_holds_the_written_pages_and_undoes_and_redoes(
     assert_same(at_before, snapshot(target.pid))
     redo = applier.api.apply(rec / "after", target.pid, layer=True)
     assert redo.stats.pages_written == len(own) and redo.stats.bytes_discarded == 0
+    assert redo.dirty_source == "layer"
     assert_same(at_after, snapshot(target.pid))
     out = run_applier("apply", str(rec / "before"), "--into", str(target.pid))
     assert out.returncode == 0, out.stderr
     assert_same(at_before, snapshot(target.pid))
+    with pytest.raises(UsageError, match="not an incremental layer"):
+        applier.api.apply(rec / "before", target.pid, layer=True)
     assert command(target, "get", "get")
     assert_untouched(target)
 
