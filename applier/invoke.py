@@ -127,7 +127,8 @@ class CallResult:
     args: tuple[str, ...]
     value: int | None
     pages: tuple[int, ...]
-    seconds: float
+    seconds: float  # the whole command: checkpoint, call, roll back
+    timeout: float = 10.0
     signal: str | None = None  # the crash signal's name
     fault_address: int | None = None  # si_addr of a fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE)
     fault_ip: int | None = None  # where the function was when it crashed
@@ -156,7 +157,7 @@ class CallResult:
             )
         if self.timed_out:
             return CallTimedOut(
-                f"{where} did not return within {self.seconds:.3g}s; the process was put back "
+                f"{where} did not return within {self.timeout:g}s; the process was put back "
                 "to its state before the call"
             )
         return None
@@ -186,6 +187,7 @@ class CallResult:
             "pages_restored": self.pages_restored,
             "record": self.record,
             "seconds": self.seconds,
+            "timeout": self.timeout,
         }
 
 
@@ -391,7 +393,8 @@ def _call_stopped(
         args=_describe_args(args),
         value=outcome.value,
         pages=tuple(int(p) for p in written),
-        seconds=timeout if outcome.timed_out else seconds,
+        seconds=seconds,
+        timeout=timeout,
         signal=outcome.signal,
         fault_address=outcome.fault_address,
         fault_ip=outcome.fault_ip,

@@ -359,6 +359,9 @@ def test_cli_text_json_and_exit_codes(target: Target, tmp_path: Path) -> None:
     assert out.returncode == EXIT_CALL_TIMEOUT
     assert json.loads(out.stdout)["error"]["type"] == "CallTimedOut"
     assert command(target, "sum", "sum") == [checksum]
+    assert "0.3s" in json.loads(out.stdout)["error"]["message"]
+    out = run_applier("--help")
+    assert out.returncode == 0 and "call" in out.stdout
     out = run_applier("call", str(target.pid), "bump", "seven")
     assert out.returncode == EXIT_USAGE and "quoted string" in out.stderr
     out = run_applier("call", str(target.pid), "no_such_function")
