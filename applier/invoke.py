@@ -546,8 +546,6 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
                 break
             # Another signal (delivered, as during a real call) or a group stop: go on.
             s.request(_libc.PTRACE_CONT, tid, 0, sig if kind == SIGNAL_STOP else 0)
-            if kind == EVENT_STOP:
-                continue
         # Back to an interrupt stop, the crash or trap signal discarded; a signal that comes
         # first is delivered with the thread's own registers back in place.
         s.request(_libc.PTRACE_INTERRUPT, tid)
@@ -557,6 +555,7 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
     except BaseException:
         with contextlib.suppress(InjectorError):
             _settle(s, tid)
+        with contextlib.suppress(InjectorError):
             put_back()
         raise
     if not delivered:  # else the thread is at its handler, with its own registers saved
@@ -565,10 +564,21 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
 
 
 def _settle(s: Session, tid: int) -> None:
-    """Stop ``tid`` again after an error in the middle of a call (best effort)."""
+    """Stop ``tid`` again after an error or an interruption in the middle of a call. Signals
+    it reports on the way are dropped, not delivered: its registers are still the call's.
+    If no stop comes, it is in a stop already reported (and collected) before the error."""
     with contextlib.suppress(InjectorError):
         s.request(_libc.PTRACE_INTERRUPT, tid)
-    s.wait_event_stop(tid, time.monotonic() + 2.0)
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            kind, _sig = s.wait(tid, deadline)
+        except StopTimeout:
+            return
+        if kind == EVENT_STOP:
+            return
+        s.request(_libc.PTRACE_INTERRUPT, tid)
+        s.request(_libc.PTRACE_CONT, tid, 0, 0)
 
 
 def _restore(s: Session, before: Path, written: npt.NDArray[np.uint64]) -> int:
