@@ -525,3 +525,21 @@ def test_vector_registers_are_restored(target: Target) -> None:
         assert s.get_xstate(target.pid) == xstate
         assert s.get_regs(target.pid) == regs
     assert_untouched(target)
+
+
+def test_call_on_a_thread_sleeping_in_nanosleep(target: Target) -> None:
+    """--thread on a thread blocked in clock_nanosleep: after the call it sleeps on (the
+    kernel restarts its sleep), it never sees EINTR."""
+    command(target, "nap", "nap")
+    (napper,) = (int(t) for t in os.listdir(f"/proc/{target.pid}/task") if int(t) != target.pid)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{target.pid}/task/{napper}/syscall").read_text().split()[0] != "230":
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert call(target.pid, "add6", 1, 2, 0, 0, 0, 0, thread=napper).value == 5
+    assert call(target.pid, "bump", 1, thread=napper, rollback=True).rolled_back
+    time.sleep(0.1)
+    nr = Path(f"/proc/{target.pid}/task/{napper}/syscall").read_text().split()[0]
+    assert nr in ("230", "219")  # clock_nanosleep, or restart_syscall resuming it
+    assert command(target, "naps", "naps") == ["0"]
+    assert_untouched(target)

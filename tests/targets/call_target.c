@@ -5,6 +5,8 @@
 //   sum       -> "sum <checksum of area + heapbuf>"
 //   threads N -> starts N threads that keep incrementing ticks[i]; "threads"
 //   ticks     -> "ticks <sum of ticks>"
+//   nap       -> starts a thread that sleeps in nanosleep (1000 s at a time); "nap"
+//   naps      -> "naps <how many of its sleeps were cut short>"
 //   quit      -> exits
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -105,6 +107,17 @@ long with_signal(void) {  // a signal during the call: its handler runs, the cal
     return handled - was;
 }
 
+static volatile long naps, nappers;
+static void *napper(void *arg) {  // sleeps in clock_nanosleep; counts the sleeps cut short
+    (void)arg;
+    __atomic_add_fetch(&nappers, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        struct timespec ts = {1000, 0};
+        if (nanosleep(&ts, NULL)) naps++;
+    }
+    return NULL;
+}
+
 static void *worker(void *arg) {
     long i = (long)arg;
     __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
@@ -161,6 +174,13 @@ int main(void) {
                 }
                 while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < goal) usleep(100);
                 answer("threads\n");
+            } else if (!strcmp(line, "nap")) {
+                pthread_t t;
+                pthread_create(&t, NULL, napper, NULL);
+                while (!__atomic_load_n(&nappers, __ATOMIC_SEQ_CST)) usleep(100);
+                answer("nap\n");
+            } else if (!strcmp(line, "naps")) {
+                answer("naps %ld\n", naps);
             } else if (!strcmp(line, "ticks")) {
                 long t = 0;
                 for (int i = 0; i < 64; i++) t += ticks[i];
