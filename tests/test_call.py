@@ -273,6 +273,16 @@ def test_record_layer_holds_the_written_pages_and_undoes_and_redoes(
     doc = json.loads(shown.stdout)
     assert doc["totals"]["pages_present"] == len(own)
     assert doc["totals"]["pages_in_parent"] == len(parent)
+    held = {
+        int(r["start"], 16) + i * PG
+        for r in doc["processes"][0]["held_here"]
+        for i in range(r["pages"])
+    }
+    assert held == own
+    text = run_applier("show", str(rec / "after")).stdout
+    assert f"held in this layer (the rest is in the parent): {len(own)} pages" in text
+    for r in doc["processes"][0]["held_here"]:
+        assert f"{int(r['start'], 16):#018x}-{int(r['end'], 16):#018x} {r['pages']} pages" in text
     # undo, redo, undo
     applier.api.apply(rec / "before", target.pid)
     assert_same(at_before, snapshot(target.pid))
