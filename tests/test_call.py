@@ -130,6 +130,9 @@ def test_arguments_alignment_and_strings(target: Target) -> None:
     # by address, and a signal raised during the call reaching the program's handler
     assert call(target.pid, resolve(target.pid, "add6").address, 1, 0, 0, 0, 0, 1).value == 7
     assert call(target.pid, "with_signal").value == 1
+    # library functions: LIB:NAME, and an IFUNC (strlen) followed to libc's chosen version
+    assert call(target.pid, "libc:getpid").value == target.pid
+    assert call(target.pid, "libc.so.6:strlen", "seventeen letters").value == 17
     assert_untouched(target)
 
 
