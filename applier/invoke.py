@@ -264,8 +264,7 @@ def call(
     check_target_allowed(pid, force=force)
     symbol = _resolve(pid, function)
     record_dir = Path(record) if record is not None else None
-    if record_dir is not None:
-        prepare_output_dir(record_dir)
+    record_created = record_dir is not None and prepare_output_dir(record_dir)
     started = time.perf_counter()
     temp = None
     if record_dir is None:
@@ -276,6 +275,7 @@ def call(
     progress = _Progress()
     journal: Journal | None = None
     keep = False  # the target is left held, with its journal and the checkpoint
+    done = False
     try:
         with (
             TargetLock.acquire(pid, "work", f"calling {symbol.name} in it"),
@@ -297,10 +297,12 @@ def call(
             journal.mark_held()
             session.resume_on_detach = not was_stopped
             try:
-                return _call_stopped(
+                result = _call_stopped(
                     session, symbol, args, thread=thread, timeout=timeout, rollback=rollback,
                     before=before, record=record_dir, started=started, progress=progress,
                 )  # fmt: skip
+                done = True
+                return result
             except BaseException as exc:
                 if progress.safe or not session.alive():
                     raise
@@ -316,6 +318,22 @@ def call(
             journal.remove()
         if temp is not None and not keep:
             shutil.rmtree(temp, ignore_errors=True)
+        if record_dir is not None and not done and not keep:
+            _empty(record_dir, remove=record_created)
+
+
+def _empty(directory: Path, *, remove: bool) -> None:
+    """Leave nothing half-written in a --record directory after a failed call: remove it if
+    this call created it, else empty it again."""
+    if remove:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
 
 
 @attrs.define

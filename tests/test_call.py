@@ -168,13 +168,17 @@ def test_rollback_puts_back_globals_heap_mappings_and_break(target: Target) -> N
     [("crash", (0x10,), "SIGSEGV"), ("do_abort", (), "SIGABRT")],
 )
 def test_crash_is_rolled_back(
-    target: Target, function: str, args: tuple[int, ...], sig: str
+    target: Target, function: str, args: tuple[int, ...], sig: str, tmp_path: Path
 ) -> None:
     """A function that segfaults or aborts: the signal (and the address) reported, the
-    process put back exactly, alive and working."""
+    process put back exactly, alive and working; the record's layer holds what it wrote
+    before it crashed."""
+    area, _, _ = info(target)
     (checksum,) = command(target, "sum", "sum")
     before = snapshot(target.pid)
-    result = call(target.pid, function, *args)
+    result = call(target.pid, function, *args, record=tmp_path / "rec")
+    own, _ = pagemap_pages(tmp_path / "rec" / "after", target.pid)
+    assert area + 4 * PG in own and own <= set(result.pages)
     assert result.signal == sig and result.value is None and result.rolled_back
     if sig == "SIGSEGV":
         assert result.fault_address == 0x10
@@ -210,7 +214,7 @@ def ticks(t: Target) -> int:
     return int(command(t, "ticks", "ticks")[0])
 
 
-def test_other_threads_stay_stopped_during_the_call(target: Target) -> None:
+def test_other_threads_stay_stopped_during_the_call(target: Target, tmp_path: Path) -> None:
     """Worker threads that keep counting: they advance until the call starts, not during it
     (still() sleeps 200 ms and sees no tick), and again afterwards. --thread runs the call on
     a worker, which then goes on counting."""
@@ -232,7 +236,8 @@ def test_other_threads_stay_stopped_during_the_call(target: Target) -> None:
     time.sleep(0.05)
     assert ticks(target) > c
     with pytest.raises(UsageError, match="no thread"):
-        call(target.pid, "bump", 1, thread=1)
+        call(target.pid, "bump", 1, thread=1, record=tmp_path / "rec")
+    assert not (tmp_path / "rec").exists()  # a failed call leaves no half-written record
     assert_untouched(target)
 
 
