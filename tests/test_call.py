@@ -52,6 +52,11 @@ def info(t: Target) -> tuple[int, int, int]:
     return int(area, 16), int(heap, 16), int(ticks, 16)
 
 
+def shared_byte(pid: int, address: int) -> int:
+    with attach(pid) as s:
+        return s.read(address, 1)[0]
+
+
 def fds(pid: int) -> dict[str, str]:
     """Descriptor number -> what it is (a userfaultfd shows as anon_inode:[userfaultfd])."""
     out = {}
@@ -560,4 +565,17 @@ def test_call_on_a_thread_sleeping_in_nanosleep(target: Target) -> None:
     nr = Path(f"/proc/{target.pid}/task/{napper}/syscall").read_text().split()[0]
     assert nr in ("230", "219")  # clock_nanosleep, or restart_syscall resuming it
     assert command(target, "naps", "naps") == ["0"]
+    assert_untouched(target)
+
+
+def test_rollback_of_shared_memory(target: Target) -> None:
+    """A write into shared anonymous memory (which the tracker does not watch) is put back
+    by --rollback too, from the checkpoint's pagemap-shmem."""
+    shared = int(command(target, "share", "share")[0], 16)
+    assert shared_byte(target.pid, shared + PG + 7) == 0x5E
+    result = call(target.pid, "shared_write", 0x11, rollback=True)
+    assert result.value == 0x11 and result.rolled_back
+    assert shared_byte(target.pid, shared + PG + 7) == 0x5E
+    call(target.pid, "shared_write", 0x22)
+    assert shared_byte(target.pid, shared + PG + 7) == 0x22
     assert_untouched(target)

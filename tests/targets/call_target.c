@@ -1,6 +1,7 @@
 // Target for applier call tests. Functions to call (global symbols), and line commands on
 // stdin, answers on stdout:
 //   info      -> "info <area> <heapbuf> <ticks>" (hex addresses)
+//   share     -> maps 2 pages of shared anonymous memory (0x5e); "share <address>"
 //   get       -> "get <counter> <area page 3 as a string> <brk>"
 //   sum       -> "sum <checksum of area + heapbuf>"
 //   threads N -> starts N threads that keep incrementing ticks[i]; "threads"
@@ -23,6 +24,7 @@
 unsigned char area[8 * PG] __attribute__((aligned(PG)));
 volatile long ticks[64] __attribute__((aligned(PG)));
 unsigned char *heapbuf;
+unsigned char *shared;  // MAP_SHARED | MAP_ANONYMOUS, 2 pages
 unsigned char *mapped;
 void *grown;
 static volatile int started;
@@ -47,6 +49,11 @@ long heap_write(long n) {  // one heap page and one area page written
     heapbuf[2 * PG + 5] = (unsigned char)n;
     area[1 * PG + 8] = (unsigned char)(n + 1);
     return n * 2;
+}
+
+long shared_write(long n) {  // one page of shared anonymous memory
+    shared[PG + 7] = (unsigned char)n;
+    return n;
 }
 
 long map_more(long pages) {  // a new mapping, filled
@@ -158,6 +165,11 @@ int main(void) {
             *nl = 0;
             if (!strcmp(line, "info")) {
                 answer("info %p %p %p\n", (void *)area, (void *)heapbuf, (void *)ticks);
+            } else if (!strcmp(line, "share")) {
+                shared = mmap(NULL, 2 * PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                              -1, 0);
+                memset(shared, 0x5e, 2 * PG);
+                answer("share %p\n", (void *)shared);
             } else if (!strcmp(line, "get")) {
                 answer("get %ld %s %p\n", *(long *)area, area[3 * PG] ? (char *)area + 3 * PG : "-",
                        sbrk(0));
