@@ -31,7 +31,7 @@ from applier.executor import ApplyStats, Executor
 from applier.executor.pages import differing_pages, page_source
 from applier.image import image_task
 from applier.journal import Journal
-from applier.lock import TargetLock
+from applier.lock import KeptClaim, TargetLock
 from applier.model import ImageTask, Kind, LiveTask, SavedPages
 from applier.overrides import NONE as NO_OVERRIDES
 from applier.overrides import Overrides
@@ -437,6 +437,8 @@ class Prepared:
         self.image = self._stack.enter_context(_opened(image_dir, pid, None, Part.ALL, overrides))
         saved = _SavedTracker(self.image.dir.path, pid)
         self.tracking = _KeptTracker(saved, tracker, borrowed=borrowed)
+        self.claim = KeptClaim(pid, "work")  # the lock file stays open between applies
+        self._stack.callback(self.claim.close)
 
     def apply(
         self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
@@ -447,6 +449,7 @@ class Prepared:
             image, self.pid, self.tracking,
             task=None, leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
             undo_path=None, undo=undo, progress=False, write_code=False, keep_mapped=True,
+            claim=self.claim,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -472,12 +475,18 @@ def _apply_image(
     progress: bool,
     write_code: bool,
     keep_mapped: bool = False,
+    claim: KeptClaim | None = None,
 ) -> ApplyResult:
-    """Everything of an apply once the image is open and checked: claim the target, attach,
-    hold and journal, resume the tracker, plan, carry out, let go."""
+    """Everything of an apply once the image is open and checked: claim the target (with
+    ``claim``, kept between applies), attach, hold and journal, resume the tracker, plan,
+    carry out, let go."""
     with contextlib.ExitStack() as stack:
         what = "a dry run of" if dry_run else "applying"
-        stack.enter_context(TargetLock.acquire(pid, "work", f"{what} {image.dir.path}"))
+        purpose = f"{what} {image.dir.path}"
+        if claim is not None:
+            stack.enter_context(claim.held(purpose))
+        else:
+            stack.enter_context(TargetLock.acquire(pid, "work", purpose))
         # with --undo, the spool is a (nameless) file in DIR
         log = UndoLog.create(undo_path) if undo else UndoLog.disabled()
         stack.callback(log.close)
