@@ -52,6 +52,9 @@ class Context:
     progress: bool = True
     stats: ApplyStats = attrs.field(factory=ApplyStats)
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
+    # per thread: (live XSAVE buffer, it with the image's FP state), as validation found them
+    # (the thread is stopped: the set step that follows reuses them)
+    xstates: dict[int, tuple[bytes, bytes]] = attrs.field(factory=dict, init=False, repr=False)
 
     @property
     def page(self) -> int:
