@@ -23,6 +23,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from applier import __version__
 from applier.cli import apply as apply_cmd
@@ -116,6 +117,15 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _unraisable(hook: Any) -> None:
+    """A signal that arrived where an exception cannot be raised (a finalizer, a logging
+    lock's release) is raised again, to be answered at the next place it can."""
+    if isinstance(hook.exc_value, Interrupted):
+        signal.raise_signal(hook.exc_value.signum)
+        return
+    sys.__unraisablehook__(hook)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
@@ -124,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = bool(getattr(args, "json", False))
     before = {sig: signal.getsignal(sig) for sig in _STOPPING}
     _received.clear()
+    unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
         for sig in _STOPPING:  # from here a signal is an exception: an apply rolls back
             signal.signal(sig, _raise_interrupted)
@@ -157,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = unraisable
 
 
 if __name__ == "__main__":
