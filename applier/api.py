@@ -28,6 +28,7 @@ from applier.capture import live_task
 from applier.compare import narrow
 from applier.errors import MismatchError, RollbackFailed, UsageError
 from applier.executor import ApplyStats, Executor
+from applier.fds import live_fds
 from applier.image import image_task
 from applier.journal import Journal
 from applier.lock import TargetLock
@@ -84,6 +85,7 @@ class _Image:
     task: ImageTask
     scope: UndoScope | None
     parts: Part
+    keep_fds: frozenset[int] = frozenset()  # descriptors left as they are (--keep-fd)
 
     def cores(self, plan: Plan) -> dict[int, CoreEntry]:
         return {s.image_tid: self.dir.core(s.image_tid) for s in plan.of(SetRegs)}
@@ -95,12 +97,19 @@ class _Image:
         leave_shared: bool,
         dirty: npt.NDArray[np.uint64] | None,
         read_only: bool = False,
+        tracker: DirtyTracker | None = None,
     ) -> tuple[Plan, LiveTask]:
         live = live_task(process, self.task.page_size, dirty=dirty, read_only=read_only)
+        if Part.FDS in self.parts and self.task.fds is not None:
+            live = attrs.evolve(live, fds=live_fds(process.descriptors()))
+        keep = set(self.keep_fds)
+        if tracker is not None:  # the tracker's userfaultfd, opened after the checkpoint
+            keep.add(tracker.state().remote_fd)
         ranges = None if self.scope is None else self.scope.ranges
         plan = make_plan(
-            self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges
-        )
+            self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges,
+            keep_fds=keep,
+        )  # fmt: skip
         return plan, live
 
 
@@ -162,15 +171,17 @@ def diff(
     parts: Part | Iterable[str] = Part.ALL,
     leave_shared: bool = False,
     overrides: Overrides = NO_OVERRIDES,
+    keep_fds: Iterable[int] = (),
 ) -> Plan:
     """What differs between ``pid`` and the image, as the plan narrowed to it: the steps and
     pages whose effect would change the target (``applier.compare``). An empty plan means
     equal. The target is stopped while it is read and not changed: nothing is injected."""
     with (
-        _opened(image_dir, pid, task, parts, overrides) as image,
-        TargetLock.acquire(pid, "work", f"compared with {image.dir.path}"),
+        _opened(image_dir, pid, task, parts, overrides) as opened,
+        TargetLock.acquire(pid, "work", f"compared with {opened.dir.path}"),
         attach(pid) as process,
     ):
+        image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
         plan, _ = image.plan(process, leave_shared=leave_shared, dirty=None, read_only=True)
         cores = image.cores(plan)
         Executor(process, plan, cores, UndoLog.disabled()).validate()
@@ -191,6 +202,7 @@ def apply(
     undo: bool = True,
     progress: bool = False,
     overrides: Overrides = NO_OVERRIDES,
+    keep_fds: Iterable[int] = (),
 ) -> ApplyResult:
     """Revert ``pid`` to the checkpoint in ``image_dir``; roll back if anything fails.
 
@@ -209,6 +221,8 @@ def apply(
     the earlier apply touched) and the parts that apply restored are written.
 
     ``dry_run``: plan and validate only; nothing is injected or written.
+
+    ``keep_fds``: descriptor numbers the ``fds`` part leaves exactly as they are.
     """
     undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
     if undo_path is not None:
@@ -217,7 +231,8 @@ def apply(
         check_undo_dir(undo_path)
         if not overrides.trust_image:
             check_undo_dir_trusted(undo_path)
-    with _opened(image_dir, pid, task, parts, overrides) as image:
+    with _opened(image_dir, pid, task, parts, overrides) as opened:
+        image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
         tracking = _SavedTracker(image.dir.path, pid) if only_dirty else None
         return _apply_image(
             image, pid, tracking,
@@ -423,7 +438,9 @@ def _apply_held(
     keep_mapped: bool = False,
 ) -> ApplyResult:
     """Plan and carry out the apply on the stopped (and, unless a dry run, held) target."""
-    plan, live = image.plan(process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run)
+    plan, live = image.plan(
+        process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run, tracker=tracker
+    )
     logger.info(
         "pid %d: %d steps planned (%d pages to write, %d layout changes)",
         plan.pid,
