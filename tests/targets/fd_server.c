@@ -12,6 +12,8 @@
  *   close FD          close(FD)                                   -> "OK"
  *   replace FD PATH   open PATH O_RDONLY and dup2 it onto FD       -> "OK"
  *   nonblock FD       fcntl(F_SETFL, |O_NONBLOCK)                 -> "OK"
+ *   dup FD            dup(FD)                                     -> "FD n"
+ *   pipe              pipe2(O_CLOEXEC) with "queued" written      -> "PIPE r w"
  *   pos FD            lseek(FD, 0, SEEK_CUR)                      -> "POS n"
  *   nfds              entries of /proc/self/fd                    -> "NFDS n"
  *   value             the server's value                          -> "VALUE v"
@@ -80,6 +82,12 @@ static void command(char *line) {
         out(tmp >= 0 && dup2(tmp, fd) == fd && close(tmp) == 0 ? "OK\n" : "ERR\n");
     } else if (sscanf(line, "nonblock %d", &fd) == 1) {
         out(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) == 0 ? "OK\n" : "ERR\n");
+    } else if (sscanf(line, "dup %d", &fd) == 1) {
+        out("FD %d\n", dup(fd));
+    } else if (strcmp(line, "pipe") == 0) {
+        int p[2];
+        if (pipe2(p, O_CLOEXEC) || write(p[1], "queued", 6) != 6) out("ERR\n");
+        else out("PIPE %d %d\n", p[0], p[1]);
     } else if (sscanf(line, "pos %d", &fd) == 1) {
         out("POS %ld\n", (long)lseek(fd, 0, SEEK_CUR));
     } else if (strcmp(line, "nfds") == 0) {
