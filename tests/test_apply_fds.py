@@ -108,8 +108,8 @@ def test_dump_matches_criu_42_field_for_field(state_dump: tuple[Target, Path]) -
     epfd = ours_files[ours_by_fd[13].id].epfd
     assert epfd is not None
     for t in epfd.tfd:
-        st = table[t.tfd].stat
-        assert st is not None and t.inode == st.ino
+        watched = table[t.tfd].stat
+        assert watched is not None and t.inode == watched.ino
     # pipes-data: the 9 queued bytes, left in the pipe
     _, pipe_data = load_image(out / names.PIPES_DATA)
     assert [(p.bytes, p.extra, p.size) for p in pipe_data] == [(9, b"pipe-data", 65536)]
