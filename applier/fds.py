@@ -32,6 +32,7 @@ from formats.fdkinds import (
     EventpollFileEntry,
     EventpollTfdEntry,
     FhEntry,
+    FifoEntry,
     FownEntry,
     InotifyFileEntry,
     InotifyWdEntry,
@@ -57,6 +58,7 @@ from injector.fdinfo import (
     Descriptor,
     EventFd,
     EventPoll,
+    Fifo,
     FileOwner,
     Inotify,
     Memfd,
@@ -271,6 +273,11 @@ class _Files:
         if isinstance(k, RegularFile):
             reg = _reg(file_id, k.path, flags, d.pos, mode=k.mode, size=k.size)
             return FileEntry.of(reg)
+        if isinstance(k, Fifo):
+            # fifo_entry, and the REG entry of its path that regf_id names (criu/fifo.c)
+            regf_id = self.take_id()
+            self.files.append(FileEntry.of(_reg(regf_id, k.path, flags, 0, mode=k.mode, size=0)))
+            return FileEntry.of(FifoEntry(id=file_id, pipe_id=k.pipe_id, regf_id=regf_id))
         if isinstance(k, Pipe):
             self._pipe_data(k, d)
             return FileEntry.of(PipeEntry(id=file_id, pipe_id=k.pipe_id, flags=flags, fown=fown))
@@ -395,12 +402,12 @@ def fd_entries(
             None,
         )
         if shared is None:
-            file_id = out.next_id
+            file_id = out.take_id()
             entry = out.entry(file_id, d)
             if entry is None:
+                out.next_id = file_id  # nothing else was taken: the id is free again
                 skipped.append(f"fd {d.fd} ({d.link.decode(errors='replace')})")
                 continue
-            out.take_id()
             out.files.append(entry)
             shared = (file_id, entry.type)
             seen.append((d, file_id, entry.type))
@@ -433,7 +440,7 @@ def _value_of_entry(fd: int, cloexec: bool, f: FileEntry) -> FdValue:
     if isinstance(k, RegFileEntry):
         return FdValue(fd, name, cloexec, flags, int(k.pos), path=k.name, mode=k.mode)
     ident = None
-    if isinstance(k, PipeEntry):
+    if isinstance(k, PipeEntry | FifoEntry):
         ident = int(k.pipe_id)
     elif isinstance(k, UnixSkEntry | InetSkEntry):
         ident = int(k.ino)
@@ -463,7 +470,7 @@ def _live_value(d: Descriptor) -> FdValue:
             mode=k.mode,
         )  # fmt: skip
     ident = None
-    if isinstance(k, Pipe):
+    if isinstance(k, Pipe | Fifo):
         ident = k.pipe_id
     elif isinstance(k, Socket):
         ident = k.ino

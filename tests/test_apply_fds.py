@@ -147,6 +147,82 @@ def test_dump_decodes_with_crit(state_dump: tuple[Target, Path]) -> None:
     assert {k for k in listed if k.isdigit()} == set(os.listdir(f"/proc/{target.pid}/fd"))
 
 
+def _setup(t: Target) -> dict[str, list[str]]:
+    """fds_target's "fd <label> <fd> <values...>" lines, by label (up to "ready")."""
+    info: dict[str, list[str]] = {}
+    while True:
+        words = t.readline().split()
+        if words[:1] == ["fd"]:
+            info[words[1]] = words[2:]
+        elif words[:1] == ["ready"]:
+            return info
+
+
+def test_dump_of_every_kind(tmp_path: Path) -> None:
+    """tests/targets/fds_target.c (one descriptor of every kind, values it prints): the dump
+    records each as the target set it up, leaves out only the pidfd (no message for it
+    here), and crit decodes every image."""
+    work = tmp_path / "work dir"
+    work.mkdir()
+    with spawn(build_c("fds_target.c"), str(work)) as t:
+        info = _setup(t)
+        t.wait_in_syscall(0)
+        out = tmp_path / "ck"
+        stats = dump(t.pid, out)
+        pidfd = int(info["pidfd"][0])
+        assert stats.fds_skipped == [f"fd {pidfd} (anon_inode:[pidfd])"]
+        img = ImageDir.open(out)
+        fdinfo = {e.fd: e for e in img.fdinfo(t.pid)}
+        assert set(fdinfo) == {int(n) for n in os.listdir(f"/proc/{t.pid}/fd")} - {pidfd}
+        files = _files(out)
+
+        def entry(label: str) -> FileEntry:
+            return files[fdinfo[int(info[label][0])].id]
+
+        assert fdinfo[int(info["cloexec"][0])].flags == 1
+        assert entry("eventfd").efd is not None and entry("eventfd").efd.counter == 7
+        ify = entry("inotify").ify
+        assert ify is not None
+        _, _, wd1, ino1, wd2, ino2 = info["inotify"]
+        assert sorted((w.wd, w.i_ino) for w in ify.wd) == [(int(wd1), int(ino1)),
+                                                           (int(wd2), int(ino2))]  # fmt: skip
+        assert all(len(w.f_handle.handle) >= 16 and w.f_handle.bytes > 0 for w in ify.wd)
+        memfd = entry("memfd").memfd
+        assert memfd is not None
+        inode = img.memfd_inode(memfd.inode_id)
+        want = ("memfd:applier memfd", int(info["memfd"][1]), 0x2 | 0x4)  # SHRINK | GROW
+        assert (inode.name, inode.shmid, inode.seals) == want
+        listen, abstract = entry("ulisten").usk, entry("uabstract").usk
+        assert listen is not None and abstract is not None
+        assert (listen.name, listen.state) == (b"my sock", 10)
+        assert abstract.name == b"\0" + info["uabstract"][2].encode()
+        client, server = entry("tcpclient").isk, entry("tcpserver").isk
+        assert client is not None and server is not None
+        _, _, cport, sport = info["tcpclient"]
+        assert (client.src_port, client.dst_port, client.state) == (int(cport), int(sport), 1)
+        assert (server.src_port, server.dst_port) == (int(sport), int(cport))
+        assert str(client.src_ip()) == str(client.dst_ip()) == "127.0.0.1"
+        udp = entry("udp6").isk
+        assert udp is not None and (udp.family, udp.proto, udp.src_port) == (
+            10, 17, int(info["udp6"][2]))  # fmt: skip
+        assert udp.v6only is not None
+        tfd = entry("timerfd_abs").tfd
+        assert tfd is not None and tfd.settime_flags & 1
+        fifo = entry("fifo").fifo
+        assert fifo is not None and fifo.regf_id is not None
+        regf = files[fifo.regf_id].reg
+        assert regf is not None and regf.name == str(work / "fifo")
+        if shutil.which("crit") is not None:
+            for name in os.listdir(out):
+                if name.endswith(".img") and not name.startswith("pages-"):
+                    got = subprocess.run(
+                        ["crit", "decode", "-i", str(out / name)], capture_output=True,
+                        check=False,
+                    )  # fmt: skip
+                    assert got.returncode == 0, (name, got.stderr)
+        assert_untouched(t)
+
+
 # ---- the fd_server target -----------------------------------------------------------------
 
 
