@@ -180,7 +180,8 @@ def test_dump_of_every_kind(tmp_path: Path) -> None:
             return files[fdinfo[int(info[label][0])].id]
 
         assert fdinfo[int(info["cloexec"][0])].flags == 1
-        assert entry("eventfd").efd is not None and entry("eventfd").efd.counter == 7
+        efd = entry("eventfd").efd
+        assert efd is not None and efd.counter == 7
         ify = entry("inotify").ify
         assert ify is not None
         _, _, wd1, ino1, wd2, ino2 = info["inotify"]
