@@ -101,7 +101,7 @@ class _Image:
     ) -> tuple[Plan, LiveTask]:
         live = live_task(process, self.task.page_size, dirty=dirty, read_only=read_only)
         if Part.FDS in self.parts and self.task.fds is not None:
-            live = attrs.evolve(live, fds=live_fds(process.descriptors()))
+            live = attrs.evolve(live, fds=live_fds(process.descriptors(sock_diag=False)))
         keep = set(self.keep_fds)
         if tracker is not None:  # the tracker's userfaultfd, opened after the checkpoint
             keep.add(tracker.state().remote_fd)

@@ -475,7 +475,10 @@ def _live_value(d: Descriptor) -> FdValue:
     elif isinstance(k, Socket):
         ident = k.ino
     what = d.link.decode(errors="replace")
-    return FdValue(d.fd, d.fd_type, d.cloexec, d.file_flags, d.pos, ident=ident, what=what)
+    kind = d.fd_type
+    if isinstance(k, Socket) and kind == "UND":
+        kind = "SOCKET"  # its family unknown (no duplicate could be taken): a socket all the same
+    return FdValue(d.fd, kind, d.cloexec, d.file_flags, d.pos, ident=ident, what=what)
 
 
 def live_fds(table: Iterable[Descriptor]) -> tuple[FdValue, ...]:

@@ -112,8 +112,9 @@ class Process(Protocol):
         """A local duplicate of the target's descriptor ``remote_fd`` (caller closes it)."""
         ...
 
-    def descriptors(self) -> list[Descriptor]:
-        """The descriptor table (``injector.fds.read_fds``), in fd order."""
+    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+        """The descriptor table (``injector.fds.read_fds``), in fd order; ``sock_diag=False``
+        skips the netlink queries about sockets (what planning an apply can do without)."""
         ...
 
     def fs_state(self) -> FsState:

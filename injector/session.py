@@ -367,10 +367,10 @@ class Session(Tracer, NamedCalls):
             raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
         return result
 
-    def descriptors(self) -> list[Descriptor]:
+    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
         """The descriptor table, read from /proc and sock_diag (``injector.fds.read_fds``)."""
         self.check()
-        return read_fds(self.pid)
+        return read_fds(self.pid, sock_diag=sock_diag)
 
     def fs_state(self) -> FsState:
         self.check()

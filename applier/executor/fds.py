@@ -158,7 +158,7 @@ def undo_state(process: Process, rec: UndoFdState) -> None:
 
 def _table(ctx: Context) -> dict[int, Descriptor]:
     if ctx.fd_table is None:
-        ctx.fd_table = {d.fd: d for d in ctx.process.descriptors()}
+        ctx.fd_table = {d.fd: d for d in ctx.process.descriptors(sock_diag=False)}
     return ctx.fd_table
 
 

@@ -45,7 +45,12 @@ def _what(v: FdValue) -> str:
     return f"{kind} {v.ident}" if v.ident is not None else kind
 
 
+_SOCKETS = frozenset({"UNIXSK", "INETSK", "NETLINKSK", "PACKETSK"})
+
+
 def _same_object(then: FdValue, now: FdValue) -> bool:
+    if now.kind == "SOCKET" and then.kind in _SOCKETS:  # a live socket of unknown family
+        return then.ident == now.ident
     if then.kind != now.kind:
         return False
     if then.kind == "REG":
