@@ -492,9 +492,12 @@ def test_pipe_closed_since_is_refused_before_any_write(server: Server, tmp_path:
     assert dry.returncode == 0, dry.stderr
     assert f"close   fd {extra} ({server.work / 'other.txt'})" in dry.stdout
     assert f"note: fd {read_end} left as it is (--keep-fd)" in dry.stdout
-    ok = run_applier("apply", str(ck), "--into", str(server.t.pid), "--keep-fd", str(read_end))
+    undo = tmp_path / "undo"
+    ok = run_applier("apply", str(ck), "--into", str(server.t.pid), "--keep-fd", str(read_end),
+                     "--undo", str(undo))  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    assert server.fds() == table - {extra}
+    assert server.fds() == table - {extra}  # nothing parked is left behind
+    assert "fds" not in json.loads((undo / "applier-undo.json").read_text())["parts"]
     assert server.request("get") == b"checkpoint\n"
     assert_untouched(server.t)
 
