@@ -549,16 +549,22 @@ def test_failed_apply_puts_descriptors_back(
     """A step failing after the descriptor steps: the rollback reopens nothing it should not,
     gives the held connection back (its peer never sees EOF), and puts positions back."""
     fd = _open(server, "data.txt", "r")
+    closed = _open(server, "data.txt", "rw")
+    replaced = _open(server, "data.txt", "r")
     server.idle()
     ck = tmp_path / "ck"
     dump(server.t.pid, ck)
     assert server.ask(f"seek {fd} 300", "POS") == ["300"]
-    held = server.client()
+    assert server.ask(f"replace {replaced} {server.work / 'other.txt'}", "OK") == []
+    held = server.client()  # takes the lowest free number: not ``closed``, still open
+    assert server.ask(f"close {closed}", "OK") == []
     held.sendall(b"set held\n")
     assert held.recv(100) == b"ok\n"
     server.idle()
     table = server.fds()
     before = {n: server.fdinfo(n) for n in table}
+    links = {n: os.readlink(f"/proc/{server.t.pid}/fd/{n}") for n in table}
+    assert {type(s) for s in diff(ck, server.t.pid).steps} >= {CloseFd, ResetFd, ReopenFd}
 
     def boom(ctx: object, step: SetRegs) -> None:
         raise OSError(5, "injected failure for the test")
@@ -568,6 +574,7 @@ def test_failed_apply_puts_descriptors_back(
         apply(ck, server.t.pid)
     assert server.fds() == table
     assert {n: server.fdinfo(n) for n in table} == before
+    assert {n: os.readlink(f"/proc/{server.t.pid}/fd/{n}") for n in table} == links
     held.sendall(b"get\n")
     assert held.recv(100) == b"held\n"  # the same connection, still served
     held.close()
