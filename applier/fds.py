@@ -433,10 +433,13 @@ def fd_entries(
 # ---- the planner's view ----------------------------------------------------------------------
 
 
-def _value_of_entry(fd: int, cloexec: bool, f: FileEntry) -> FdValue:
+def _value_of_entry(img: ImageDir, fd: int, cloexec: bool, f: FileEntry) -> FdValue:
     k = f.kind_entry()
     name = f.type_name
     flags = int(getattr(k, "flags", 0) or 0) if k is not None else 0
+    if isinstance(k, FifoEntry) and k.regf_id is not None:  # a FIFO's flags are its path's
+        regf = img.files.get(int(k.regf_id))
+        flags = int(regf.reg.flags) if regf is not None and regf.reg is not None else 0
     if isinstance(k, RegFileEntry):
         return FdValue(fd, name, cloexec, flags, int(k.pos), path=k.name, mode=k.mode)
     ident = None
@@ -457,7 +460,7 @@ def image_fds(img: ImageDir, pid: int) -> tuple[FdValue, ...] | None:
     if not img.has(names.fdinfo(files_id)):
         return None
     return tuple(
-        _value_of_entry(int(e.fd), bool(int(e.flags) & FD_CLOEXEC), img.files[int(e.id)])
+        _value_of_entry(img, int(e.fd), bool(int(e.flags) & FD_CLOEXEC), img.files[int(e.id)])
         for e in img.fdinfo(pid)
     )
 

@@ -121,6 +121,16 @@ def test_what_cannot_be_recreated_is_refused_unless_kept(
     assert notes == ["fd 7 left as it is (--keep-fd)"]
 
 
+def test_kinds_not_restored_are_left_with_a_note() -> None:
+    """A CRIU image's TTY (the terminal of an interactive process) is neither refused nor
+    reopened."""
+    notes: list[str] = []
+    tty = FdValue(0, "TTY", False, O_RDWR, 0)
+    assert plan_fds([tty], [reg(0, "/dev/pts/3")], notes=notes) == []
+    assert plan_fds([tty], [], notes=notes) == []
+    assert notes == ["fd 0: TTY in the image, a kind not restored: left as it is"] * 2
+
+
 def test_a_socket_of_unknown_family_is_matched_by_inode() -> None:
     unknown = FdValue(4, "SOCKET", True, O_RDWR, 0, ident=77, what="socket:[77]")
     assert plan_fds([sock(4, 77, "UNIXSK")], [unknown]) == []

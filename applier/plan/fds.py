@@ -33,6 +33,10 @@ __all__ = ["plan_fds"]
 # Kinds a dump does not record and whose owner applier cannot know: never closed.
 _UNKNOWN_KINDS = frozenset({"UND", "PIDFD", "NETLINKSK", "PACKETSK"})
 _REOPENABLE = frozenset({"REG"})
+# Image kinds this planner knows; others (a CRIU image's TTY, packet socket, pidfd, ...) are
+# left as they are, with a note.
+_MODELLED = frozenset({"REG", "PIPE", "FIFO", "INETSK", "UNIXSK", "EVENTFD", "EVENTPOLL",
+                       "INOTIFY", "SIGNALFD", "TIMERFD", "MEMFD"})  # fmt: skip
 
 
 def _what(v: FdValue) -> str:
@@ -98,6 +102,9 @@ def plan_fds(
                 )
             else:
                 closes.append(CloseFd(cur, spare))
+            continue
+        if old.kind not in _MODELLED:
+            notes.append(f"fd {fd}: {old.kind} in the image, a kind not restored: left as it is")
             continue
         if cur is not None and _same_object(old, cur):
             step = _reset(old, cur)
