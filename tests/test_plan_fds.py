@@ -182,3 +182,18 @@ def test_golden_images_descriptor_tables() -> None:
     assert fds[7].kind == fds[8].kind == "PIPE" and fds[7].ident == fds[8].ident
     assert (fds[9].kind, fds[11].kind, fds[12].kind) == ("UNIXSK", "INETSK", "EVENTFD")
     assert (fds[13].kind, fds[14].kind, fds[15].kind) == ("EVENTPOLL", "SIGNALFD", "TIMERFD")
+
+
+def test_json_of_reset_and_reopen() -> None:
+    then = [reg(3, "/a", 10, O_RDWR | O_APPEND, cloexec=True), reg(4, "/b", 7)]
+    now = [reg(3, "/a", 2, O_RDWR)]
+    reset, reopen = (s.as_dict() for s in plan_fds(then, now))
+    assert reset == {
+        "op": "reset-fd", "fd": 3, "kind": "REG", "path": "/a",
+        "pos": {"old": 2, "new": 10}, "flags": {"old": "0", "new": "O_APPEND"},
+        "cloexec": {"old": False, "new": True},
+    }  # fmt: skip
+    assert reopen == {
+        "op": "reopen-fd", "fd": 4, "path": "/b", "flags": "O_RDWR", "pos": 7,
+        "cloexec": False, "replaces": None,
+    }  # fmt: skip
