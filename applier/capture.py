@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from applier import xsave
+from applier.fds import elf_build_id
 from applier.model import Kind, LiveTask, Region
 from formats.core import (
     CoreEntry,
@@ -218,6 +219,7 @@ def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
             entry = regular_file(file_ids[path], path, size=None if st is None else st.st_size)
             if entry.reg is not None and st is not None:
                 entry.reg.mode = st.st_mode  # as CRIU: the mode of every regular file
+                entry.reg.build_id = elf_build_id(path) or []  # and the build-id of ELF ones
             files.append(entry)
         return file_ids[path]
 

@@ -72,7 +72,7 @@ from injector.fds import FsState, PathInfo
 from injector.process import Process
 from injector.sockopts import SocketOptions
 
-__all__ = ["DumpFds", "fd_entries", "image_fds", "live_fds"]
+__all__ = ["DumpFds", "elf_build_id", "fd_entries", "image_fds", "live_fds"]
 
 _O_ACCMODE, _O_WRONLY, _O_APPEND = 0o3, 0o1, 0o2000
 
@@ -118,9 +118,11 @@ def _fown(owner: FileOwner | None) -> FownEntry:
     )
 
 
-def _reg(file_id: int, name: str, flags: int, pos: int, *, mode: int, size: int) -> RegFileEntry:
+def _reg(
+    file_id: int, name: str, flags: int, pos: int, *, mode: int, size: int, build_id: bool = False
+) -> RegFileEntry:
     """reg_file_entry as files-reg.c writes it: mode always, size of regular files except
-    write-only append logs (``should_check_size``)."""
+    write-only append logs (``should_check_size``), the build-id of ELF files."""
     keep_size = stat_.S_ISREG(mode) and not (flags & _O_ACCMODE == _O_WRONLY and flags & _O_APPEND)
     return RegFileEntry(
         id=file_id,
@@ -130,6 +132,7 @@ def _reg(file_id: int, name: str, flags: int, pos: int, *, mode: int, size: int)
         name=name,
         size=size if keep_size else None,
         mode=mode,
+        build_id=(elf_build_id(name) or []) if build_id and stat_.S_ISREG(mode) else [],
     )
 
 
@@ -271,7 +274,9 @@ class _Files:
         fown = _fown(d.owner)
         flags = d.file_flags
         if isinstance(k, RegularFile):
-            reg = _reg(file_id, k.path, flags, d.pos, mode=k.mode, size=k.size)
+            reg = _reg(
+                file_id, k.path, flags, d.pos, mode=k.mode, size=k.size, build_id=not k.deleted
+            )
             return FileEntry.of(reg)
         if isinstance(k, Fifo):
             # fifo_entry, and the REG entry of its path that regf_id names (criu/fifo.c)
@@ -487,3 +492,50 @@ def _live_value(d: Descriptor) -> FdValue:
 def live_fds(table: Iterable[Descriptor]) -> tuple[FdValue, ...]:
     """The planner's view of a live descriptor table."""
     return tuple(_live_value(d) for d in table)
+
+
+# ---- ELF build-id (reg_file_entry.build_id) ----------------------------------------------------
+
+_NT_GNU_BUILD_ID = 3
+_PT_NOTE = 4
+
+
+def elf_build_id(path: str) -> list[int] | None:
+    """The GNU build-id of an ELF file as CRIU 4.2 stores it (``reg_file_entry.build_id``:
+    the note's bytes as little-endian u32 words), or None (not a 64-bit little-endian ELF
+    file, no build-id note, unreadable)."""
+    import struct  # noqa: PLC0415 - dump only
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return None
+            phoff, phentsize, phnum = (
+                struct.unpack_from("<Q", head, 32)[0],
+                struct.unpack_from("<H", head, 54)[0],
+                struct.unpack_from("<H", head, 56)[0],
+            )
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
+                    "<IIQQQQ", table, i * phentsize
+                )
+                if p_type != _PT_NOTE or p_filesz > 1 << 16:
+                    continue
+                f.seek(p_offset)
+                notes = f.read(p_filesz)
+                pos = 0
+                while pos + 12 <= len(notes):
+                    namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
+                    name_at = pos + 12
+                    desc_at = name_at + (-(-namesz // 4) * 4)
+                    desc = notes[desc_at : desc_at + descsz]
+                    if ntype == _NT_GNU_BUILD_ID and notes[name_at : name_at + namesz] == b"GNU\0":
+                        padded = desc.ljust(-(-len(desc) // 4) * 4, b"\0")
+                        return list(struct.unpack(f"<{len(padded) // 4}I", padded))
+                    pos = desc_at + (-(-descsz // 4) * 4)
+    except (OSError, struct.error):
+        return None
+    return None

@@ -100,6 +100,17 @@ def test_dump_matches_criu_42_field_for_field(state_dump: tuple[Target, Path]) -
             st = os.stat("/etc/hostname")
             want["body"] |= {"size": st.st_size, "mode": st.st_mode}
         assert _view(ours_files[o.id]) == want, fd
+    # the mapped libraries: as CRIU wrote them, build-id included (the same libc here)
+    libs = {e.reg.name: e.reg for e in ours_files.values() if e.reg is not None}
+    for g_entry in golden_files.values():
+        g = g_entry.reg
+        if g is not None and g.name.startswith("/usr/lib/") and os.path.exists(g.name):
+            st = os.stat(g.name)
+            mine = libs[g.name]
+            assert (mine.mode, mine.size) == (st.st_mode, st.st_size)
+            if st.st_size == g.size:  # the same build as the golden machine's
+                assert mine.build_id == g.build_id, g.name
+            assert len(mine.build_id) == 5
     # the unix pair names each other, the epoll set its targets' real inodes
     usk = {fd: ours_files[ours_by_fd[fd].id].usk for fd in (9, 10)}
     assert usk[9] is not None and usk[10] is not None
