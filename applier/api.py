@@ -326,10 +326,17 @@ class Prepared:
         self.tracking = _KeptTracker(_SavedTracker(self.image.dir.path, pid))
 
     def apply(
-        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
+        self,
+        *,
+        parts: Part | Iterable[str] = Part.ALL,
+        verify: bool = True,
+        undo: bool = True,
+        keep_fds: Iterable[int] = (),
     ) -> ApplyResult:
         """``apply(image_dir, pid, only_dirty=True, ...)`` with everything kept warm."""
-        image = attrs.evolve(self.image, parts=self.image.parts & Part.of(parts))
+        image = attrs.evolve(
+            self.image, parts=self.image.parts & Part.of(parts), keep_fds=frozenset(keep_fds)
+        )
         return _apply_image(
             image, self.pid, self.tracking,
             task=None, leave_shared=False, only_dirty=True, verify=verify, dry_run=False,

@@ -513,6 +513,26 @@ def test_pipe_closed_since_is_refused_before_any_write(server: Server, tmp_path:
     assert_untouched(server.t)
 
 
+def test_checkpoint_restore_refuses_and_keeps(server: Server) -> None:
+    """Checkpoint.restore: a pipe closed since makes the restore fail before any write
+    (MismatchError); ``keep_fds`` leaves it and restores the rest."""
+    read_end, _ = (int(w) for w in server.ask("pipe", "PIPE"))
+    assert server.request("set checkpoint") == b"ok\n"
+    server.idle()
+    with Checkpoint.take(server.t.pid) as cp:
+        assert server.ask(f"close {read_end}", "OK") == []
+        assert server.request("set later") == b"ok\n"
+        server.idle()
+        with pytest.raises(MismatchError, match=f"fd {read_end}: the pipe"):
+            cp.restore()
+        assert server.request("get") == b"later\n"
+        server.idle()
+        assert cp.restore(keep_fds=[read_end]).fd_changes == 0
+        assert server.request("get") == b"checkpoint\n"
+        assert read_end not in server.fds()
+    assert_untouched(server.t)
+
+
 def test_file_gone_is_refused(server: Server, tmp_path: Path) -> None:
     """A file closed since whose path is gone cannot be reopened: exit 4 naming fd and path,
     before anything is written."""
