@@ -533,6 +533,27 @@ def test_checkpoint_restore_refuses_and_keeps(server: Server) -> None:
     assert_untouched(server.t)
 
 
+def test_no_room_for_rollback_copies_is_refused(server: Server, tmp_path: Path) -> None:
+    """A descriptor limit that leaves no spare number for the copies a rollback needs is
+    refused before anything is written; --no-undo closes at once and needs none."""
+    import resource  # noqa: PLC0415
+
+    server.idle()
+    ck = tmp_path / "ck"
+    dump(server.t.pid, ck)
+    extra = _open(server, "other.txt", "r")
+    server.idle()
+    resource.prlimit(server.t.pid, resource.RLIMIT_NOFILE, (extra + 1, 4096))
+    got = run_applier("apply", str(ck), "--into", str(server.t.pid))
+    assert got.returncode == 4
+    assert f"RLIMIT_NOFILE {extra + 1}" in got.stderr and "--no-undo" in got.stderr
+    assert extra in server.fds()
+    ok = run_applier("apply", str(ck), "--into", str(server.t.pid), "--no-undo")
+    assert ok.returncode == 0, ok.stderr
+    assert extra not in server.fds()
+    assert server.ask("ping", "PONG") == []
+
+
 def test_file_gone_is_refused(server: Server, tmp_path: Path) -> None:
     """A file closed since whose path is gone cannot be reopened: exit 4 naming fd and path,
     before anything is written."""

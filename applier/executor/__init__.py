@@ -68,6 +68,7 @@ _RUN: dict[type[Step], Handler] = {
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
     ReopenFd: fds.validate_reopen,
+    CloseFd: fds.validate_park,
     WritePages: pages.validate_code,
     SetRegs: registers.validate_regs,
 }

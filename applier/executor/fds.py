@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import stat as stat_
+from pathlib import Path
 
 from applier.errors import MismatchError, VerifyFailed
 from applier.executor.context import Context
@@ -32,6 +33,7 @@ __all__ = [
     "undo_closed",
     "undo_opened",
     "undo_state",
+    "validate_park",
     "validate_reopen",
     "verify_close",
     "verify_reopen",
@@ -115,8 +117,38 @@ def commit(ctx: Context) -> None:
 # ---- before the first write -------------------------------------------------------------------
 
 
+def _nofile(pid: int) -> int | None:
+    """The target's soft RLIMIT_NOFILE (None: unlimited or unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def validate_park(ctx: Context, step: CloseFd | ReopenFd) -> None:
+    """Room above every descriptor of the plan for the copies kept for a rollback."""
+    if not ctx.undo.enabled or (isinstance(step, ReopenFd) and step.replaces is None):
+        return
+    parks = sum(
+        isinstance(s, CloseFd) or (isinstance(s, ReopenFd) and s.replaces is not None)
+        for s in ctx.plan.steps
+    )
+    limit = _nofile(ctx.process.pid)
+    if limit is not None and step.spare + parks > limit:
+        raise MismatchError(
+            f"pid {ctx.process.pid}: its descriptor limit (RLIMIT_NOFILE {limit}) leaves no "
+            f"room above fd {step.spare - 1} for the {parks} descriptors a rollback would "
+            "need; --no-undo closes them at once"
+        )
+
+
 def validate_reopen(ctx: Context, step: ReopenFd) -> None:
     """The file to reopen is still there, and of a kind that opens without blocking."""
+    validate_park(ctx, step)
     hint = f"--keep-fd {step.fd} leaves it as it is"
     try:
         st = os.stat(step.path)
