@@ -7,6 +7,7 @@ file commands on stdin)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -255,9 +256,20 @@ class Server:
         return socket.create_connection(("127.0.0.1", self.port), timeout=5)
 
     def request(self, line: str) -> bytes:
+        """One request on a connection of its own; returns once the server has closed its
+        end too (so that no test sees, or checkpoints, a connection about to go)."""
+        before = self.sockets()
         with self.client() as c:
             c.sendall(line.encode() + b"\n")
-            return c.recv(200)
+            reply = c.recv(200)
+        deadline = time.monotonic() + 5
+        while self.sockets() > before:
+            assert time.monotonic() < deadline, "the server did not close the connection"
+            time.sleep(0.002)
+        return reply
+
+    def sockets(self) -> int:
+        return _sockets(self.t.pid)
 
     def fdinfo(self, fd: int) -> tuple[int, int]:
         """(pos, flags) of the target's fd from /proc."""
@@ -363,7 +375,13 @@ def test_memcached_held_connection(tmp_path: Path) -> None:
     )
     try:
         _wait_port(port)
+        time.sleep(0.1)
+        sockets = _sockets(proc.pid)
         _mc(port, b"set k 0 0 10\r\ncheckpoint\r\n", b"STORED\r\n")
+        deadline = time.monotonic() + 5
+        while _sockets(proc.pid) > sockets:  # that connection closed on memcached's side too
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         time.sleep(0.2)  # every thread back to its wait
         with Checkpoint.take(proc.pid) as cp:
             count = len(os.listdir(f"/proc/{proc.pid}/fd"))
@@ -380,6 +398,14 @@ def test_memcached_held_connection(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def _sockets(pid: int) -> int:
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+    return count
 
 
 def _free_port() -> int:
@@ -521,7 +547,9 @@ def test_checkpoint_restore_refuses_and_keeps(server: Server) -> None:
     server.idle()
     with Checkpoint.take(server.t.pid) as cp:
         assert server.ask(f"close {read_end}", "OK") == []
+        table = server.fds()
         assert server.request("set later") == b"ok\n"
+        _settle(server, len(table))
         server.idle()
         with pytest.raises(MismatchError, match=f"fd {read_end}: the pipe"):
             cp.restore()
@@ -529,7 +557,8 @@ def test_checkpoint_restore_refuses_and_keeps(server: Server) -> None:
         server.idle()
         assert cp.restore(keep_fds=[read_end]).fd_changes == 0
         assert server.request("get") == b"checkpoint\n"
-        assert read_end not in server.fds()
+        _settle(server, len(table))
+        assert server.fds() == table and read_end not in table
     assert_untouched(server.t)
 
 
