@@ -258,7 +258,7 @@ class _SavedTracker:
     pid: int
 
     def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
-        return _resume(process, load_tracking(self.image_dir, self.pid))
+        return _resume(process, load_tracking(self.image_dir, self.pid), self.image_dir)
 
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
         if applied:
@@ -276,6 +276,8 @@ class _KeptTracker:
 
     saved: _SavedTracker
     tracker: DirtyTracker | None = None
+    borrowed: bool = False  # a copy of a holder's userfaultfd: closing it leaves tracking on
+    written: TrackerState | None = None  # the state last saved in the image directory
 
     def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
         if self.tracker is None:
@@ -294,11 +296,17 @@ class _KeptTracker:
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
         if applied:
             tracker.reset()
-            save_tracking(self.saved.image_dir, tracker.state(), must=False)
+            state = tracker.state()
+            if state != self.written:  # most resets leave it as it was
+                save_tracking(self.saved.image_dir, state, must=False)
+                self.written = state
 
     def close(self) -> None:
         """Stop tracking (in a session of its own; nothing to do if the target is gone)."""
         tracker, self.tracker = self.tracker, None
+        if tracker is not None and self.borrowed:
+            tracker.release()
+            return
         if tracker is None:
             state = load_tracking(self.saved.image_dir, self.saved.pid)
             if state is None:
@@ -318,12 +326,21 @@ class Prepared:
     mapped. Each ``apply`` then does only the work that depends on what changed."""
 
     def __init__(
-        self, image_dir: str | os.PathLike[str], pid: int, *, overrides: Overrides = NO_OVERRIDES
+        self,
+        image_dir: str | os.PathLike[str],
+        pid: int,
+        *,
+        overrides: Overrides = NO_OVERRIDES,
+        tracker: DirtyTracker | None = None,
+        borrowed: bool = False,
     ) -> None:
+        """``tracker``: the one ``dump.dump_tracked`` kept in this process (``borrowed`` from
+        a holder); without it, the state saved beside the image is resumed."""
         self.pid = pid
         self._stack = contextlib.ExitStack()
         self.image = self._stack.enter_context(_opened(image_dir, pid, None, Part.ALL, overrides))
-        self.tracking = _KeptTracker(_SavedTracker(self.image.dir.path, pid))
+        saved = _SavedTracker(self.image.dir.path, pid)
+        self.tracking = _KeptTracker(saved, tracker, borrowed=borrowed)
 
     def apply(
         self,
@@ -512,14 +529,17 @@ def recover(pid: int) -> ApplyResult:
 
 
 def _resume(
-    process: Process, state: TrackerState | None
+    process: Process, state: TrackerState | None, image_dir: Path
 ) -> tuple[DirtyTracker | None, npt.NDArray[np.uint64] | None]:
     """(tracker, dirty pages) from a saved state; (None, None) if there is none or it is lost
-    (then ``--only-dirty`` falls back to comparing contents)."""
+    (then ``--only-dirty`` falls back to comparing contents): the holder of its userfaultfd
+    gone, or serving a newer image's baseline (``applier.holder``)."""
     if state is None:
         return None, None
+    from applier.holder import resume as resume_held  # noqa: PLC0415 - only when tracked
+
     try:
-        tracker = resume_tracker(process, state)
+        tracker = resume_held(process, state, image_dir)
         return tracker, tracker.dirty_pages()
     except TrackingError as exc:
         logger.warning(

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from applier import xsave
 from applier.fds import elf_build_id
+from applier.limits import PAGE
 from applier.model import Kind, LiveTask, Region
 from formats.core import (
     CoreEntry,
@@ -272,10 +273,10 @@ def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
     return TaskEntries(proc, mm, cores, files)
 
 
-def dump_selection(m: Mapping, flags: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes)."""
+def dump_selection(process: Process, m: Mapping) -> npt.NDArray[np.bool_]:
+    """Which pages of mapping ``m`` CRIU would dump (section 5.5 of the format notes): every
+    page of the vDSO, the process's own copies in a private file mapping, else every page
+    that holds data."""
     if m.path == "[vdso]":
-        return np.ones(len(flags), dtype=bool)
-    if region_from_mapping(m).kind is Kind.FILE:
-        return own_copies(flags)
-    return holds_data(flags)
+        return np.ones((m.end - m.start) // PAGE, dtype=bool)
+    return process.data_pages(m.start, m.end, own=region_from_mapping(m).kind is Kind.FILE)

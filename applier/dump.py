@@ -17,6 +17,7 @@ stream state or socket queues: an image written here is for ``applier apply``, n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -31,14 +32,24 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.capture import dump_selection, region_from_mapping, task_entries
-from applier.errors import MismatchError, OutputDirError
+from applier.errors import MismatchError, OutputDirError, TargetBusy
 from applier.fds import fd_entries
+from applier.holder import (
+    CallerKeeper,
+    HolderKeeper,
+    Keeper,
+    checkpointed,
+    new_token,
+    reuse,
+    set_baseline,
+)
+from applier.holder import resume as resume_held
 from applier.limits import CHUNK_PAGES
 from applier.lock import TargetLock
 from applier.model import Kind
 from applier.progress import Progress
-from applier.ranges import align_up, covered, intervals, member
-from applier.trackfile import drop_tracking, save_tracking
+from applier.ranges import align_up, intervals, joined
+from applier.trackfile import drop_tracking, load_tracking, save_tracking
 from applier.trust import check_target_allowed, uptime_us
 from formats import names
 from formats.imagedir import ImageDir
@@ -50,11 +61,19 @@ from injector import attach
 from injector.maps import Mapping
 from injector.memory import buffer_address
 from injector.process import Process
-from injector.tracking import TrackerState, TrackingError, open_tracker, resume_tracker
+from injector.tracking import (
+    DirtyTracker,
+    TrackerState,
+    TrackingError,
+    UffdWpTracker,
+    open_tracker,
+)
 
-__all__ = ["DumpStats", "dump", "dump_process", "prepare_output_dir"]
+__all__ = ["DumpStats", "dump", "dump_process", "dump_tracked", "prepare_output_dir"]
 
 logger = logging.getLogger(__name__)
+
+U64 = npt.NDArray[np.uint64]
 
 
 @attrs.define
@@ -67,6 +86,8 @@ class DumpStats:
     seconds: float = 0.0
     tracking: str | None = None  # tracker backend left running, if any
     tracking_note: str | None = None  # why tracking was not started
+    holder: int | None = None  # pid of the process that keeps the tracker's userfaultfd
+    tracking_reused: bool = False  # the tracker already ran (a new baseline, no new one)
     fds: int = 0  # descriptors written to fdinfo-<files_id>.img
     fds_skipped: list[str] = attrs.field(factory=list)  # kinds CRIU's formats here lack
 
@@ -79,7 +100,8 @@ def _runs(
 ) -> Iterator[tuple[int, int, bool]]:
     """(first index, count, is a hole) of the selected pages, in order: consecutive selected
     pages of the same kind (hole or data) form one run."""
-    kind = np.where(sel, np.where(hole, 2, 1), 0).astype(np.int8)
+    kind = sel.astype(np.int8)
+    kind += sel & hole
     if not kind.any():
         return
     edges = np.nonzero(np.diff(np.concatenate(([0], kind, [0]))))[0]
@@ -102,7 +124,11 @@ def dump(
 
     ``track``: also start dirty-page tracking in the target at the moment of the checkpoint
     (userfaultfd write-protect, or soft-dirty where the kernel has it) and record its state
-    in ``names.TRACKING``, so ``apply --only-dirty`` writes only the pages written since.
+    in ``names.TRACKING``, so ``apply --only-dirty`` writes only the pages written since. The
+    userfaultfd is not left in the target: a holder process keeps it (``applier.holder``;
+    ``stats.holder``, ended by ``applier untrack`` / ``holder.stop``); a holder already
+    running for the target is reused, with the new baseline. :func:`dump_tracked` keeps it
+    in the calling process instead.
 
     ``parent``: an incremental dump on top of a tracked checkpoint of the same process (CRIU's
     ``--prev-images-dir``): pages the tracker saw written since, or that the parent chain does
@@ -113,14 +139,47 @@ def dump(
 
     ``force``: also pid 1, applier itself and its ancestors (refused otherwise).
     """
+    keeper = HolderKeeper()
+    return _checked_dump(
+        pid, Path(image_dir), page_size, track, parent, keeper=keeper, progress=progress,
+        force=force,
+    )  # fmt: skip
+
+
+def dump_tracked(
+    pid: int, image_dir: str | os.PathLike[str], *, force: bool = False
+) -> tuple[DumpStats, DirtyTracker | None, bool]:
+    """``dump(pid, image_dir, track=True)`` with the tracker kept in this process: (stats,
+    tracker or None if tracking could not start, whether it is borrowed from a running
+    holder). The caller moves it from session to session (``rebind``) and ends it with
+    ``close()`` (own) or ``release()`` (borrowed: the holder's tracking goes on)."""
+    keeper = CallerKeeper()
+    stats = _checked_dump(pid, Path(image_dir), 4096, True, None, keeper=keeper, force=force)
+    return stats, keeper.tracker, keeper.borrowed
+
+
+def _checked_dump(
+    pid: int,
+    out: Path,
+    page_size: int,
+    track: bool,
+    parent: str | os.PathLike[str] | None,
+    *,
+    keeper: Keeper,
+    progress: bool = False,
+    force: bool = False,
+) -> DumpStats:
     check_target_allowed(pid, force=force)
-    out = Path(image_dir)
     base = _Parent.load(Path(parent), pid) if parent is not None else None
     created = prepare_output_dir(out)
     try:
         with TargetLock.acquire(pid, "work", f"dumping into {out}"):
-            return _dump(pid, out, page_size, track, base, progress=progress)
+            return _dump(pid, out, page_size, track, base, progress=progress, keeper=keeper)
     except BaseException:
+        if isinstance(keeper, HolderKeeper):
+            keeper.abandon()
+        elif isinstance(keeper, CallerKeeper) and keeper.tracker is not None:
+            _drop_kept(keeper)
         # Leave nothing half-written behind: what was there before was an empty directory.
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -158,18 +217,17 @@ class _Parent:
     @classmethod
     def load(cls, path: Path, pid: int) -> _Parent:
         img = ImageDir.open(path)  # validated in full (and its own parents) before anything
-        try:
-            state = TrackerState.from_json((path / names.TRACKING).read_text())
-        except (OSError, ValueError) as exc:
+        state = load_tracking(path)
+        if state is None:
             raise MismatchError(
                 f"{path}: no dirty tracking of pid {pid} to build on (dump the parent with "
                 "--track, or take a full dump)",
-            ) from exc
+            )
         if state.pid != pid:
             raise MismatchError(f"{path}: its tracker follows pid {state.pid}, not {pid}")
         page = img.page_size
         starts, ends = intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in img.page_runs(pid))
-        return cls(path, state, starts, ends)
+        return cls(path, state, *joined(starts, ends))
 
 
 def dump_process(
@@ -180,16 +238,21 @@ def dump_process(
     track: bool = False,
     base: _Parent | None = None,
     progress: bool = False,
+    keeper: Keeper | None = None,
 ) -> DumpStats:
     """Write the image of the stopped process ``s`` into ``out`` (an empty directory); see
-    :func:`dump`. Works on any :class:`injector.process.Process` (tracking needs a real one)."""
+    :func:`dump`. Works on any :class:`injector.process.Process` (tracking needs a real one).
+    ``keeper`` takes a new tracker (``track``); without one, a holder is started here."""
     pid = s.pid
     stats = DumpStats(pid=pid)
     tracker = None
     changed = None
     if base is not None:
+        busy = checkpointed(pid)
+        if busy is not None:
+            raise TargetBusy(f"{busy}: an incremental dump would move its tracker's baseline")
         try:
-            tracker = resume_tracker(s, base.state)
+            tracker = resume_held(s, base.state, base.path)
             changed = tracker.dirty_pages()
         except TrackingError as exc:
             raise MismatchError(
@@ -229,11 +292,20 @@ def dump_process(
         # The new image owns the baseline now; the parent's state must not be used again
         # (an apply --only-dirty of the parent would trust a baseline that has moved).
         tracker.reset()
-        save_tracking(out, tracker.release())
+        token = new_token()
+        save_tracking(out, tracker.state(), baseline=token)
         drop_tracking(base.path)
+        if isinstance(tracker, UffdWpTracker) and tracker.remote_fd < 0:
+            stats.holder = set_baseline(pid, tracker.start_time, token, out.resolve()).holder
+            stats.tracking_reused = True
+        tracker.release()
         stats.tracking = tracker.backend_name
     elif track:
-        _start_tracking(s, out, stats)
+        own = keeper is None
+        keeper = HolderKeeper() if keeper is None else keeper
+        _start_tracking(s, out, stats, keeper)
+        if own:
+            _finish_keeping(keeper, out, stats)
     stats.threads = len(s.tids)
     stats.vmas = len(vmas)
     return stats
@@ -247,11 +319,16 @@ def _dump(
     base: _Parent | None = None,
     *,
     progress: bool = False,
+    keeper: Keeper | None = None,
 ) -> DumpStats:
     started = time.perf_counter()
     with attach(pid) as s:
-        stats = dump_process(s, out, page_size, track=track, base=base, progress=progress)
+        stats = dump_process(
+            s, out, page_size, track=track, base=base, progress=progress, keeper=keeper
+        )
     stats.seconds = time.perf_counter() - started
+    if track and keeper is not None and stats.tracking is not None:
+        _finish_keeping(keeper, out, stats)
     logger.info(
         "dumped pid %d: %d pages, %d VMAs in %.1f ms",
         pid,
@@ -345,17 +422,42 @@ def _select(
     for m, vma in zip(maps, vmas, strict=True):
         if not vma.has_pagemap or vma.status & S.VVAR:
             continue
-        sel = dump_selection(m, s.page_flags(m.start, m.end))
+        sel = dump_selection(s, m)
         lazy = PE_LAZY if vma.status & S.ANON_PRIVATE and not vma.status & S.VDSO else 0
         in_parent = np.zeros(len(sel), dtype=bool)
         if holes is not None:
             changed, p_starts, p_ends = holes
-            addrs = np.arange(m.start, m.end, page, dtype=np.uint64)
-            in_parent = sel & covered(addrs, p_starts, p_ends) & ~member(addrs, changed)
+            in_parent = sel & _in_ranges(m, p_starts, p_ends, page)
+            in_parent[_indices(m, changed, page)] = False
         runs = list(_runs(sel, in_parent))
         data += sum(count for _, count, hole in runs if not hole)
         out.append((m.start, runs, lazy))
     return _Selection(out, data, page)
+
+
+def _in_ranges(m: Mapping, starts: U64, ends: U64, page: int) -> npt.NDArray[np.bool_]:
+    """Per page of ``m``: whether one of the sorted, disjoint [start, end) ranges holds it
+    (a running count over the range edges: no per-page search)."""
+    count = (m.end - m.start) // page
+    lo = int(np.searchsorted(ends, np.uint64(m.start), side="right"))
+    hi = int(np.searchsorted(starts, np.uint64(m.end), side="left"))
+    if lo >= hi:
+        return np.zeros(count, dtype=bool)
+    if hi - lo == 1 and starts[lo] <= m.start and ends[lo] >= m.end:
+        return np.ones(count, dtype=bool)
+    a = np.clip(starts[lo:hi].astype(np.int64) - m.start, 0, m.end - m.start) // page
+    b = (np.clip(ends[lo:hi].astype(np.int64) - m.start, 0, m.end - m.start) + page - 1) // page
+    edges = np.zeros(count + 1, dtype=np.int32)
+    np.add.at(edges, a, 1)
+    np.add.at(edges, b, -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
+def _indices(m: Mapping, pages: U64, page: int) -> npt.NDArray[np.int64]:
+    """Page indices inside ``m`` of the sorted page addresses ``pages`` that fall in it."""
+    lo = int(np.searchsorted(pages, np.uint64(m.start), side="left"))
+    hi = int(np.searchsorted(pages, np.uint64(m.end), side="left"))
+    return (pages[lo:hi].astype(np.int64) - m.start) // page
 
 
 def _pagemap_runs(sel: _Selection, stats: DumpStats) -> list[tuple[int, int, int]]:
@@ -393,17 +495,76 @@ def _reader(
     return fill
 
 
-def _start_tracking(session: Process, out: Path, stats: DumpStats) -> None:
-    """Start a resumable tracker while the target is still stopped; record its state."""
+def _start_tracking(session: Process, out: Path, stats: DumpStats, keeper: Keeper) -> None:
+    """Start a resumable tracker while the target is still stopped (or take the one that
+    runs: a new baseline); record its state and give it to ``keeper``."""
     reasons = []
-    for backend in ("uffd-wp", "soft-dirty"):
-        try:
-            tracker = open_tracker(session, backend)
-        except TrackingError as exc:
-            reasons.append(str(exc))
-            continue
-        state = tracker.release()
-        save_tracking(out, state)
-        stats.tracking = backend
+    tracker: DirtyTracker | None = None
+    reused = False
+    busy = checkpointed(session.pid) if isinstance(keeper, HolderKeeper) else None
+    if busy is not None:
+        stats.tracking_note = f"{busy}: its tracker's baseline stays with that checkpoint"
         return
-    stats.tracking_note = "; ".join(reasons)
+    try:
+        running = reuse(session)
+    except TrackingError as exc:
+        # A holder that does not answer still holds the registrations: a second
+        # userfaultfd could register nothing.
+        stats.tracking_note = str(exc)
+        return
+    if running is not None:
+        tracker, info = running
+        try:
+            tracker.reset()
+        except BaseException:
+            tracker.release()
+            raise
+        reused = True
+        stats.holder = info.holder
+    else:
+        for backend in ("uffd-wp", "soft-dirty"):
+            try:
+                tracker = open_tracker(session, backend, in_target=False)
+            except TrackingError as exc:
+                reasons.append(str(exc))
+                continue
+            break
+    if tracker is None:
+        stats.tracking_note = "; ".join(reasons)
+        return
+    try:
+        token = new_token()
+        save_tracking(out, tracker.state(), baseline=token)
+        keeper.keep(session, tracker, out, token, reused)
+    except BaseException:
+        if reused:
+            tracker.release()
+        else:
+            tracker.close()
+        drop_tracking(out)
+        raise
+    stats.tracking = tracker.backend_name
+    stats.tracking_reused = reused
+
+
+def _finish_keeping(keeper: Keeper, out: Path, stats: DumpStats) -> None:
+    """Hand the new tracker to its keeper once the target runs (a holder is started); if
+    that fails the image stays, untracked, and the note says why."""
+    try:
+        holder = keeper.finish()
+    except TrackingError as exc:
+        drop_tracking(out)
+        stats.tracking, stats.tracking_note = None, str(exc)
+        return
+    if holder is not None:
+        stats.holder = holder
+
+
+def _drop_kept(keeper: CallerKeeper) -> None:
+    """A dump that failed after the tracker was kept: let it go again."""
+    tracker, keeper.tracker = keeper.tracker, None
+    if tracker is None:
+        return
+    # Closing this process's copy: a borrowed tracker runs on in its holder, an own one ends.
+    with contextlib.suppress(TrackingError):
+        tracker.release()

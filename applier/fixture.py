@@ -5,10 +5,12 @@
 ...         run(case, server)                 # the server changes its memory
 ...         cp.restore()                      # back to the checkpoint, in place, fast
 
-``take`` writes a CRIU image of the process and leaves a dirty-page tracker in it, so each
+``take`` writes a CRIU image of the process and starts a dirty-page tracker on it, so each
 ``restore`` writes only the pages written since the previous one (``apply --only-dirty``).
-``close`` stops the tracker inside the process and deletes the image if ``take`` made a
-temporary one. The process keeps its pid, sockets and open files throughout.
+The tracker's userfaultfd is kept in *this* process, never in the target (a holder's,
+borrowed, if ``applier dump --track`` left one running). ``close`` stops the tracker and
+deletes the image if ``take`` made a temporary one. The process keeps its pid, sockets and
+open files throughout.
 
 One process has at most one open Checkpoint at a time, across all processes (a
 ``checkpoint`` claim of ``applier.lock``): a second ``take`` of the same process, say by
@@ -30,7 +32,7 @@ from types import TracebackType
 import attrs
 
 from applier.api import Prepared
-from applier.dump import DumpStats, dump
+from applier.dump import DumpStats, dump_tracked
 from applier.errors import RollbackFailed
 from applier.executor import ApplyStats
 from applier.lock import TargetLock
@@ -75,7 +77,7 @@ class Checkpoint:
             else:
                 path = Path(directory)
             try:
-                stats = dump(pid, path, track=True)
+                stats, tracker, borrowed = dump_tracked(pid, path)
             except BaseException:
                 if owns:
                     shutil.rmtree(path, ignore_errors=True)
@@ -85,8 +87,10 @@ class Checkpoint:
             raise
         checkpoint = cls(pid, path, stats, owns_path=owns, claim=claim)
         try:
-            checkpoint.prepared = Prepared(path, pid)
+            checkpoint.prepared = Prepared(path, pid, tracker=tracker, borrowed=borrowed)
         except BaseException:
+            if tracker is not None:
+                tracker.release()  # the last copy of an own tracker: tracking ends
             checkpoint.close()
             raise
         return checkpoint

@@ -25,7 +25,7 @@ from pathlib import Path
 import attrs
 
 from applier.lock import lock_dir
-from injector.procfs import read_start_time
+from injector.procfs import read_start_time, thread_state
 
 __all__ = ["Journal"]
 
@@ -46,10 +46,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_pruned: set[Path] = set()  # the journal directories pruned by this process
+
+
 def _prune() -> None:
-    """Remove the journals (and hold marks) of processes that are gone (nothing is left to
-    finish there)."""
-    for path in [*lock_dir().glob("journal-*-*.json"), *lock_dir().glob("journal-*-*.held")]:
+    """Remove the journals, hold marks and lock files left by appliers that died (``kill
+    -9``) for processes that are gone (nothing is left to finish there, and nobody can
+    want a lock on them); once per process and directory (a Checkpoint applies many times)."""
+    if lock_dir() in _pruned:
+        return
+    _pruned.add(lock_dir())
+    d = lock_dir()
+    for path in [*d.glob("journal-*-*.json"), *d.glob("journal-*-*.held"), *d.glob("*-*-*.lock")]:
         try:
             _, pid, start = path.stem.split("-")
             alive = read_start_time(int(pid)) == int(start)
@@ -146,8 +154,13 @@ class Journal:
             journal = cls(**data)
         except TypeError:
             return None
-        if not journal.held_mark.exists() and not _alive(journal.applier_pid):
-            # its applier died before it held the target: nothing was written
+        if (
+            not journal.held_mark.exists()
+            and not _alive(journal.applier_pid)
+            and thread_state(pid) not in ("T", "t")
+        ):
+            # Its applier died before it held the target (a held one would be stopped, and
+            # one killed between the hold and the mark is): nothing was written.
             journal.remove()
             return None
         return journal

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CHUNK", "CHUNK_PAGES", "IOV_BATCH", "PAGE", "POOL_BYTES"]
+__all__ = ["CHUNK", "CHUNK_PAGES", "IOV_BATCH", "MEMORY_SPOOL_BYTES", "PAGE", "POOL_BYTES"]
 
 PAGE = 4096  # x86_64; images say their own page size (AT_PAGESZ)
 CHUNK = 8 << 20  # bytes of page data handled per batch (read, compared, written, spooled)
@@ -11,3 +11,6 @@ IOV_BATCH = 1024  # iovecs per process_vm_readv/writev call: IOV_MAX
 # Undo spool bytes a closed in-memory log leaves allocated for the next one in this process
 # (one memfd kept at most); 0 disables the pool.
 POOL_BYTES = 256 << 20
+# An in-memory undo spool grows to at most this (and a quarter of MemAvailable); past it the
+# spool moves to a file in $TMPDIR or /var/tmp and grows there.
+MEMORY_SPOOL_BYTES = 1 << 30

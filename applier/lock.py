@@ -30,8 +30,21 @@ from injector.procfs import read_start_time
 __all__ = ["TargetBusy", "TargetLock", "lock_dir"]
 
 
+_found: dict[tuple[int, str | None], Path] = {}
+
+
 def lock_dir() -> Path:
-    """Where lock files are kept (created on first use, mode 0700 outside /run)."""
+    """Where lock files are kept (created on first use, mode 0700 outside /run); found once
+    per process (and user and XDG_RUNTIME_DIR), checked to exist on every call."""
+    key = (os.getuid(), os.environ.get("XDG_RUNTIME_DIR"))
+    path = _found.get(key)
+    if path is not None and os.path.isdir(path):
+        return path
+    _found[key] = path = _find_lock_dir()
+    return path
+
+
+def _find_lock_dir() -> Path:
     candidates = [Path("/run/applier")]
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:

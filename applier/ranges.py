@@ -19,6 +19,18 @@ def intervals(regions: Iterable[tuple[int, int]]) -> tuple[npt.NDArray[np.uint64
     return starts, ends
 
 
+def joined(
+    starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Sorted, disjoint intervals with the touching ones joined (``[a, b) + [b, c) = [a, c)``)."""
+    if len(starts) < 2:
+        return starts, ends
+    gaps = np.nonzero(starts[1:] != ends[:-1])[0]
+    first = np.concatenate(([0], gaps + 1))
+    last = np.concatenate((gaps, [len(ends) - 1]))
+    return starts[first], ends[last]
+
+
 def covered(
     pages: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]
 ) -> npt.NDArray[np.bool_]:

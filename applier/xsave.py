@@ -62,6 +62,7 @@ _CPUID_CODE = bytes.fromhex(
 )
 
 
+@functools.cache
 def _cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int] | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None

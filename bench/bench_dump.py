@@ -40,6 +40,7 @@ from bench.bench_apply import (
     build_target,
     libc,
 )
+from bench.report import record
 
 PAGE = 4096
 CHUNK = 8 << 20
@@ -131,11 +132,14 @@ def main() -> None:
         print(f"{'case':<40}{'floor ms':>10}{'applier ms':>12}{'ratio':>8}")
         print(f"{f'full dump, {args.mib} MiB':<40}{f * 1e3:>10.1f}{o * 1e3:>12.1f}{o / f:>8.2f}x"
               "  (aim 2x)")  # fmt: skip
+        record("dump", f"full dump of {args.mib} MiB to {args.dir}", f * 1e3, o * 1e3, "2x")
         small = incremental(binary, args.mib, work, args.repeat)
         big = incremental(binary, args.big, work, args.repeat)
         print(f"{f'incremental, {DIRTY} pages, {args.mib} MiB':<40}{'':>10}{small * 1e3:>12.1f}")
         print(f"{f'incremental, {DIRTY} pages, {args.big} MiB':<40}{'':>10}{big * 1e3:>12.1f}"
               f"{big / small:>8.2f}x  (aim 1.5x of {args.mib} MiB)")  # fmt: skip
+        record("dump", f"incremental dump, {DIRTY} pages, {args.big} MiB (floor: {args.mib} MiB)",
+               small * 1e3, big * 1e3, "1.5x")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -43,6 +43,7 @@ from bench.bench_apply import (
     build_target,
     libc,
 )
+from bench.report import record
 from injector import _uffd
 
 PAGE = 4096
@@ -124,6 +125,8 @@ def main() -> None:
                         floors.append(f)
                         ours.append(o)
                 fm, om = statistics.median(floors), statistics.median(ours)
+                record("reset", f"Checkpoint.restore() {label}, {args.mib} MiB", fm * 1e3,
+                       om * 1e3, "1.5x" if "defaults" in label else "")  # fmt: skip
                 rows.append({"case": f"restore {label}", "floor_ms": fm * 1e3,
                              "applier_ms": om * 1e3, "ratio": om / fm})  # fmt: skip
     finally:

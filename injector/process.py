@@ -62,8 +62,20 @@ class Process(Protocol):
 
     # layout and memory
     def maps(self) -> list[Mapping]: ...
+    @property
+    def layout_epoch(self) -> int:
+        """A number that changes whenever the layout may have changed since it was last read
+        (the target ran, or a call that can map or unmap ran in it)."""
+        ...
+
     def page_flags(self, start: int, end: int) -> U64Array:
         """/proc/PID/pagemap entries, one uint64 per page (``injector.maps`` bits)."""
+        ...
+
+    def data_pages(self, start: int, end: int, *, own: bool = False) -> npt.NDArray[np.bool_]:
+        """Per page of ``[start, end)``: whether it holds data (``injector.maps.holds_data``;
+        with ``own``, data of the process's own: ``own_copies``). What ``page_flags`` says,
+        found without reading every pagemap entry where the kernel can say it by ranges."""
         ...
 
     def read(self, address: int, size: int) -> bytes: ...

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
-from injector import _libc, procfs
+from injector import _libc, _uffd, procfs
 from injector.calls import NamedCalls
 from injector.errors import (
     InjectedSyscallError,
@@ -37,6 +37,8 @@ from injector.maps import (
     PROT_READ,
     PROT_WRITE,
     Mapping,
+    holds_data,
+    own_copies,
     read_maps,
     read_page_flags,
     read_vmflags,
@@ -44,7 +46,7 @@ from injector.maps import (
 from injector.memory import MemoryIO
 from injector.process import IovIO
 from injector.regs import X86Regs
-from injector.syscalls import syscall_name
+from injector.syscalls import NR, syscall_name
 from injector.tracer import Tracer, _errno, _signals_deferred, _status_fields
 
 if TYPE_CHECKING:
@@ -57,6 +59,11 @@ _PAGE: Final = 4096
 _XSTATE_MAX: Final = 1 << 16
 _PTRACE_GET_RSEQ_CONFIGURATION: Final = 0x420F
 _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTRACE_DETACH})
+# Calls that never change the address space: an injected one keeps the cached layout (the
+# other threads stay stopped meanwhile). ``brk(0)`` only asks for the break.
+_LAYOUT_NEUTRAL: Final = frozenset(
+    {"close", "lseek", "fcntl", "dup", "dup2", "getpid", "gettid", "getppid", "rt_sigprocmask"}
+)
 
 
 def attach(pid: int, *, timeout: float = 10.0) -> Session:
@@ -71,9 +78,12 @@ class Session(Tracer, NamedCalls):
         super().__init__(pid, timeout=timeout)
         self._mem_fd = -1
         self._pagemap_fd = -1
+        self._scanner: _uffd.PageScanner | None = None  # PAGEMAP_SCAN on _pagemap_fd
+        self._scan_refused = False  # the kernel has no PAGEMAP_SCAN
         self._memory: MemoryIO | None = None
         self._insn: int | None = None
         self._maps: list[Mapping] | None = None  # until something runs in the target
+        self._epoch = 0  # layout_epoch
 
     def _close_fds(self) -> None:
         if self._memory is not None:
@@ -83,6 +93,7 @@ class Session(Tracer, NamedCalls):
             if fd >= 0:
                 os.close(fd)
         self._mem_fd = self._pagemap_fd = -1
+        self._scanner = None
         super()._close_fds()
 
     # ---- memory ------------------------------------------------------------------------
@@ -110,6 +121,10 @@ class Session(Tracer, NamedCalls):
         """``read_iov`` that another thread of this process may call while the session's own
         thread works on (process_vm_readv needs no ptrace stop); for read-ahead."""
         return self._mem().read_iov
+
+    @property
+    def layout_epoch(self) -> int:
+        return self._epoch
 
     def maps(self) -> list[Mapping]:
         """The target's mappings, in address order. Read once per stretch of the session in
@@ -149,6 +164,51 @@ class Session(Tracer, NamedCalls):
             return read_page_flags(self._pagemap_fd, start, end, _PAGE)
         except OSError as exc:
             raise self._translate_memory(exc, start, "pagemap read") from exc
+
+    def data_pages(self, start: int, end: int, *, own: bool = False) -> npt.NDArray[np.bool_]:
+        """Which pages hold data, from one ``PAGEMAP_SCAN`` for present and swapped pages;
+        pagemap entries are read only for the swapped ranges (a PTE marker is reported as
+        swapped too, and only its entry tells it apart). Without PAGEMAP_SCAN (Linux < 6.7)
+        every entry is read."""
+        count = (end - start + _PAGE - 1) // _PAGE
+        if self._scan_refused:
+            flags = self.page_flags(start, end)
+            return own_copies(flags) if own else holds_data(flags)
+        self.page_flags(start, start)  # opens the pagemap
+        if self._scanner is None:
+            self._scanner = _uffd.PageScanner(self._pagemap_fd, 4096)
+        try:
+            # PAGE_IS_FILE costs a folio lookup per page (3.5x the walk): asked only for ``own``
+            kinds = _uffd.PAGE_IS_PRESENT | _uffd.PAGE_IS_SWAPPED
+            regions = self._scanner.scan(
+                start, end, category_anyof_mask=kinds,
+                return_mask=kinds | (_uffd.PAGE_IS_FILE if own else 0),
+            )  # fmt: skip
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                raise self._translate_memory(exc, start, "PAGEMAP_SCAN") from exc
+            self._scan_refused = True
+            return self.data_pages(start, end, own=own)
+        out = np.zeros(count, dtype=bool)
+        first = ((regions[:, 0] - np.uint64(start)) // np.uint64(_PAGE)).astype(np.int64)
+        last = ((regions[:, 1] - np.uint64(start)) // np.uint64(_PAGE)).astype(np.int64)
+        cats = regions[:, 2]
+        present = (cats & np.uint64(_uffd.PAGE_IS_PRESENT)) != 0
+        if own:
+            present &= (cats & np.uint64(_uffd.PAGE_IS_FILE)) == 0
+        if len(regions) == 1 and present[0] and first[0] == 0 and last[0] >= count:
+            return np.ones(count, dtype=bool)  # all of it, the common case
+        if present.any():
+            edges = np.zeros(count + 1, dtype=np.int32)
+            np.add.at(edges, first[present], 1)
+            np.add.at(edges, last[present], -1)
+            out |= np.cumsum(edges[:-1]) > 0
+        swapped = ((cats & np.uint64(_uffd.PAGE_IS_PRESENT)) == 0).nonzero()[0]
+        for i in swapped.tolist():
+            a, b = int(first[i]), int(last[i])
+            flags = self.page_flags(start + a * _PAGE, start + b * _PAGE)
+            out[a:b] = own_copies(flags) if own else holds_data(flags)
+        return out
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes at ``address`` (PROT_NONE and unreadable pages too)."""
@@ -339,6 +399,7 @@ class Session(Tracer, NamedCalls):
     def request(self, request: int, tid: int, addr: int = 0, data: int = 0) -> int:
         if request in _RESUMING:  # the target runs: the cached layout may go stale
             self._maps = None
+            self._epoch += 1
         return super().request(request, tid, addr, data)
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
@@ -357,12 +418,17 @@ class Session(Tracer, NamedCalls):
                     "() could kill it",
                 )
         insn = self.syscall_site()
+        table = NR.get(self.arch, {})
+        neutral = any(table.get(n) == nr for n in _LAYOUT_NEUTRAL) or (
+            nr == table.get("brk") and args[:1] in ((), (0,))
+        )
+        keep, epoch = (self._maps, self._epoch) if neutral else (None, self._epoch + 1)
         self._maps = None  # whatever the call does, the layout may change
         try:
             with _signals_deferred():
                 result = run_syscall(self, tid, nr, args, insn)
         finally:
-            self._maps = None
+            self._maps, self._epoch = keep, epoch
         if -4095 <= result < 0:
             raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
         return result

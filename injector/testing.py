@@ -48,6 +48,8 @@ from injector.maps import (
     PROT_READ,
     PROT_WRITE,
     Mapping,
+    holds_data,
+    own_copies,
 )
 from injector.process import IovIO
 from injector.regs import REG_NAMES, Arch, X86Regs
@@ -122,6 +124,7 @@ class FakeProcess(NamedCalls):
         self.child_processes: list[tuple[int, str, int]] = []
         self.stopped_before = False  # as if it had been in a group stop when attached
         self._held = False
+        self.epoch = 0  # layout_epoch: every injected call counts as a possible change
         self.resume_on_detach = False
         self._next_inode = 1000
         self.fd_table: list[Descriptor] = []  # what descriptors() reports
@@ -202,6 +205,10 @@ class FakeProcess(NamedCalls):
         if self.gone:
             raise TargetExited(self._pid, "exited during the session", errno.ESRCH)
 
+    @property
+    def layout_epoch(self) -> int:
+        return self.epoch
+
     def maps(self) -> list[Mapping]:
         self._alive()
         return [
@@ -218,6 +225,10 @@ class FakeProcess(NamedCalls):
             if v.start <= address < v.end:
                 return v
         return None
+
+    def data_pages(self, start: int, end: int, *, own: bool = False) -> npt.NDArray[np.bool_]:
+        flags = self.page_flags(start, end)
+        return own_copies(flags) if own else holds_data(flags)
 
     def page_flags(self, start: int, end: int) -> npt.NDArray[np.uint64]:
         self._alive()
@@ -384,6 +395,7 @@ class FakeProcess(NamedCalls):
     # ---- Process: system calls -----------------------------------------------------------
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        self.epoch += 1
         self._alive()
         self._thread(self._pid if tid is None else tid)
         name = _NAMES.get(nr, f"syscall_{nr}")

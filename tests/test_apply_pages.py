@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,13 @@ import pytest
 
 from applier import executor as execute
 from applier.api import apply
-from applier.errors import VerifyFailed
+from applier.errors import ApplyFailed, VerifyFailed
 from applier.executor import pages
 from applier.executor.context import Context
 from applier.model import Kind, Region, SavedPages
 from applier.plan import SavedRuns, WritePages, restrict_to_pages
 from applier.plan.memory import clip_saved
+from applier.plan.steps import SetRegs
 from applier.undo import log as undo
 from injector import attach
 from tests.live_state import assert_same, checkpoint, command, snapshot
@@ -197,3 +199,52 @@ def test_undo_page_table_restores_through_write_iov() -> None:
         assert seen == {0x5000: b"y" * PAGE, 0x9000: b"x" * PAGE}
     finally:
         log.close()
+
+
+def test_undo_spool_moves_to_disk_past_its_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MEMORY_SPOOL_BYTES the spool continues in a file on disk, at the same offsets;
+    what was saved before and after reads back."""
+    monkeypatch.setattr(undo, "_pool", [])
+    monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", 3 * PAGE)
+    log = undo.UndoLog.create()
+    try:
+        assert log.spool is not None and log.pooled
+        assert os.readlink(f"/proc/self/fd/{log.spool.fileno()}").startswith("/memfd:")
+        assert log.append(memoryview(b"a" * 2 * PAGE)) == 0
+        assert log.spilled is None
+        assert log.append(memoryview(b"b" * 2 * PAGE)) == 2 * PAGE
+        assert log.spilled is not None and not log.pooled
+        assert not os.readlink(f"/proc/self/fd/{log.spool.fileno()}").startswith("/memfd:")
+        saved = (undo.SavedRange(0x1000, 2 * PAGE, 0), undo.SavedRange(0x9000, 2 * PAGE, 2 * PAGE))
+        assert dict(log.iter_saved(saved)) == {0x1000: b"a" * 2 * PAGE, 0x9000: b"b" * 2 * PAGE}
+    finally:
+        log.close()
+    assert len(undo._pool) == 1  # the memfd went back to the pool when the spool moved
+    undo._pool.pop().close()
+
+
+@pytest.mark.live
+def test_rollback_from_a_spilled_spool(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An apply whose undo spool moved to disk, failing after its page writes, is rolled
+    back exactly from that file."""
+    image, _, _ = checkpoint(target, tmp_path)
+    command(target, "scribble", "done")
+    changed = snapshot(target.pid)
+    monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", 2 * PAGE)
+    real = execute.Executor._do
+    spilled: list[Path | None] = []
+
+    def failing(self: execute.Executor, step: Any) -> None:
+        if isinstance(step, SetRegs):
+            spilled.append(self.ctx.undo.spilled)
+            raise OSError(5, "injected failure")
+        real(self, step)
+
+    monkeypatch.setattr(execute.Executor, "_do", failing)
+    with pytest.raises(ApplyFailed, match="rolled back"):
+        apply(image, target.pid)
+    assert spilled and spilled[0] is not None
+    assert_same(changed, snapshot(target.pid))
+    assert_untouched(target)

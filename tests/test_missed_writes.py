@@ -10,10 +10,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from applier.fixture import Checkpoint
-from injector.maps import PAGEMAP_PRESENT, PAGEMAP_SWAPPED, read_page_flags
+from injector.maps import PAGEMAP_PRESENT, PAGEMAP_SWAPPED, holds_data, own_copies, read_page_flags
+from injector.session import attach
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
@@ -54,6 +56,28 @@ def _flags(pid: int, start: int, n: int) -> list[int]:
         os.close(fd)
 
 
+def assert_data_pages_as_pagemap_says(pid: int) -> None:
+    """Session.data_pages (PAGEMAP_SCAN, entries read only where swapped) says of every
+    mapping what holds_data / own_copies say of all its pagemap entries."""
+    with attach(pid) as session:
+        for m in session.maps():
+            if m.path in ("[vvar]", "[vvar_vclock]", "[vsyscall]"):
+                continue  # no pagemap of their own (dumps skip them)
+            flags = session.page_flags(m.start, m.end)
+            for own, want in ((False, holds_data(flags)), (True, own_copies(flags))):
+                got = session.data_pages(m.start, m.end, own=own)
+                assert np.array_equal(got, want), (m, own, int(got.sum()), int(want.sum()))
+
+
+def test_data_pages_of_a_tracked_and_an_untracked_process(target: Target) -> None:
+    """The same answer as the pagemap's entries, before and while a tracker's PTE markers
+    are in place (untouched pages of write-protected memory)."""
+    assert _command(target, "scribble") == ["done"]
+    assert_data_pages_as_pagemap_says(target.pid)
+    with Checkpoint.take(target.pid):
+        assert_data_pages_as_pagemap_says(target.pid)
+
+
 def test_paged_out_written_pages_are_reverted(swap: None) -> None:
     """Pages written after the checkpoint and paged out before the reset come back as they
     were at the checkpoint."""
@@ -71,6 +95,7 @@ def test_paged_out_written_pages_are_reverted(swap: None) -> None:
             flags = _flags(t.pid, base, PAGES)
             swapped = [f & PAGEMAP_SWAPPED and not f & PAGEMAP_PRESENT for f in flags]
             assert sum(map(bool, swapped)) >= PAGES // 2, "the kernel paged out too little"
+            assert_data_pages_as_pagemap_says(t.pid)  # swapped pages, PTE markers
             stats = cp.restore()
             assert stats.pages_written >= PAGES // 4
             with Path(f"/proc/{t.pid}/mem").open("rb") as mem:

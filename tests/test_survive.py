@@ -217,10 +217,16 @@ def test_interrupt_while_starting_prints_no_traceback() -> None:
     assert 130 in codes  # the signal did land while applier ran
 
 
-@pytest.mark.parametrize("held", [False, True], ids=["not-held", "held"])
-def test_journal_of_an_applier_that_died_before_the_hold(tmp_path: Path, held: bool) -> None:
+@pytest.mark.parametrize(
+    "held, stopped", [(False, False), (True, False), (False, True)],
+    ids=["not-held", "held", "stopped-before-the-mark"],
+)  # fmt: skip
+def test_journal_of_an_applier_that_died_before_the_hold(
+    tmp_path: Path, held: bool, stopped: bool
+) -> None:
     """A journal whose applier is gone and never held the target is removed (nothing was
-    written); with the hold mark it stays for recover, even if the target runs."""
+    written); with the hold mark it stays for recover, even if the target runs; and so it
+    does for a stopped target (the applier died between the hold and the mark)."""
     target = subprocess.Popen(["sleep", "60"])
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -233,8 +239,13 @@ def test_journal_of_an_applier_that_died_before_the_hold(tmp_path: Path, held: b
         journal.write()
         if held:
             journal.mark_held()
+        if stopped:
+            os.kill(target.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 5
+            while state(target.pid)[0] != "T" and time.monotonic() < deadline:
+                time.sleep(0.001)
         found = Journal.find(target.pid)
-        if held:
+        if held or stopped:
             assert found == journal and journal.path.exists()
         else:
             assert found is None and not journal.path.exists()

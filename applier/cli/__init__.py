@@ -1,5 +1,5 @@
-"""Command-line interface: ``applier dump|show|diff|apply|recover|check|demo``. Thin: parsing,
-dispatch, logging, and one error path (one line on stderr, or a JSON document under
+"""Command-line interface: ``applier dump|show|diff|apply|recover|untrack|check|demo``.
+Thin: parsing, dispatch, logging, and one error path (one line on stderr, or a JSON document under
 ``--json``, and the exit code ``applier.errors.exit_code`` gives; the codes are in
 ``applier/errors.py`` and ``docs/cli.md``).
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 from applier import __version__
 from applier.cli import apply as apply_cmd
-from applier.cli import check, demo, dump, recover, show
+from applier.cli import check, demo, dump, recover, show, untrack
 from applier.errors import EXIT_INTERNAL, Interrupted, exit_code
 
 __all__ = ["build_parser", "main"]
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--log-file", metavar="FILE", help="write the messages to FILE")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dump, show, apply_cmd, recover, check, demo):
+    for module in (dump, show, apply_cmd, recover, untrack, check, demo):
         module.register(sub)
     return parser
 

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dp.add_argument(
         "--track",
         action="store_true",
-        help="leave dirty-page tracking running in the target, so that a later "
-        "'apply --only-dirty' writes only the pages written since",
+        help="leave dirty-page tracking running (its userfaultfd in a holder process, not in "
+        "the target; 'applier untrack PID' ends it), so that a later 'apply --only-dirty' "
+        "writes only the pages written since",
     )
     dp.add_argument(
         "--parent",
@@ -59,7 +60,13 @@ def run_dump(args: argparse.Namespace) -> int:
             f"{stats.vmas} VMAs, {stats.pages} pages in {stats.seconds * 1000:.1f} ms"
             + (f", {stats.parent_pages} left to {args.parent}" if args.parent else "")
         )
-        if stats.tracking:
+        if stats.tracking and stats.holder is not None:
+            how = "the running tracker" if stats.tracking_reused else "started"
+            print(
+                f"dirty-page tracking ({stats.tracking}) of pid {stats.pid}: {how}, its "
+                f"userfaultfd held by pid {stats.holder} ('applier untrack {stats.pid}' ends it)"
+            )
+        elif stats.tracking:
             print(f"dirty-page tracking ({stats.tracking}) left running in pid {stats.pid}")
         elif args.track:
             print(f"no dirty-page tracking: {stats.tracking_note}", file=sys.stderr)

@@ -24,6 +24,7 @@ from applier.progress import Progress
 from applier.undo.log import UndoPageTable
 from formats.pagemap import PageRun
 from formats.pages import PagesFile
+from injector.arrays import sorted_unique
 from injector.memory import buffer_address
 from injector.process import IovIO, Process
 
@@ -90,7 +91,7 @@ class Pieces:
         self.keep_mapped = keep_mapped  # never drop spans (repeated applies of one image)
         self.files: list[PagesFile] = []
         self._views: list[memoryview] = []
-        used = np.unique(runs.source)
+        used = sorted_unique(runs.source)
         src_file = np.zeros(len(runs.sources), dtype=np.intp)
         src_delta = np.zeros(len(runs.sources), dtype=np.uint64)  # file offset - vaddr, mod 2**64
         index: dict[int, int] = {}
@@ -162,7 +163,7 @@ class Pieces:
         of a 1 GiB file maps all of it here), so dropping sparse spans early bounds nothing
         but makes the next pass over the same pages (the verification) fault them in
         again."""
-        for f in np.unique(self.file[i:j]).tolist():
+        for f in sorted_unique(self.file[i:j]).tolist():
             on = self.file[i:j] == f
             lo = int(self.offset[i:j][on].min())
             hi = int((self.offset[i:j][on] + self.length[i:j][on]).max())
@@ -201,7 +202,7 @@ class Pieces:
         page, words = self.page, self.page // 8
         page_off = expand_ranges(offset, length, page)
         out = into[: len(page_off) * words].reshape(-1, words)
-        files = np.unique(file).tolist()
+        files = sorted_unique(file).tolist()
         page_file = (
             None
             if len(files) == 1

@@ -21,6 +21,7 @@ from applier.model import (
 )
 from applier.plan.steps import CodeWrite, Discard, SavedRuns, WriteShared
 from applier.ranges import covered, intervals, member, page_ranges
+from injector.arrays import sorted_unique
 
 
 def clip_saved(saved: Iterable[SavedPages], regions: Sequence[Region], page: int) -> SavedRuns:
@@ -129,7 +130,7 @@ def restrict_to_pages(
     starts, ends = runs.vaddr, runs.ends(page)
     dirty = np.asarray(dirty, dtype=np.uint64)
     if len(dirty) > 1 and not (dirty[1:] > dirty[:-1]).all():
-        dirty = np.unique(dirty)
+        dirty = sorted_unique(dirty)
     k_starts, k_ends = intervals(keep)
     dirty = dirty[~covered(dirty, k_starts, k_ends)]  # those come in whole below
     run_of = np.searchsorted(starts, dirty, side="right").astype(np.intp) - 1

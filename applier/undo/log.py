@@ -7,7 +7,9 @@ inverses newest first.
 
 The in-memory spool is a memfd. Allocating shared memory is slow on some machines (0.5-1 GB/s
 measured), so a closed log hands its memfd to a small per-process pool and the next log starts
-with pages that are already there: a fixture reset every test pays the allocation once.
+with pages that are already there: a fixture reset every test pays the allocation once. It
+is bounded (``MEMORY_SPOOL_BYTES``, and a quarter of the memory available when the log is
+made): an apply that overwrites more moves its spool to a file on disk and goes on there.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.limits import CHUNK, IOV_BATCH, POOL_BYTES
+from applier.limits import CHUNK, IOV_BATCH, MEMORY_SPOOL_BYTES, POOL_BYTES
 from applier.model import Region
 from injector.regs import X86Regs
 
@@ -45,6 +47,19 @@ __all__ = [
     "UndoRegs",
     "UndoUnmap",
 ]
+
+
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (unbounded if it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
 
 _pool: list[BinaryIO] = []
 _pool_lock = threading.Lock()
@@ -190,6 +205,8 @@ class UndoLog:
     end: int = 0  # bytes of the spool in use (a pooled memfd can be larger)
     capacity: int = 0  # the spool file's size
     pooled: bool = False  # an in-memory spool: goes back to the pool when closed
+    memory_bound: int = 0  # an in-memory spool moves to disk past this many bytes
+    spilled: Path | None = None  # the directory it moved to, once it did
 
     @classmethod
     def disabled(cls) -> UndoLog:
@@ -212,7 +229,25 @@ class UndoLog:
         if spool is None:
             fd = os.memfd_create("applier-undo", os.MFD_CLOEXEC)
             spool = os.fdopen(fd, "w+b", buffering=0)
-        return cls(spool, capacity=os.fstat(spool.fileno()).st_size, pooled=True)
+        bound = min(MEMORY_SPOOL_BYTES, _mem_available() // 4)
+        return cls(
+            spool, capacity=os.fstat(spool.fileno()).st_size, pooled=True, memory_bound=bound
+        )
+
+    def _spill(self) -> None:
+        """Move the in-memory spool to a nameless file on disk (same offsets), and keep the
+        memfd for the pool."""
+        memfd = self._spool()
+        where = Path(os.environ.get("TMPDIR") or "/var/tmp")
+        disk = tempfile.TemporaryFile(prefix="applier-undo-", dir=where)  # noqa: SIM115 - the log keeps it
+        done = 0
+        while done < self.end:
+            n = os.sendfile(disk.fileno(), memfd.fileno(), done, self.end - done)
+            if n <= 0:
+                raise OSError(f"copying the undo spool to {where} stopped at {done} bytes")
+            done += n
+        self.close()  # the memfd goes back to the pool (or is closed)
+        self.spool, self.pooled, self.capacity, self.spilled = disk, False, self.end, where
 
     def close(self) -> None:
         spool, self.spool = self.spool, None
@@ -237,8 +272,10 @@ class UndoLog:
         """Store ``data`` at the end of the spool; returns its spool offset. A ``pwrite`` from
         the caller's buffer: into a memfd that is a memcpy (plus the allocation of new pages),
         measured about twice as fast here as mapping the spool and reading into it."""
-        spool = self._spool()
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if self.pooled and self.end + view.nbytes > self.memory_bound:
+            self._spill()
+        spool = self._spool()
         offset = self.end
         done = 0
         while done < view.nbytes:

@@ -21,6 +21,8 @@ See docs/tracking.md for what each backend counts as written and what it cannot 
 
 from __future__ import annotations
 
+import os
+
 from injector.process import Process
 from injector.tracking.base import (
     DirtyTracker,
@@ -67,8 +69,13 @@ def probe_backends() -> dict[str, str | None]:
     }
 
 
-def open_tracker(session: Process, backend: str = "auto") -> DirtyTracker:
+def open_tracker(
+    session: Process, backend: str = "auto", *, in_target: bool = True
+) -> DirtyTracker:
     """Start tracking the session's process; no page counts as written right after.
+
+    ``in_target=False`` (uffd-wp): the userfaultfd is closed in the target and lives only in
+    this process (see :class:`UffdWpTracker`); the other backends leave no descriptor anyway.
 
     ``backend="auto"`` takes the first backend in :data:`BACKENDS` that is available and
     opens for this target (a target whose own userfaultfd is refused, say, falls through).
@@ -77,12 +84,12 @@ def open_tracker(session: Process, backend: str = "auto") -> DirtyTracker:
         reasons: list[str] = []
         for name in BACKENDS:
             try:
-                return open_tracker(session, name)
+                return open_tracker(session, name, in_target=in_target)
             except TrackerUnavailable as exc:
                 reasons.append(exc.message)
         raise TrackerUnavailable(session.pid, "; ".join(reasons))
     if backend == "uffd-wp":
-        return UffdWpTracker.open(session)
+        return UffdWpTracker.open(session, in_target=in_target)
     if backend == "soft-dirty":
         reason = probe_soft_dirty()
         if reason is not None:
@@ -93,10 +100,15 @@ def open_tracker(session: Process, backend: str = "auto") -> DirtyTracker:
     raise ValueError(f"unknown tracking backend {backend!r} (one of auto, {', '.join(BACKENDS)})")
 
 
-def resume_tracker(session: Process, state: TrackerState) -> DirtyTracker:
-    """Continue tracking from a :meth:`DirtyTracker.release` state in a new session."""
+def resume_tracker(session: Process, state: TrackerState, *, fd: int | None = None) -> DirtyTracker:
+    """Continue tracking from a :meth:`DirtyTracker.release` state in a new session.
+
+    ``fd``: a uffd-wp tracker's userfaultfd held outside the target (the tracker owns it).
+    """
     if state.backend == "uffd-wp":
-        return UffdWpTracker.resume(session, state)
+        return UffdWpTracker.resume(session, state, fd=fd)
+    if fd is not None:
+        os.close(fd)
     if state.backend == "soft-dirty":
         return SoftDirtyTracker.resume(session, state)
     raise TrackerLost(session.pid, f"backend {state.backend!r} cannot be resumed")

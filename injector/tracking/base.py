@@ -248,6 +248,11 @@ class DirtyTracker(abc.ABC):
             self._release_local()
             self._done = True
 
+    @property
+    def closed(self) -> bool:
+        """Released or closed: this object no longer tracks anything."""
+        return self._done
+
     def _check_open(self) -> None:
         if self._done:
             raise TrackingError(self.pid, f"{self.backend_name} tracker already closed")

@@ -15,6 +15,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from injector.arrays import sorted_unique
 from injector.errors import InjectorError
 from injector.process import Process
 from injector.tracking.base import (
@@ -103,7 +104,7 @@ class ContentTracker(DirtyTracker):
                         parts.append(
                             changed.astype(np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(pos)
                         )
-        return np.unique(np.concatenate(parts))
+        return sorted_unique(np.concatenate(parts))
 
     def _read(self, address: int, out: npt.NDArray[np.uint8]) -> bool:
         """Fill ``out`` from the target in chunks; ``False`` if the memory cannot be read."""

@@ -3,10 +3,14 @@
 Follows ``Documentation/admin-guide/mm/userfaultfd.rst`` ("Write Protect Notifications",
 ``UFFD_FEATURE_WP_ASYNC``) and ``Documentation/admin-guide/mm/pagemap.rst`` (``PAGEMAP_SCAN``).
 
-The userfaultfd is created *inside* the target by an injected ``userfaultfd()`` and stays
-open there, so tracking outlives the session; the tracer takes a copy with ``pidfd_getfd``
-and drives ``UFFDIO_API``/``UFFDIO_REGISTER``/``UFFDIO_WRITEPROTECT`` from its side, and
-``PAGEMAP_SCAN`` on ``/proc/PID/pagemap``. With async write-protection the kernel resolves a
+The userfaultfd is created *inside* the target by an injected ``userfaultfd()`` (its context
+belongs to the mm of the process that creates it); the tracer takes a copy with
+``pidfd_getfd`` and drives ``UFFDIO_API``/``UFFDIO_REGISTER``/``UFFDIO_WRITEPROTECT`` from its
+side, and ``PAGEMAP_SCAN`` on ``/proc/PID/pagemap``. Either the target's descriptor stays open
+(``in_target=True``: tracking outlives the session by itself), or it is closed in the target
+at once (``in_target=False``): the target then holds nothing, and tracking lasts as long as a
+copy outside it does (:meth:`UffdWpTracker.hand_over` gives the copy away, ``resume(...,
+fd=)`` takes one back). With async write-protection the kernel resolves a
 write fault itself by dropping the page's protection, which ``PAGEMAP_SCAN`` reports as
 ``PAGE_IS_WRITTEN``. Writes by the kernel (``read()`` into a buffer), by a tracer and
 ``MADV_DONTNEED`` all drop it too.
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from injector import _uffd
+from injector.arrays import union
 from injector.errors import InjectorError
 from injector.maps import Mapping
 from injector.process import Process
@@ -138,14 +143,20 @@ class UffdWpTracker(DirtyTracker):
         self.start_time = read_start_time(self.pid) if start_time is None else start_time
         self._registered = merge(registered)
         self._fresh = merge(fresh)
+        # (session, layout epoch) of the last refresh: a reset in the same layout skips its own
+        self._refreshed: tuple[object, int] | None = None
         self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._scanner = _uffd.PageScanner(self._pagemap)
 
     # -- creation --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, session: Process) -> UffdWpTracker:
-        """Create a userfaultfd in the target, register its private writable memory, reset."""
+    def open(cls, session: Process, *, in_target: bool = True) -> UffdWpTracker:
+        """Create a userfaultfd in the target, register its private writable memory, reset.
+
+        ``in_target=False``: close the target's descriptor once this process has its copy, so
+        the target never runs with a descriptor it did not open (``remote_fd`` is then -1).
+        """
         pid = session.pid
         reason = probe_uffd_wp()
         if reason is not None:
@@ -159,13 +170,17 @@ class UffdWpTracker(DirtyTracker):
         local = -1
         try:
             local = session.pidfd_getfd(remote)
+            if not in_target:
+                session.close(remote)
+                remote = -1
             _uffd.uffd_api(local, FEATURES)
             tracker = cls(session, local_fd=local, remote_fd=remote)
         except BaseException as exc:
             if local >= 0:
                 os.close(local)
-            with contextlib.suppress(InjectorError):
-                session.close(remote)
+            if remote >= 0:
+                with contextlib.suppress(InjectorError):
+                    session.close(remote)
             if isinstance(exc, OSError) and not isinstance(exc, InjectorError):
                 raise _os_error(pid, "uffd-wp: UFFDIO_API", exc) from exc
             raise
@@ -177,13 +192,28 @@ class UffdWpTracker(DirtyTracker):
         return tracker
 
     @classmethod
-    def resume(cls, session: Process, state: TrackerState) -> UffdWpTracker:
-        """Take the target's userfaultfd again and continue where ``state`` left off."""
+    def resume(
+        cls, session: Process, state: TrackerState, *, fd: int | None = None
+    ) -> UffdWpTracker:
+        """Take the target's userfaultfd again and continue where ``state`` left off.
+
+        ``fd``: the userfaultfd itself, held outside the target (``state.remote_fd`` is -1);
+        the tracker owns it from here (closed on release or close, also on failure).
+        """
         pid = session.pid
-        if state.backend != cls.backend_name:
-            raise TrackerLost(pid, f"state is for backend {state.backend!r}, not uffd-wp")
-        if state.pid != pid or read_start_time(pid) != state.start_time:
-            raise TrackerLost(pid, f"state belongs to another process (pid {state.pid})")
+        try:
+            if state.backend != cls.backend_name:
+                raise TrackerLost(pid, f"state is for backend {state.backend!r}, not uffd-wp")
+            if state.pid != pid or read_start_time(pid) != state.start_time:
+                raise TrackerLost(pid, f"state belongs to another process (pid {state.pid})")
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            return cls._adopt(session, state, fd)
+        if state.remote_fd < 0:
+            raise TrackerLost(pid, "its userfaultfd is held outside the target, and was not given")
         fdinfo = Path(f"/proc/{pid}/fdinfo/{state.remote_fd}")
         try:
             link = os.readlink(f"/proc/{pid}/fd/{state.remote_fd}")
@@ -215,6 +245,46 @@ class UffdWpTracker(DirtyTracker):
             os.close(local)
             raise
 
+    @classmethod
+    def _adopt(cls, session: Process, state: TrackerState, fd: int) -> UffdWpTracker:
+        """A tracker on ``fd``, a userfaultfd of this process that must be ``state``'s."""
+        pid = session.pid
+        try:
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                info = Path(f"/proc/self/fdinfo/{fd}").read_bytes()
+            except OSError as exc:
+                raise TrackerLost(pid, f"descriptor {fd} is not open", exc.errno or 0) from exc
+            api = _FDINFO_API.search(info)
+            if (
+                link != "anon_inode:[userfaultfd]"
+                or api is None
+                or int(api.group(2), 16) & FEATURES != FEATURES
+            ):
+                raise TrackerLost(pid, "the descriptor given is not a tracker's userfaultfd")
+            if os.fstat(fd).st_ino != state.inode:
+                raise TrackerLost(pid, "the descriptor given is another userfaultfd")
+            return cls(
+                session,
+                local_fd=fd,
+                remote_fd=-1,
+                registered=state.registered,
+                fresh=state.fresh,
+                start_time=state.start_time,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def hand_over(self) -> tuple[TrackerState, int]:
+        """Like :meth:`release`, but the userfaultfd is given to the caller instead of being
+        closed: (state, descriptor). Tracking goes on while some copy of it is open."""
+        self._check_open()
+        state = self.state()
+        os.close(self._pagemap)
+        self._done = True
+        return state, self.local_fd
+
     # -- the interface ---------------------------------------------------------------------
 
     def state(self) -> TrackerState:
@@ -242,11 +312,12 @@ class UffdWpTracker(DirtyTracker):
             fresh = intersect(fresh, wanted)
         if not fresh:
             return written
-        return np.union1d(written, pages_in(fresh))
+        return union(written, pages_in(fresh))
 
     def reset(self) -> None:
         self._check_open()
-        self._refresh(None, written=False)
+        if self._refreshed != (self.session, self.session.layout_epoch):
+            self._refresh(None, written=False)
         fresh = intersect(self._fresh, self._registered)
         old = subtract(self._registered, fresh)
         try:
@@ -311,6 +382,8 @@ class UffdWpTracker(DirtyTracker):
         self._fresh = merge([*intersect(self._fresh, tracked), *unregistered])
         self._registered = subtract(tracked, merge([*failed, *subtract(unregistered, writable)]))
         pages = np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+        # Only a full refresh (every tracked range scanned) stands in for the reset's own.
+        self._refreshed = (self.session, self.session.layout_epoch) if wanted is None else None
         return tracked, pages
 
     def _register(self, piece: Range, maps: Sequence[Mapping]) -> list[Range]:
@@ -349,6 +422,8 @@ class UffdWpTracker(DirtyTracker):
         for start, end in intersect(self._registered, private):
             with contextlib.suppress(OSError):
                 _uffd.uffd_unregister(self.local_fd, start, end - start)
+        if self.remote_fd < 0:
+            return  # held outside the target: closing this process's copy ends it
         try:
             self.session.close(self.remote_fd)
         except InjectorError as exc:
