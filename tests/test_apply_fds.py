@@ -279,6 +279,11 @@ class Server:
     def fds(self) -> set[int]:
         return {int(n) for n in os.listdir(f"/proc/{self.t.pid}/fd")}
 
+    def epoll_targets(self) -> list[int]:
+        """The descriptors the server's epoll set (fd 4) watches, from its fdinfo."""
+        text = Path(f"/proc/{self.t.pid}/fdinfo/4").read_text()
+        return sorted(int(line.split()[1]) for line in text.splitlines() if line.startswith("tfd:"))
+
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
@@ -313,19 +318,24 @@ def test_held_connection_across_20_checkpoint_resets(server: Server) -> None:
     assert server.request("set checkpoint") == b"ok\n"
     server.idle()
     with Checkpoint.take(server.t.pid) as cp:
-        table = server.fds()  # the checkpoint's, plus the tracker's userfaultfd
+        table = server.fds()  # the checkpoint's
+        watched = server.epoll_targets()
+        assert watched == [0, 3]  # stdin and the listening socket
         for i in range(20):
             held = server.client()
             held.sendall(f"set dirty{i}\n".encode())
             assert held.recv(100) == b"ok\n"
             assert server.request("get") == f"dirty{i}\n".encode()
             _settle(server, len(table) + 1)  # the "get" client closed by the server
+            (conn,) = server.fds() - table
+            assert server.epoll_targets() == sorted([*watched, conn])
             server.idle()
             stats = cp.restore()
             assert stats.fd_changes == 1
             assert _recv_eof(held) < 1.0
             held.close()
             assert server.fds() == table
+            assert server.epoll_targets() == watched  # the kernel dropped the connection
             assert server.request("get") == b"checkpoint\n"
             _settle(server, len(table))
         assert server.ask("value", "VALUE") == ["checkpoint"]
