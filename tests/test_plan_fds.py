@@ -3,6 +3,8 @@ refusal out; and the image side read from the golden CRIU 4.2 dumps."""
 
 from __future__ import annotations
 
+import json
+
 import attrs
 import pytest
 
@@ -196,4 +198,25 @@ def test_json_of_reset_and_reopen() -> None:
     assert reopen == {
         "op": "reopen-fd", "fd": 4, "path": "/b", "flags": "O_RDWR", "pos": 7,
         "cloexec": False, "replaces": None,
+    }  # fmt: skip
+
+
+def test_show_lists_the_descriptor_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """``applier show`` prints each descriptor of an image that has them (text and JSON)."""
+    from applier.cli import main  # noqa: PLC0415
+
+    assert main(["show", str(DATA / "state-criu-4.2")]) == 0
+    out = capsys.readouterr().out
+    assert "  15 descriptors" in out
+    assert "  fd 3    REG       O_RDWR pos 1234 /tmp/golden-state/work/data.txt" in out
+    assert "  fd 5    REG       O_RDONLY cloexec pos 3 /etc/hostname" in out
+    assert "  fd 8    PIPE      O_WRONLY|O_NONBLOCK pipe 110413" in out
+    assert "  fd 13   EVENTPOLL O_RDWR eventpoll" in out.splitlines()
+    assert main(["show", "--json", str(DATA / "state-criu-4.2")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    fds = doc["processes"][0]["fds"]
+    assert [d["fd"] for d in fds] == [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert fds[3] == {
+        "fd": 3, "type": "REG", "cloexec": False, "flags": "O_RDWR", "pos": 1234,
+        "path": "/tmp/golden-state/work/data.txt", "ident": None,
     }  # fmt: skip
