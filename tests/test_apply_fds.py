@@ -572,6 +572,30 @@ def test_checkpoint_restore_refuses_and_keeps(server: Server) -> None:
     assert_untouched(server.t)
 
 
+def test_a_pipe_moved_to_another_number_comes_back(server: Server, tmp_path: Path) -> None:
+    """A pipe end the program dup'ed to another number and closed at its own is put back at
+    its number (the same pipe, its queued bytes still there) and the copy is closed."""
+    read_end, write_end = (int(w) for w in server.ask("pipe", "PIPE"))
+    server.idle()
+    ck = tmp_path / "ck"
+    dump(server.t.pid, ck)
+    table = server.fds()
+    link = os.readlink(f"/proc/{server.t.pid}/fd/{read_end}")
+    copy = int(server.ask(f"dup {read_end}", "FD")[0])
+    assert copy not in table
+    assert server.ask(f"close {read_end}", "OK") == []
+    server.idle()
+    plan = diff(ck, server.t.pid)
+    assert [s.op for s in plan.steps if s.op.endswith("-fd")] == ["dup-fd", "close-fd"]
+    result = apply(ck, server.t.pid)
+    assert result.stats.fd_changes == 2 and result.stats.verified
+    assert server.fds() == table
+    assert os.readlink(f"/proc/{server.t.pid}/fd/{read_end}") == link
+    assert server.fdinfo(read_end)[1] & 0o2000000  # close-on-exec, as at the checkpoint
+    assert server.ask(f"read {read_end} 6", "DATA")[0] == "queued"
+    assert write_end in server.fds()
+
+
 def test_no_room_for_rollback_copies_is_refused(server: Server, tmp_path: Path) -> None:
     """A descriptor limit that leaves no spare number for the copies a rollback needs is
     refused before anything is written; --no-undo closes at once and needs none."""
@@ -647,10 +671,10 @@ def test_failed_apply_puts_descriptors_back(
     dump(server.t.pid, ck)
     assert server.ask(f"seek {fd} 300", "POS") == ["300"]
     assert server.ask(f"replace {replaced} {server.work / 'other.txt'}", "OK") == []
-    held = server.client()  # takes the lowest free number: not ``closed``, still open
-    assert server.ask(f"close {closed}", "OK") == []
+    held = server.client()
     held.sendall(b"set held\n")
-    assert held.recv(100) == b"ok\n"
+    assert held.recv(100) == b"ok\n"  # accepted: at a new number, ``closed`` is still open
+    assert server.ask(f"close {closed}", "OK") == []
     server.idle()
     table = server.fds()
     before = {n: server.fdinfo(n) for n in table}

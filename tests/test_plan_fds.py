@@ -12,7 +12,7 @@ from applier.errors import MismatchError
 from applier.image import image_task
 from applier.model import FdValue
 from applier.parts import Part
-from applier.plan import CloseFd, Plan, ReopenFd, ResetFd, make_plan
+from applier.plan import CloseFd, DupFd, Plan, ReopenFd, ResetFd, make_plan
 from applier.plan.fds import plan_fds
 from formats.imagedir import ImageDir
 from tests.conftest import DATA
@@ -220,3 +220,16 @@ def test_show_lists_the_descriptor_table(capsys: pytest.CaptureFixture[str]) -> 
         "fd": 3, "type": "REG", "cloexec": False, "flags": "O_RDWR", "pos": 1234,
         "path": "/tmp/golden-state/work/data.txt", "ident": None,
     }  # fmt: skip
+
+
+def test_a_pipe_or_socket_moved_to_another_number_is_duplicated_back() -> None:
+    moved = pipe(9, 300)
+    steps = plan_fds([*STDIO, pipe(7, 300)], [*STDIO, moved])
+    assert steps == [DupFd(7, moved, False, 10), CloseFd(moved, 10)]
+    assert steps[0].describe() == "dup     fd 9 (pipe:[300]) -> fd 7: closed since the checkpoint"
+    # the other end of that pipe is not it
+    with pytest.raises(MismatchError, match="fd 7: the pipe 300"):
+        plan_fds([pipe(7, 300)], [pipe(9, 300, O_WRONLY)])
+    # two sockets that swapped numbers: each source is the other's target
+    with pytest.raises(MismatchError, match="replaced since"):
+        plan_fds([sock(5, 1), sock(6, 2)], [sock(5, 2), sock(6, 1)])

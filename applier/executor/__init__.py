@@ -27,6 +27,7 @@ from applier.executor.rollback import rollback
 from applier.plan import (
     CloseFd,
     Discard,
+    DupFd,
     MapAnon,
     MapFile,
     Plan,
@@ -64,11 +65,13 @@ _RUN: dict[type[Step], Handler] = {
     CloseFd: fds.close_fd,
     ResetFd: fds.reset_fd,
     ReopenFd: fds.reopen_fd,
+    DupFd: fds.dup_fd,
 }
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
     ReopenFd: fds.validate_reopen,
     CloseFd: fds.validate_park,
+    DupFd: fds.validate_park,
     WritePages: pages.validate_code,
     SetRegs: registers.validate_regs,
 }
@@ -80,6 +83,7 @@ _VERIFY: dict[type[Step], Handler] = {
     CloseFd: fds.verify_close,
     ResetFd: fds.verify_reset,
     ReopenFd: fds.verify_reopen,
+    DupFd: fds.verify_dup,
 }
 
 

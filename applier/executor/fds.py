@@ -18,7 +18,7 @@ from pathlib import Path
 
 from applier.errors import MismatchError, VerifyFailed
 from applier.executor.context import Context
-from applier.plan import CloseFd, ReopenFd, ResetFd
+from applier.plan import CloseFd, DupFd, ReopenFd, ResetFd
 from applier.plan.steps import SETFL_MASK
 from applier.undo.log import UndoFdClosed, UndoFdOpened, UndoFdState
 from injector.errors import InjectorError
@@ -28,6 +28,7 @@ from injector.process import Process
 __all__ = [
     "close_fd",
     "commit",
+    "dup_fd",
     "reopen_fd",
     "reset_fd",
     "undo_closed",
@@ -36,6 +37,7 @@ __all__ = [
     "validate_park",
     "validate_reopen",
     "verify_close",
+    "verify_dup",
     "verify_reopen",
     "verify_reset",
 ]
@@ -104,6 +106,15 @@ def reopen_fd(ctx: Context, step: ReopenFd) -> None:
     ctx.stats.fd_changes += 1
 
 
+def dup_fd(ctx: Context, step: DupFd) -> None:
+    if step.replaces is not None:
+        _park(ctx, step.fd, step.spare, step.replaces.cloexec)  # dup3 below closes it
+    else:
+        ctx.undo.add(UndoFdOpened(step.fd))
+    ctx.process.call("dup3", step.source.fd, step.fd, O_CLOEXEC if step.cloexec else 0)
+    ctx.stats.fd_changes += 1
+
+
 def commit(ctx: Context) -> None:
     """Close the parked copies: the apply is done and will not be rolled back."""
     parked, ctx.parked = ctx.parked, []
@@ -129,12 +140,12 @@ def _nofile(pid: int) -> int | None:
     return None
 
 
-def validate_park(ctx: Context, step: CloseFd | ReopenFd) -> None:
+def validate_park(ctx: Context, step: CloseFd | ReopenFd | DupFd) -> None:
     """Room above every descriptor of the plan for the copies kept for a rollback."""
-    if not ctx.undo.enabled or (isinstance(step, ReopenFd) and step.replaces is None):
+    if not ctx.undo.enabled or (isinstance(step, ReopenFd | DupFd) and step.replaces is None):
         return
     parks = sum(
-        isinstance(s, CloseFd) or (isinstance(s, ReopenFd) and s.replaces is not None)
+        isinstance(s, CloseFd) or (isinstance(s, ReopenFd | DupFd) and s.replaces is not None)
         for s in ctx.plan.steps
     )
     limit = _nofile(ctx.process.pid)
@@ -214,6 +225,12 @@ def _check(ctx: Context, fd: int, pos: int | None, flags: int | None, cloexec: b
     if d.cloexec != cloexec:
         raise _fail(ctx, fd, f"has close-on-exec {'on' if d.cloexec else 'off'}")
     return d
+
+
+def verify_dup(ctx: Context, step: DupFd) -> None:
+    d = _check(ctx, step.fd, None, None, step.cloexec)
+    if step.source.what is not None and d.link.decode(errors="replace") != step.source.what:
+        raise _fail(ctx, step.fd, f"is {d.link.decode(errors='replace')}, not {step.source.what},")
 
 
 def verify_reset(ctx: Context, step: ResetFd) -> None:

@@ -12,6 +12,8 @@ For every descriptor number:
 * a regular file closed since, or replaced at its number by another file or object: opened
   again at that number (``ReopenFd``); whether the path still exists is checked before the
   first write (``executor.fds.validate_reopen``).
+* a pipe or socket closed or replaced since but still open at another number (the program
+  moved it, or an apply killed part-way parked it there): duplicated back (``DupFd``).
 * anything else closed or replaced since (a pipe, socket, eventfd, epoll, timerfd ...): it
   cannot be re-created, and the apply is refused (``MismatchError``, exit 4), unless
   ``keep`` names it. Open then and now as the same object (same kind; pipes and sockets the
@@ -26,7 +28,7 @@ from collections.abc import Collection, Sequence
 
 from applier.errors import MismatchError
 from applier.model import FdValue
-from applier.plan.steps import SETFL_MASK, CloseFd, FdStep, ReopenFd, ResetFd
+from applier.plan.steps import SETFL_MASK, CloseFd, DupFd, FdStep, ReopenFd, ResetFd
 
 __all__ = ["plan_fds"]
 
@@ -85,9 +87,16 @@ def plan_fds(
     then = {v.fd: v for v in image}
     now = {v.fd: v for v in live}
     spare = max([*then, *now, 2]) + 1
+    dups: list[DupFd] = []
     closes: list[FdStep] = []
     resets: list[FdStep] = []
     reopens: list[FdStep] = []
+    # numbers other steps write to: never the source of a dup (it would have moved)
+    targets = {
+        fd
+        for fd, old in then.items()
+        if fd not in keep and not (fd in now and _same_object(old, now[fd]))
+    }
     for fd in sorted(set(then) | set(now)):
         old, cur = then.get(fd), now.get(fd)
         if fd in keep:
@@ -116,6 +125,10 @@ def plan_fds(
                 ReopenFd(fd, old.path, old.flags, old.pos, old.cloexec, spare, replaces=cur)
             )
             continue
+        source = _elsewhere(old, live, targets)
+        if source is not None:
+            dups.append(DupFd(fd, source, old.cloexec, spare, replaces=cur))
+            continue
         if cur is None:
             raise MismatchError(
                 f"fd {fd}: the {_what(old)} it held at the checkpoint was closed since and "
@@ -125,4 +138,20 @@ def plan_fds(
             f"fd {fd}: the {_what(old)} it held at the checkpoint was replaced since by "
             f"{_what(cur)} and cannot be re-created; --keep-fd {fd} leaves it as it is"
         )
-    return [*closes, *resets, *reopens]
+    return [*dups, *closes, *resets, *reopens]
+
+
+def _elsewhere(old: FdValue, live: Sequence[FdValue], targets: set[int]) -> FdValue | None:
+    """A live descriptor of the same pipe or socket as ``old`` (same inode and access mode),
+    at a number no other step writes to."""
+    if old.ident is None or old.kind not in _SOCKETS | {"PIPE", "FIFO"}:
+        return None
+    for v in live:
+        if (
+            v.fd not in targets
+            and v.ident == old.ident
+            and (v.kind == old.kind or (v.kind == "SOCKET" and old.kind in _SOCKETS))
+            and (v.flags & 3) == (old.flags & 3)
+        ):
+            return v
+    return None

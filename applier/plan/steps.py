@@ -501,15 +501,49 @@ class ReopenFd:
         }
 
 
-FdStep = CloseFd | ResetFd | ReopenFd
+@attrs.frozen
+class DupFd:
+    """A pipe or socket closed (or replaced) at its number since the checkpoint but still open
+    at another one (moved by the program, or parked by an apply that was killed): duplicated
+    back to its number (dup3), sharing the same open file."""
+
+    op: ClassVar[str] = "dup-fd"
+    layout: ClassVar[bool] = False
+    fd: int
+    source: FdValue  # the live descriptor of the same object
+    cloexec: bool
+    spare: int  # as CloseFd.spare
+    replaces: FdValue | None = None
+
+    def describe(self) -> str:
+        why = (
+            "closed since the checkpoint"
+            if self.replaces is None
+            else f"replacing {self.replaces.describe()}"
+        )
+        return f"dup     {self.source.describe()} -> fd {self.fd}: {why}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "dup-fd",
+            "fd": self.fd,
+            "source": self.source.fd,
+            "kind": self.source.kind,
+            "what": self.source.what,
+            "cloexec": self.cloexec,
+            "replaces": None if self.replaces is None else self.replaces.describe(),
+        }
+
+
+FdStep = CloseFd | ResetFd | ReopenFd | DupFd
 
 Step = (
     Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
-    | SetRegs | CloseFd | ResetFd | ReopenFd
+    | SetRegs | CloseFd | ResetFd | ReopenFd | DupFd
 )  # fmt: skip
 S = TypeVar(
     "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared,
-    SetRegs, CloseFd, ResetFd, ReopenFd,
+    SetRegs, CloseFd, ResetFd, ReopenFd, DupFd,
 )  # fmt: skip
 
 
@@ -558,7 +592,9 @@ class Plan:
             "pages_to_discard": self.bytes_to_discard // self.page_size,
             "layout_changes": sum(s.layout for s in self.steps),
             "threads": len(self.of(SetRegs)),
-            "fd_changes": sum(isinstance(s, CloseFd | ResetFd | ReopenFd) for s in self.steps),
+            "fd_changes": sum(
+                isinstance(s, CloseFd | ResetFd | ReopenFd | DupFd) for s in self.steps
+            ),
             "children_left_running": len(self.children),
         }
 
