@@ -24,19 +24,21 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.capture import live_task
-from applier.compare import narrow
+from applier.capture import live_task, present_pages, region_from_mapping
+from applier.compare import narrow, rseq_masks
 from applier.errors import MismatchError, RollbackFailed, UsageError
 from applier.executor import ApplyStats, Executor
+from applier.executor.pages import differing_pages, page_source
 from applier.fds import live_fds
 from applier.image import image_task
 from applier.journal import Journal
-from applier.lock import TargetLock
-from applier.model import ImageTask, LiveTask
+from applier.lock import KeptClaim, TargetLock
+from applier.model import ImageTask, Kind, LiveTask, SavedPages
 from applier.overrides import NONE as NO_OVERRIDES
 from applier.overrides import Overrides
 from applier.parts import Part
-from applier.plan import Plan, SetRegs, make_plan
+from applier.plan import Plan, SavedRuns, SetRegs, WritePages, make_plan
+from applier.ranges import member
 from applier.trackfile import load_tracking, save_tracking
 from applier.trust import (
     check_identity,
@@ -61,7 +63,15 @@ from injector.process import Process
 from injector.session import attach
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
 
-__all__ = ["ApplyResult", "Overrides", "Prepared", "apply", "diff", "recover"]
+__all__ = [
+    "ApplyResult",
+    "Overrides",
+    "Prepared",
+    "apply",
+    "apply_in_session",
+    "diff",
+    "recover",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +83,7 @@ class ApplyResult:
     plan: Plan
     stats: ApplyStats
     dry_run: bool = False
-    dirty_source: str | None = None  # "tracker:<backend>", "content" or None (all pages)
+    dirty_source: str | None = None  # "tracker:<backend>", "content", "layer" or None (all)
     undo: UndoImageStats | None = None  # the undo image written (``undo_dir``)
 
 
@@ -202,6 +212,7 @@ def apply(
     undo: bool = True,
     progress: bool = False,
     overrides: Overrides = NO_OVERRIDES,
+    layer: bool = False,
     keep_fds: Iterable[int] = (),
 ) -> ApplyResult:
     """Revert ``pid`` to the checkpoint in ``image_dir``; roll back if anything fails.
@@ -222,6 +233,12 @@ def apply(
 
     ``dry_run``: plan and validate only; nothing is injected or written.
 
+    ``layer``: ``image_dir`` is an incremental layer (``dump --parent``, ``call --record``)
+    and ``pid`` is at the layer's parent state: write only the pages the layer itself holds
+    (plus layout, break, registers, and discards of pages the layer's chain does not hold).
+    Before anything is written, every page the layer leaves to its parent is compared with
+    the target; if one differs the apply is refused (MismatchError).
+
     ``keep_fds``: descriptor numbers the ``fds`` part leaves exactly as they are.
     """
     undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
@@ -233,13 +250,44 @@ def apply(
             check_undo_dir_trusted(undo_path)
     with _opened(image_dir, pid, task, parts, overrides) as opened:
         image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
-        tracking = _SavedTracker(image.dir.path, pid) if only_dirty else None
+        tracking: _Tracking | None = None
+        if layer:
+            if only_dirty:
+                raise UsageError("--layer and --only-dirty cannot be combined")
+            tracking = _LayerCheck.of(image)
+        elif only_dirty:
+            tracking = _SavedTracker(image.dir.path, pid)
         return _apply_image(
             image, pid, tracking,
             task=task, leave_shared=leave_shared, only_dirty=only_dirty, verify=verify,
             dry_run=dry_run, undo_path=undo_path, undo=undo, progress=progress,
             write_code=overrides.write_code,
         )  # fmt: skip
+    raise AssertionError("unreachable")  # pragma: no cover - the with block returns
+
+
+def apply_in_session(
+    image_dir: str | os.PathLike[str],
+    process: Process,
+    *,
+    dirty: npt.NDArray[np.uint64],
+    verify: bool = True,
+) -> ApplyResult:
+    """Apply ``image_dir``, a checkpoint of this very process taken by the caller, inside the
+    caller's session (every thread stopped already), writing and discarding only the
+    ``dirty`` pages (every page written since the checkpoint) plus layout, break and
+    registers; rolled back if a step fails. ``applier.call`` puts a process back with it."""
+    trusted = Overrides(trust_image=True)  # the caller wrote it
+    with _opened(image_dir, process.pid, None, Part.ALL, trusted) as image:
+        log = UndoLog.create()
+        try:
+            return _apply_held(
+                image, process, log, None, np.asarray(dirty, dtype=np.uint64),
+                leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
+                undo_path=None, progress=False, write_code=False,
+            )  # fmt: skip
+        finally:
+            log.close()
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns
 
 
@@ -267,6 +315,69 @@ class _SavedTracker:
             save_tracking(self.image_dir, tracker.release(), must=False)
         else:
             tracker.release()  # keep tracking: the target is as it was
+
+
+@attrs.define
+class _LayerCheck:
+    """An incremental layer applied onto its parent state: no tracker, but the pages the
+    layer leaves to its parent are compared with the target first (all must be equal), and
+    the dirty set is what the layer holds plus the present pages its chain does not hold."""
+
+    path: Path
+    page_size: int
+    own: U64  # the pages the layer holds itself, sorted
+    parent: U64  # the pages it leaves to its parent chain (PE_PARENT), sorted
+    inherited: tuple[SavedPages, ...]  # the same, as the planner's runs
+
+    @classmethod
+    def of(cls, image: _Image) -> _LayerCheck:
+        if not (image.dir.path / "parent").exists():
+            raise UsageError(f"{image.dir.path}: not an incremental layer (no parent)")
+        here = image.dir.path.resolve()
+        page = image.task.page_size
+        own: list[SavedPages] = []
+        inherited: list[SavedPages] = []
+        for run in image.task.saved:
+            mine = page_source(run.source).pages.path.parent.resolve() == here
+            (own if mine else inherited).append(run)
+        return cls(
+            image.dir.path, page, _pages(own, page), _pages(inherited, page), tuple(inherited)
+        )
+
+    def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
+        page = self.page_size
+        if self.inherited:
+            step = WritePages(SavedRuns.of(self.inherited))
+            try:
+                differ = differing_pages(process, step, page, rseq_masks(process, page))
+            except InjectorError as exc:
+                raise MismatchError(
+                    f"pid {process.pid} is not at the parent state of {self.path}: the pages "
+                    f"it leaves to its parent cannot all be read ({exc})"
+                ) from exc
+            if len(differ):
+                raise MismatchError(
+                    f"pid {process.pid} is not at the parent state of {self.path}: "
+                    f"{len(differ)} of the {len(self.parent)} pages it leaves to its parent "
+                    f"differ, the first at {int(differ[0]):#x}; apply the parent first"
+                )
+        # Pages holding data that the layer's chain does not hold: to be discarded. Of a
+        # private file mapping only the process's own copies count (the others are the
+        # file's pages, which a discard would leave as they are).
+        regions = [region_from_mapping(m) for m in process.maps()]
+        anon, _ = present_pages(process, [r for r in regions if r.kind is not Kind.FILE], page)
+        _, copies = present_pages(process, [r for r in regions if r.kind is Kind.FILE], page)
+        present = np.concatenate([anon, copies])
+        extra = present[~member(present, self.parent)]
+        return None, np.unique(np.concatenate([extra, self.own]))
+
+    def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
+        """No tracker to hand back."""
+
+
+def _pages(runs: Iterable[SavedPages], page: int) -> U64:
+    parts = [np.arange(r.vaddr, r.vaddr + r.nr_pages * page, page, dtype=np.uint64) for r in runs]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
 @attrs.define
@@ -341,6 +452,8 @@ class Prepared:
         self.image = self._stack.enter_context(_opened(image_dir, pid, None, Part.ALL, overrides))
         saved = _SavedTracker(self.image.dir.path, pid)
         self.tracking = _KeptTracker(saved, tracker, borrowed=borrowed)
+        self.claim = KeptClaim(pid, "work")  # the lock file stays open between applies
+        self._stack.callback(self.claim.close)
 
     def apply(
         self,
@@ -358,6 +471,7 @@ class Prepared:
             image, self.pid, self.tracking,
             task=None, leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
             undo_path=None, undo=undo, progress=False, write_code=False, keep_mapped=True,
+            claim=self.claim,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -383,12 +497,18 @@ def _apply_image(
     progress: bool,
     write_code: bool,
     keep_mapped: bool = False,
+    claim: KeptClaim | None = None,
 ) -> ApplyResult:
-    """Everything of an apply once the image is open and checked: claim the target, attach,
-    hold and journal, resume the tracker, plan, carry out, let go."""
+    """Everything of an apply once the image is open and checked: claim the target (with
+    ``claim``, kept between applies), attach, hold and journal, resume the tracker, plan,
+    carry out, let go."""
     with contextlib.ExitStack() as stack:
         what = "a dry run of" if dry_run else "applying"
-        stack.enter_context(TargetLock.acquire(pid, "work", f"{what} {image.dir.path}"))
+        purpose = f"{what} {image.dir.path}"
+        if claim is not None:
+            stack.enter_context(claim.held(purpose))
+        else:
+            stack.enter_context(TargetLock.acquire(pid, "work", purpose))
         # with --undo, the spool is a (nameless) file in DIR
         log = UndoLog.create(undo_path) if undo else UndoLog.disabled()
         stack.callback(log.close)
@@ -440,6 +560,8 @@ def _apply_image(
             raise
         if tracker is not None and tracking is not None:
             tracking.done(tracker, applied=not result.dry_run)
+        if isinstance(tracking, _LayerCheck):
+            result = attrs.evolve(result, dirty_source="layer")
         finished = True
         return result
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns

@@ -47,7 +47,7 @@ from injector.process import Process
 from injector.regs import Arch
 from injector.syscalls import ARG_REGS, format_call
 
-__all__ = ["Narrowed", "narrow"]
+__all__ = ["Narrowed", "narrow", "rseq_masks"]
 
 RSEQ_KERNEL_FIELDS = ((0, 8), (20, 28))  # cpu_id_start, cpu_id; node_id, mm_cid
 _SEGMENTS = frozenset({"fs", "gs", "ds", "es", "cs", "ss"})
@@ -100,7 +100,7 @@ _NARROW: dict[type[Step], Callable[[_Narrowing, Any], Step | None]] = {
 
 def narrow(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Narrowed:
     """``plan`` with only the steps and pages that would change the target."""
-    work = _Narrowing(process, plan, cores, _rseq_masks(process, plan.page_size))
+    work = _Narrowing(process, plan, cores, rseq_masks(process, plan.page_size))
     steps: list[Step] = []
     for step in plan.steps:
         keep = _NARROW.get(type(step))
@@ -128,7 +128,7 @@ def thread_calls(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> I
         yield ThreadCall(step.tid, step.image_tid, now, then)
 
 
-def _rseq_masks(process: Process, page: int) -> dict[int, list[tuple[int, int]]]:
+def rseq_masks(process: Process, page: int) -> dict[int, list[tuple[int, int]]]:
     """Page address -> byte ranges inside that page the kernel owns (rseq fields)."""
     out: dict[int, list[tuple[int, int]]] = {}
     for tid in process.tids:

@@ -69,7 +69,14 @@ from injector.tracking import (
     open_tracker,
 )
 
-__all__ = ["DumpStats", "dump", "dump_process", "dump_tracked", "prepare_output_dir"]
+__all__ = [
+    "DumpStats",
+    "dump",
+    "dump_layer",
+    "dump_process",
+    "dump_tracked",
+    "prepare_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +217,17 @@ class _Parent:
     owns, and which page addresses its pagemap chain holds."""
 
     path: Path
-    state: TrackerState
+    state: TrackerState | None  # None: the caller knows the pages written since
     starts: npt.NDArray[np.uint64]
     ends: npt.NDArray[np.uint64]
+
+    @classmethod
+    def pages_of(cls, path: Path, pid: int) -> _Parent:
+        """The parent ``path`` without a tracker state (see :func:`dump_layer`)."""
+        img = ImageDir.open(path)
+        page = img.page_size
+        starts, ends = intervals((r.vaddr, r.vaddr + r.nr_pages * page) for r in img.page_runs(pid))
+        return cls(path, None, *joined(starts, ends))
 
     @classmethod
     def load(cls, path: Path, pid: int) -> _Parent:
@@ -239,15 +254,21 @@ def dump_process(
     base: _Parent | None = None,
     progress: bool = False,
     keeper: Keeper | None = None,
+    written: npt.NDArray[np.uint64] | None = None,
 ) -> DumpStats:
     """Write the image of the stopped process ``s`` into ``out`` (an empty directory); see
     :func:`dump`. Works on any :class:`injector.process.Process` (tracking needs a real one).
-    ``keeper`` takes a new tracker (``track``); without one, a holder is started here."""
+    ``keeper`` takes a new tracker (``track``); without one, a holder is started here.
+
+    ``written`` (with ``base``): the pages written since ``base``, known to the caller; the
+    base's tracker is then neither resumed nor moved."""
     pid = s.pid
     stats = DumpStats(pid=pid)
     tracker = None
-    changed = None
-    if base is not None:
+    changed = written
+    if base is not None and written is None:
+        if base.state is None:
+            raise ValueError("an incremental dump needs a tracker state or the written pages")
         busy = checkpointed(pid)
         if busy is not None:
             raise TargetBusy(f"{busy}: an incremental dump would move its tracker's baseline")
@@ -308,6 +329,19 @@ def dump_process(
             _finish_keeping(keeper, out, stats)
     stats.threads = len(s.tids)
     stats.vmas = len(vmas)
+    return stats
+
+
+def dump_layer(
+    s: Process, out: Path, parent: Path, written: npt.NDArray[np.uint64], page_size: int = 4096
+) -> DumpStats:
+    """An incremental image of the stopped ``s`` in ``out`` on top of ``parent`` (a dump of the
+    same process), holding the present pages in ``written`` (sorted page addresses) and those
+    the parent chain lacks; every other page is a ``PE_PARENT`` hole. Tracking is untouched."""
+    started = time.perf_counter()
+    prepare_output_dir(out)
+    stats = dump_process(s, out, page_size, base=_Parent.pages_of(parent, s.pid), written=written)
+    stats.seconds = time.perf_counter() - started
     return stats
 
 

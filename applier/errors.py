@@ -14,6 +14,10 @@ The codes:
 7     apply failed and rolling back failed too (the target may be inconsistent)
 8     verification after apply found a difference (the target was rolled back unless
       --no-undo)
+9     ``call``: the called function crashed (a signal); the process was put back to its state
+      just before the call
+10    ``call``: the called function did not return within ``--timeout``; the process was put
+      back to its state just before the call
 70    internal error (a bug: run with ``--debug`` for the traceback)
 129   SIGHUP, 130 SIGINT (Ctrl-C), 143 SIGTERM: interrupted; an apply in progress is rolled
       back first
@@ -27,6 +31,8 @@ from injector.errors import InjectorError
 
 __all__ = [
     "EXIT_BAD_IMAGE",
+    "EXIT_CALL_CRASHED",
+    "EXIT_CALL_TIMEOUT",
     "EXIT_DIFFERENT",
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
@@ -39,6 +45,8 @@ __all__ = [
     "EXIT_VERIFY",
     "ApplierError",
     "ApplyFailed",
+    "CallCrashed",
+    "CallTimedOut",
     "Interrupted",
     "MismatchError",
     "OutputDirError",
@@ -59,6 +67,8 @@ EXIT_TARGET = 5
 EXIT_ROLLED_BACK = 6
 EXIT_ROLLBACK_FAILED = 7
 EXIT_VERIFY = 8
+EXIT_CALL_CRASHED = 9
+EXIT_CALL_TIMEOUT = 10
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): 1 is diff(1)'s "different"
 EXIT_INTERRUPTED = 130
 
@@ -85,6 +95,16 @@ class RollbackFailed(ApplierError):
 
 class VerifyFailed(ApplierError):
     """Reading back after the apply found memory different from the image."""
+
+
+class CallCrashed(ApplierError):
+    """``applier call``: the function was killed by a signal; the process was put back to
+    its state just before the call."""
+
+
+class CallTimedOut(ApplierError):
+    """``applier call``: the function did not return in time; the process was put back to
+    its state just before the call."""
 
 
 class OutputDirError(UsageError):
@@ -120,6 +140,8 @@ _EXIT_CODES: dict[type[BaseException], int] = {
     ApplyFailed: EXIT_ROLLED_BACK,
     RollbackFailed: EXIT_ROLLBACK_FAILED,
     VerifyFailed: EXIT_VERIFY,
+    CallCrashed: EXIT_CALL_CRASHED,
+    CallTimedOut: EXIT_CALL_TIMEOUT,
     KeyboardInterrupt: EXIT_INTERRUPTED,
 }
 

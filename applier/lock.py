@@ -22,12 +22,13 @@ import fcntl
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from applier.errors import TargetBusy
 from injector.procfs import read_start_time
 
-__all__ = ["TargetBusy", "TargetLock", "lock_dir"]
+__all__ = ["KeptClaim", "TargetBusy", "TargetLock", "lock_dir"]
 
 
 _found: dict[tuple[int, str | None], Path] = {}
@@ -68,9 +69,10 @@ def _start_time(pid: int) -> str:
 class TargetLock:
     """An exclusive claim of ``kind`` on process ``pid``; ``acquire`` or raise TargetBusy."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, pid: int = 0) -> None:
         self._fd = fd
         self.path = path
+        self.pid = pid
 
     @classmethod
     def acquire(cls, pid: int, kind: str, purpose: str) -> TargetLock:
@@ -100,7 +102,30 @@ class TargetLock:
         note = f"{purpose} by applier pid {os.getpid()} ({argv})".encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, note, 0)
-        return cls(fd, path)
+        return cls(fd, path, pid)
+
+    def unlock(self) -> None:
+        """Let the claim go but keep the file open, to claim it again with ``relock``."""
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def relock(self) -> bool:
+        """Claim again after ``unlock`` (raises TargetBusy); False if the file is not the one
+        at the path any more (another applier took it meanwhile and removed it on release):
+        this lock is then closed, and only a new ``acquire`` claims the process."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 512, 0).decode(errors="replace").strip()
+            raise TargetBusy(f"pid {self.pid} is busy: {holder or 'another applier'}") from None
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+            self._fd = -1
+        return same
 
     def release(self) -> None:
         """Let the claim go and remove the file (idempotent); removed while still locked, so
@@ -111,8 +136,48 @@ class TargetLock:
             os.close(self._fd)
             self._fd = -1
 
+    def close_unlocked(self) -> None:
+        """End an ``unlock``-ed claim: removed if it can be locked again at once, else (another
+        applier holds it now, and removes it itself) only closed."""
+        if self._fd < 0:
+            return
+        try:
+            held = self.relock()
+        except TargetBusy:
+            os.close(self._fd)
+            self._fd = -1
+            return
+        if held:
+            self.release()
+
     def __enter__(self) -> TargetLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class KeptClaim:
+    """A claim of ``kind`` on ``pid`` taken for each of many operations of one process (a
+    Checkpoint's restores): the lock file stays open between them, locked only during each
+    (which saves creating and removing it every time)."""
+
+    def __init__(self, pid: int, kind: str) -> None:
+        self.pid = pid
+        self.kind = kind
+        self._lock: TargetLock | None = None
+
+    @contextlib.contextmanager
+    def held(self, purpose: str) -> Iterator[None]:
+        lock = self._lock
+        if lock is None or not lock.relock():
+            lock = self._lock = TargetLock.acquire(self.pid, self.kind, purpose)
+        try:
+            yield
+        finally:
+            lock.unlock()
+
+    def close(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close_unlocked()

@@ -41,7 +41,7 @@ from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 from elftools.elf.segments import NoteSegment
 
-from applier.errors import ApplierError
+from applier.errors import TargetGone, UsageError
 from injector.maps import Mapping, find, read_maps
 
 __all__ = [
@@ -96,7 +96,7 @@ _PLT_SECTIONS = frozenset({".plt", ".plt.sec", ".plt.got", ".iplt"})
 # --- errors ----------------------------------------------------------------------------------
 
 
-class SymbolError(ApplierError):
+class SymbolError(UsageError):
     """FUNCTION could not be turned into an address: a usage error (exit code 2)."""
 
     exit_code = 2
@@ -194,8 +194,9 @@ class IfuncUnresolved(SymbolError, LookupError):
         )
 
 
-class TargetUnavailable(SymbolError):
-    """The process cannot be looked at: gone, no rights, no mappings (exit code 5)."""
+class TargetUnavailable(TargetGone, SymbolError):
+    """The process cannot be looked at: gone, no rights, no mappings (exit code 5: the exit
+    code table finds ``TargetGone`` first)."""
 
     exit_code = 5
 

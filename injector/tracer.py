@@ -81,14 +81,19 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _undisturbed() -> Iterator[None]:
-    """Run the calling thread SCHED_FIFO while it releases threads, when allowed.
+def _undisturbed(needed: bool = True) -> Iterator[None]:
+    """Run the calling thread SCHED_FIFO while it releases threads, when allowed and
+    ``needed`` (several threads to let go: with one, nothing is left to do once it runs, and
+    the two scheduler changes cost more than they save).
 
     Every thread that PTRACE_DETACH wakes may preempt the tracer for a whole time slice (about
     3 ms with EEVDF) before it can let the next thread go: detaching 8 busy threads then takes
     milliseconds instead of microseconds. Only the detach loop runs boosted: it never waits for
     a target thread, which a boosted tracer polling on the same CPU would starve.
     """
+    if not needed:
+        yield
+        return
     try:
         policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
@@ -187,7 +192,7 @@ class Tracer:
             return
         if threading.get_ident() != self._owner:
             raise InjectorError(self.pid, "detach must come from the thread that attached")
-        with _signals_deferred(), _undisturbed():
+        with _signals_deferred(), _undisturbed(len(self._order) + len(self._unreaped) > 1):
             try:
                 self._release()
                 if self._held and self.resume_on_detach:

@@ -6,9 +6,11 @@ not do (inject) and what a plan reports (children left running, writes into code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +36,16 @@ FORKER = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
+#include <signal.h>
 static char data[8192] = "parent data";
 int main(void) {
     pid_t kids[2];
     for (int i = 0; i < 2; i++) {
         kids[i] = fork();
         if (kids[i] == 0) {                       /* a child: same layout, its own state */
+            prctl(PR_SET_PDEATHSIG, SIGKILL);     /* it ends with the parent, however */
             snprintf(data, sizeof data, "child %d", i);
             for (;;) pause();
         }
@@ -64,8 +69,13 @@ def family(tmp_path: Path) -> Iterator[tuple[Target, int, int]]:
     src.write_text(FORKER)
     with spawn(build_c(src)) as t:
         parent, a, b = (int(w) for w in t.expect("pids"))
-        assert parent == t.pid
-        yield t, a, b
+        try:
+            assert parent == t.pid
+            yield t, a, b
+        finally:
+            for kid in (a, b):  # started by this test's target: killed by pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(kid, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""Command-line interface: ``applier dump|show|diff|apply|recover|untrack|check|demo``.
+"""Command-line interface: ``applier dump|show|diff|apply|call|recover|untrack|check|demo``.
 Thin: parsing, dispatch, logging, and one error path (one line on stderr, or a JSON document under
 ``--json``, and the exit code ``applier.errors.exit_code`` gives; the codes are in
 ``applier/errors.py`` and ``docs/cli.md``).
@@ -23,9 +23,11 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from applier import __version__
 from applier.cli import apply as apply_cmd
+from applier.cli import call as call_cmd
 from applier.cli import check, demo, dump, recover, show, untrack
 from applier.errors import EXIT_INTERNAL, Interrupted, exit_code
 
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply CRIU checkpoint images into an already running process.",
         epilog="Exit codes: 0 ok (diff: same), 1 diff: different, 2 usage, 3 bad image, "
         "4 image does not match the target, 5 target problem, 6 apply failed and rolled back, "
-        "7 rollback failed too, 8 verification failed, 70 internal error, 130 interrupted.",
+        "7 rollback failed too, 8 verification failed, 9 call: the function crashed, "
+        "10 call: it timed out (both put back), 70 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"applier {__version__}")
     parser.add_argument(
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--log-file", metavar="FILE", help="write the messages to FILE")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (dump, show, apply_cmd, recover, untrack, check, demo):
+    for module in (dump, show, apply_cmd, call_cmd, recover, untrack, check, demo):
         module.register(sub)
     return parser
 
@@ -114,6 +117,15 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _unraisable(hook: Any) -> None:
+    """A signal that arrived where an exception cannot be raised (a finalizer, a logging
+    lock's release) is raised again, to be answered at the next place it can."""
+    if isinstance(hook.exc_value, Interrupted):
+        signal.raise_signal(hook.exc_value.signum)
+        return
+    sys.__unraisablehook__(hook)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
@@ -122,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = bool(getattr(args, "json", False))
     before = {sig: signal.getsignal(sig) for sig in _STOPPING}
     _received.clear()
+    unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
         for sig in _STOPPING:  # from here a signal is an exception: an apply rolls back
             signal.signal(sig, _raise_interrupted)
@@ -155,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = unraisable
 
 
 if __name__ == "__main__":

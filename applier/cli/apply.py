@@ -136,6 +136,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write only pages changed since the image: from the dirty tracker a "
         "'dump --track' left running, else by comparing contents page by page",
     )
+    a.add_argument(
+        "--layer",
+        action="store_true",
+        help="IMAGE_DIR is an incremental layer and PID is at its parent state: write only the "
+        "pages the layer holds, after checking that every page it leaves to its parent is "
+        "equal in PID (refused otherwise)",
+    )
     a.add_argument("--no-verify", action="store_true", help="do not read back after applying")
     a.add_argument(
         "--write-code",
@@ -231,6 +238,7 @@ def run_apply(args: argparse.Namespace) -> int:
         undo=not args.no_undo,
         progress=not args.json,
         overrides=overrides(args),
+        layer=args.layer,
         keep_fds=frozenset().union(*args.keep_fd),
     )
     if args.json:

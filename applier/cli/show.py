@@ -28,6 +28,9 @@ LEGEND = (
 )
 
 
+_HELD_SHOWN = 64  # runs of a layer listed in the text output
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``show`` command."""
     parser = subparsers.add_parser(
@@ -94,6 +97,17 @@ def _page_counts(pm: Pagemap | None, vma: VmaEntry) -> dict[str, int]:
     counts["parent"] = int(pages[(flags & PE_PARENT) != 0].sum())
     counts["lazy"] = int(pages[(flags & PE_LAZY) != 0].sum())
     return counts
+
+
+def _held_here(pm: Pagemap) -> list[dict[str, Any]]:
+    """The runs whose bytes this directory holds itself (``PE_PRESENT``), for a layer."""
+    from formats.pagemap import PE_PRESENT  # noqa: PLC0415
+
+    sel = (pm.flags & PE_PRESENT) != 0
+    return [
+        {"start": _hex(int(a)), "end": _hex(int(b)), "pages": int(n)}
+        for a, b, n in zip(pm.vaddr[sel], pm.end[sel], pm.nr_pages[sel], strict=True)
+    ]
 
 
 def _thread(img: ImageDir, tid: int) -> dict[str, Any]:
@@ -178,6 +192,8 @@ def describe(img: ImageDir) -> dict[str, Any]:
             entry["brk"] = {"start": _hex(mm.mm_start_brk), "end": _hex(mm.mm_brk)}
             entry["vmas"] = _vmas(img, pid, mm, pm)
             entry["resolved_runs"] = len(runs)
+            if pm is not None and (img.path / "parent").exists():
+                entry["held_here"] = _held_here(pm)
             for v in entry["vmas"]:
                 for key in totals:
                     totals[key] += v["pages"][key]
@@ -264,6 +280,16 @@ def render_text(doc: dict[str, Any]) -> str:
             lines.append(
                 f"  {start:#018x}-{end:#018x} {v['prot']} {v['kind']}{areas}{path}{counts}"
             )
+        if "held_here" in proc:
+            held = proc["held_here"]
+            total = sum(r["pages"] for r in held)
+            lines.append(f"  held in this layer (the rest is in the parent): {total} pages")
+            lines.extend(
+                f"    {int(r['start'], 16):#018x}-{int(r['end'], 16):#018x} {r['pages']} pages"
+                for r in held[:_HELD_SHOWN]
+            )
+            if len(held) > _HELD_SHOWN:
+                lines.append(f"    ... ({len(held) - _HELD_SHOWN} more runs, --json lists them)")
         fds = proc.get("fds")
         if fds is None:
             lines.append("  no descriptor images")

@@ -58,6 +58,9 @@ class Context:
     parked: list[int] = attrs.field(factory=list)
     fd_table: dict[int, Descriptor] | None = None  # read once for verification
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
+    # per thread: (live XSAVE buffer, it with the image's FP state), as validation found them
+    # (the thread is stopped: the set step that follows reuses them)
+    xstates: dict[int, tuple[bytes, bytes]] = attrs.field(factory=dict, init=False, repr=False)
 
     @property
     def page(self) -> int:

@@ -70,15 +70,21 @@ def _check_rseq(ctx: Context, step: SetRegs) -> None:
         )
 
 
-def _image_xstate(ctx: Context, step: SetRegs) -> bytes | None:
-    """The thread's XSAVE buffer with the image's FP state, or None if the image has none."""
+def _image_xstate(ctx: Context, step: SetRegs) -> tuple[bytes, bytes] | None:
+    """(the thread's XSAVE buffer, it with the image's FP state), or None if the image has
+    no FP state; found once per apply (the thread is stopped meanwhile)."""
     fpregs = _thread_info(ctx, step).fpregs
     if fpregs is None:
         return None
-    try:
-        return xsave.fpregs_into_xstate(fpregs, ctx.process.get_xstate(step.tid))
-    except ValueError as exc:
-        raise MismatchError(f"thread {step.tid}: {exc}") from exc
+    found = ctx.xstates.get(step.tid)
+    if found is None:
+        live = ctx.process.get_xstate(step.tid)
+        try:
+            found = live, xsave.fpregs_into_xstate(fpregs, live)
+        except ValueError as exc:
+            raise MismatchError(f"thread {step.tid}: {exc}") from exc
+        ctx.xstates[step.tid] = found
+    return found
 
 
 def validate_regs(ctx: Context, step: SetRegs) -> None:
@@ -88,13 +94,18 @@ def validate_regs(ctx: Context, step: SetRegs) -> None:
 
 
 def set_regs(ctx: Context, step: SetRegs) -> None:
+    """The image's registers and FP state into the thread; what already equals the image
+    (an idle thread back where it was) is not written again."""
     values, rewound = image_regs(ctx, step)
     live = ctx.process.get_regs(step.tid)
-    ctx.undo.add(UndoRegs(step.tid, live, ctx.process.get_xstate(step.tid)))
-    new_xstate = _image_xstate(ctx, step)
-    if new_xstate is not None:
-        ctx.process.set_xstate(step.tid, new_xstate)
-    ctx.process.set_regs(step.tid, attrs.evolve(live, **values))
+    xstates = _image_xstate(ctx, step)
+    live_xstate = xstates[0] if xstates is not None else ctx.process.get_xstate(step.tid)
+    ctx.undo.add(UndoRegs(step.tid, live, live_xstate))
+    if xstates is not None and xstates[1] != live_xstate:
+        ctx.process.set_xstate(step.tid, xstates[1])
+    new = attrs.evolve(live, **values)
+    if new != live:
+        ctx.process.set_regs(step.tid, new)
     ctx.stats.threads += 1
     ctx.stats.syscalls_restarted += rewound
 
