@@ -159,6 +159,17 @@ def test_make_plan_puts_descriptor_steps_after_layout_and_before_memory() -> Non
     assert left.of(CloseFd) == []
 
 
+def test_an_image_of_another_process_leaves_descriptors() -> None:
+    """--other-process: the image's pipes and sockets are another process's."""
+    plan = make_plan(
+        attrs.evolve(image(), pid=200, fds=(*STDIO,)),
+        attrs.evolve(live(), fds=(pipe(0, 99), reg(3, "/new"))),
+        Part.FDS,
+    )
+    assert plan.steps == ()
+    assert plan.notes == ("the image is of pid 200, not 100: descriptors left as they are",)
+
+
 def test_images_without_descriptor_state_skip_the_part_with_a_note() -> None:
     plan = _plan(None, (*STDIO, reg(3, "/new")))
     assert plan.of(CloseFd) == []

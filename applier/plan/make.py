@@ -128,6 +128,11 @@ def make_plan(
             )
         elif live.fds is None:
             notes.append("the descriptor table was not read: descriptors left as they are")
+        elif image.pid != live.pid:
+            # another process's pipes and sockets are not this one's (--other-process)
+            notes.append(
+                f"the image is of pid {image.pid}, not {live.pid}: descriptors left as they are"
+            )
         else:
             # Injected calls, so before the page writes (see the discards below).
             steps.extend(plan_fds(image.fds, live.fds, keep_fds, notes))
