@@ -29,6 +29,7 @@ from applier.compare import narrow, rseq_masks
 from applier.errors import MismatchError, RollbackFailed, UsageError
 from applier.executor import ApplyStats, Executor
 from applier.executor.pages import differing_pages, page_source
+from applier.fds import live_fds
 from applier.image import image_task
 from applier.journal import Journal
 from applier.lock import KeptClaim, TargetLock
@@ -94,6 +95,7 @@ class _Image:
     task: ImageTask
     scope: UndoScope | None
     parts: Part
+    keep_fds: frozenset[int] = frozenset()  # descriptors left as they are (--keep-fd)
 
     def cores(self, plan: Plan) -> dict[int, CoreEntry]:
         return {s.image_tid: self.dir.core(s.image_tid) for s in plan.of(SetRegs)}
@@ -105,12 +107,19 @@ class _Image:
         leave_shared: bool,
         dirty: npt.NDArray[np.uint64] | None,
         read_only: bool = False,
+        tracker: DirtyTracker | None = None,
     ) -> tuple[Plan, LiveTask]:
         live = live_task(process, self.task.page_size, dirty=dirty, read_only=read_only)
+        if Part.FDS in self.parts and self.task.fds is not None:
+            live = attrs.evolve(live, fds=live_fds(process.descriptors(sock_diag=False)))
+        keep = set(self.keep_fds)
+        if tracker is not None:  # the tracker's userfaultfd, opened after the checkpoint
+            keep.add(tracker.state().remote_fd)
         ranges = None if self.scope is None else self.scope.ranges
         plan = make_plan(
-            self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges
-        )
+            self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges,
+            keep_fds=keep,
+        )  # fmt: skip
         return plan, live
 
 
@@ -172,15 +181,17 @@ def diff(
     parts: Part | Iterable[str] = Part.ALL,
     leave_shared: bool = False,
     overrides: Overrides = NO_OVERRIDES,
+    keep_fds: Iterable[int] = (),
 ) -> Plan:
     """What differs between ``pid`` and the image, as the plan narrowed to it: the steps and
     pages whose effect would change the target (``applier.compare``). An empty plan means
     equal. The target is stopped while it is read and not changed: nothing is injected."""
     with (
-        _opened(image_dir, pid, task, parts, overrides) as image,
-        TargetLock.acquire(pid, "work", f"compared with {image.dir.path}"),
+        _opened(image_dir, pid, task, parts, overrides) as opened,
+        TargetLock.acquire(pid, "work", f"compared with {opened.dir.path}"),
         attach(pid) as process,
     ):
+        image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
         plan, _ = image.plan(process, leave_shared=leave_shared, dirty=None, read_only=True)
         cores = image.cores(plan)
         Executor(process, plan, cores, UndoLog.disabled()).validate()
@@ -202,6 +213,7 @@ def apply(
     progress: bool = False,
     overrides: Overrides = NO_OVERRIDES,
     layer: bool = False,
+    keep_fds: Iterable[int] = (),
 ) -> ApplyResult:
     """Revert ``pid`` to the checkpoint in ``image_dir``; roll back if anything fails.
 
@@ -226,6 +238,8 @@ def apply(
     (plus layout, break, registers, and discards of pages the layer's chain does not hold).
     Before anything is written, every page the layer leaves to its parent is compared with
     the target; if one differs the apply is refused (MismatchError).
+
+    ``keep_fds``: descriptor numbers the ``fds`` part leaves exactly as they are.
     """
     undo_path = Path(undo_dir) if undo_dir is not None and not dry_run else None
     if undo_path is not None:
@@ -234,7 +248,8 @@ def apply(
         check_undo_dir(undo_path)
         if not overrides.trust_image:
             check_undo_dir_trusted(undo_path)
-    with _opened(image_dir, pid, task, parts, overrides) as image:
+    with _opened(image_dir, pid, task, parts, overrides) as opened:
+        image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
         tracking: _Tracking | None = None
         if layer:
             if only_dirty:
@@ -441,10 +456,17 @@ class Prepared:
         self._stack.callback(self.claim.close)
 
     def apply(
-        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = True, undo: bool = True
+        self,
+        *,
+        parts: Part | Iterable[str] = Part.ALL,
+        verify: bool = True,
+        undo: bool = True,
+        keep_fds: Iterable[int] = (),
     ) -> ApplyResult:
         """``apply(image_dir, pid, only_dirty=True, ...)`` with everything kept warm."""
-        image = attrs.evolve(self.image, parts=self.image.parts & Part.of(parts))
+        image = attrs.evolve(
+            self.image, parts=self.image.parts & Part.of(parts), keep_fds=frozenset(keep_fds)
+        )
         return _apply_image(
             image, self.pid, self.tracking,
             task=None, leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
@@ -562,7 +584,9 @@ def _apply_held(
     keep_mapped: bool = False,
 ) -> ApplyResult:
     """Plan and carry out the apply on the stopped (and, unless a dry run, held) target."""
-    plan, live = image.plan(process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run)
+    plan, live = image.plan(
+        process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run, tracker=tracker
+    )
     logger.info(
         "pid %d: %d steps planned (%d pages to write, %d layout changes)",
         plan.pid,

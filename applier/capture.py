@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from applier import xsave
+from applier.fds import elf_build_id
 from applier.limits import PAGE
 from applier.model import Kind, LiveTask, Region
 from formats.core import (
@@ -213,10 +214,14 @@ def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
         if path not in file_ids:
             file_ids[path] = len(file_ids) + 1
             try:
-                size: int | None = os.stat(path).st_size
+                st: os.stat_result | None = os.stat(path)
             except OSError:
-                size = None
-            files.append(regular_file(file_ids[path], path, size=size))
+                st = None
+            entry = regular_file(file_ids[path], path, size=None if st is None else st.st_size)
+            if entry.reg is not None and st is not None:
+                entry.reg.mode = st.st_mode  # as CRIU: the mode of every regular file
+                entry.reg.build_id = elf_build_id(path) or []  # and the build-id of ELF ones
+            files.append(entry)
         return file_ids[path]
 
     exe_id = file_id(exe)

@@ -9,8 +9,10 @@ file VMAs (PE_PRESENT), the whole vDSO; never VVAR, never shared mappings. Page 
 from the target to the pages file in chunks, so dumping 1 GiB needs a few MiB of memory.
 
 The process is stopped (every thread) for the duration of the dump and detached at the end.
-File descriptors, sockets, signals and namespaces are not dumped: an image written here is for
-``applier apply``, not for ``criu restore``.
+Descriptors are recorded as CRIU 4.2 records them (``applier.fds``: ids, fdinfo, fs, the file
+objects in files.img, pipes-data, memfd); signals and namespaces are not dumped, nor TCP
+stream state or socket queues: an image written here is for ``applier apply``, not for
+``criu restore``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy.typing as npt
 
 from applier.capture import dump_selection, region_from_mapping, task_entries
 from applier.errors import MismatchError, OutputDirError, TargetBusy
+from applier.fds import fd_entries
 from applier.holder import (
     CallerKeeper,
     HolderKeeper,
@@ -92,6 +95,8 @@ class DumpStats:
     tracking_note: str | None = None  # why tracking was not started
     holder: int | None = None  # pid of the process that keeps the tracker's userfaultfd
     tracking_reused: bool = False  # the tracker already ran (a new baseline, no new one)
+    fds: int = 0  # descriptors written to fdinfo-<files_id>.img
+    fds_skipped: list[str] = attrs.field(factory=list)  # kinds CRIU's formats here lack
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -281,12 +286,21 @@ def dump_process(
     writer = ImageWriter(out, page_size=page_size, parent=link)
     for entry in task.files:
         writer.add_file(entry)
+    fds = fd_entries(s, len(task.files) + 1)
+    for entry in fds.files:
+        writer.add_file(entry)
+    for data in fds.pipe_data:
+        writer.add_pipe_data(data.pipe_id, data.extra, size=data.size)
+    for memfd in fds.memfd_inodes:
+        writer.add_memfd_inode(memfd)
+    stats.fds = len(fds.fdinfo)
+    stats.fds_skipped = fds.skipped
     holes = None
     if base is not None and changed is not None:
         holes = (changed, base.starts, base.ends)
     plan = _select(s, maps, vmas, page_size, holes)
     bar = Progress(plan.data_pages * page_size, progress, verb="dumping")
-    writer.add_process(proc, mm=mm, cores=cores)
+    writer.add_process(proc, mm=mm, cores=cores, ids=fds.ids, fs=fds.fs, fds=fds.fdinfo)
     writer.write_pagemap_filled(
         names.pagemap(proc.pid), _pagemap_runs(plan, stats), _reader(s, stats, bar, page_size)
     )

@@ -101,7 +101,12 @@ class Checkpoint:
         return load_tracking(self.path, self.pid) is not None
 
     def restore(
-        self, *, parts: Part | Iterable[str] = Part.ALL, verify: bool = False, undo: bool = False
+        self,
+        *,
+        parts: Part | Iterable[str] = Part.ALL,
+        verify: bool = False,
+        undo: bool = False,
+        keep_fds: Iterable[int] = (),
     ) -> ApplyStats:
         """Put the process back to the checkpoint (only the pages changed since last time).
 
@@ -111,19 +116,20 @@ class Checkpoint:
         kernel's count of bytes written is checked on every write. If that second attempt
         fails too, the process stays held (stopped, untraced) with a journal, and
         ``applier recover PID`` finishes it. ``verify=True`` reads every written page back;
-        ``undo=True`` rolls a failed restore back to the state before it instead."""
+        ``undo=True`` rolls a failed restore back to the state before it instead.
+        ``keep_fds``: descriptor numbers left exactly as they are (``--keep-fd``)."""
         if self.closed:
             raise ValueError(f"checkpoint of pid {self.pid} is closed")
         assert self.prepared is not None
         try:
-            result = self.prepared.apply(parts=parts, verify=verify, undo=undo)
+            result = self.prepared.apply(parts=parts, verify=verify, undo=undo, keep_fds=keep_fds)
         except RollbackFailed as exc:
             if undo:
                 raise
             logger.warning(
                 "restore of pid %d failed (%s): applying the checkpoint again", self.pid, exc
             )
-            result = self.prepared.apply(parts=parts, verify=True, undo=False)
+            result = self.prepared.apply(parts=parts, verify=True, undo=False, keep_fds=keep_fds)
         self.restores += 1
         return result.stats
 

@@ -5,6 +5,7 @@ page runs resolved through the parent chain, threads, break, mm fields, shared o
 from __future__ import annotations
 
 from applier.errors import MismatchError
+from applier.fds import image_fds
 from applier.model import MM_FIELDS, ImageTask, Kind, Region, SavedPages, SharedObject
 from formats import names
 from formats.imagedir import ImageDir
@@ -92,4 +93,5 @@ def image_task(img: ImageDir, pid: int | None = None) -> ImageTask:
         shared=shared,
         children=tuple(int(e.pid) for e in img.pstree if int(e.ppid) == pid),
         dump_uptime=img.inventory.dump_uptime,
+        fds=image_fds(img, pid),
     )

@@ -21,6 +21,7 @@ __all__ = [
     "PROT_EXEC",
     "PROT_READ",
     "PROT_WRITE",
+    "FdValue",
     "ImageTask",
     "Kind",
     "LiveTask",
@@ -138,6 +139,34 @@ class SavedPages:
 
 
 @attrs.frozen
+class FdValue:
+    """One descriptor, image side or live side: its number, CRIU's ``fd_types`` name of its
+    kind (``REG``, ``PIPE``, ``UNIXSK`` ...), close-on-exec, the file status flags (``O_*``
+    without O_CLOEXEC), the position; for files reached by a path the path (``deleted``: it
+    no longer leads to the open file) and mode; for pipes and sockets ``ident``, the inode
+    that tells one object from another; ``what`` the live link text (``pipe:[123]``)."""
+
+    fd: int
+    kind: str
+    cloexec: bool
+    flags: int
+    pos: int
+    path: str | None = None
+    ident: int | None = None
+    deleted: bool = False
+    mode: int | None = None
+    what: str | None = None
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"fd {self.fd} ({self.path})"
+        if self.what is not None:
+            return f"fd {self.fd} ({self.what})"
+        ident = f" {self.ident}" if self.ident is not None else ""
+        return f"fd {self.fd} ({self.kind.lower()}{ident})"
+
+
+@attrs.frozen
 class SharedObject:
     """The saved pages of one shared memory object (pagemap-shmem-<inode>.img): ``saved``
     runs have object offsets as ``vaddr``; offsets not covered were holes (zero)."""
@@ -162,6 +191,8 @@ class ImageTask:
     shared: dict[int, SharedObject] = attrs.field(factory=dict)  # by inode
     children: tuple[int, ...] = ()  # pids of the task's children in pstree.img
     dump_uptime: int | None = None  # when the image was taken, microseconds since boot
+    # The descriptor table at the checkpoint; None: the image has no descriptor state.
+    fds: tuple[FdValue, ...] | None = None
 
 
 @attrs.frozen
@@ -184,3 +215,5 @@ class LiveTask:
     thread_ip_sp: dict[int, tuple[int, int]] = attrs.field(factory=dict)
     # Child processes: (pid, comm, start time in microseconds since boot).
     children: tuple[tuple[int, str, int], ...] = ()
+    # The descriptor table now (read only when the fds part is restored).
+    fds: tuple[FdValue, ...] | None = None

@@ -1,4 +1,4 @@
-"""The parts of a process an apply can restore (``--restore memory,layout,brk,regs``)."""
+"""The parts of a process an apply can restore (``--restore memory,layout,brk,regs,fds``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class Part(enum.Flag):
     LAYOUT = enum.auto()  # mappings, protections and the mm fields (PR_SET_MM_MAP)
     BRK = enum.auto()  # the program break
     REGS = enum.auto()  # every thread's registers
-    ALL = MEMORY | LAYOUT | BRK | REGS
+    FDS = enum.auto()  # the descriptor table: close new ones, reopen files, positions, flags
+    ALL = MEMORY | LAYOUT | BRK | REGS | FDS
 
     @classmethod
     def parse(cls, text: str | None) -> Part:

@@ -30,6 +30,7 @@ __all__ = [
     "WALL",
     "Iovec",
     "IovecArray",
+    "kcmp_files",
     "pidfd_getfd",
     "pidfd_open",
     "process_vm_readv",
@@ -60,6 +61,8 @@ IOV_MAX: Final = 1024
 # x86_64 syscall numbers used here through syscall(2); pidfd_* are the same on every arch.
 _SYS_PIDFD_OPEN: Final = 434
 _SYS_PIDFD_GETFD: Final = 438
+_SYS_KCMP: Final = 312  # x86_64
+KCMP_FILE: Final = 0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -168,3 +171,19 @@ def pidfd_getfd(pidfd: int, remote_fd: int) -> int:
     if fd == -1:
         _raise_errno()
     return fd
+
+
+def kcmp_files(pid: int, fd_a: int, fd_b: int) -> int:
+    """``kcmp(pid, pid, KCMP_FILE, fd_a, fd_b)``: 0 when both descriptors of ``pid`` share one
+    open file description (1 or 2 order them otherwise)."""
+    got: int = _syscall(
+        ctypes.c_long(_SYS_KCMP),
+        ctypes.c_long(pid),
+        ctypes.c_long(pid),
+        ctypes.c_long(KCMP_FILE),
+        ctypes.c_long(fd_a),
+        ctypes.c_long(fd_b),
+    )
+    if got == -1:
+        _raise_errno()
+    return got

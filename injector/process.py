@@ -21,6 +21,9 @@ from injector.regs import Arch, X86Regs
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from injector.fdinfo import Descriptor
+    from injector.fds import FsState
+
 __all__ = ["IovIO", "Process"]
 
 U64Array = npt.NDArray[np.uint64]
@@ -119,6 +122,19 @@ class Process(Protocol):
 
     def pidfd_getfd(self, remote_fd: int) -> int:
         """A local duplicate of the target's descriptor ``remote_fd`` (caller closes it)."""
+        ...
+
+    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+        """The descriptor table (``injector.fds.read_fds``), in fd order; ``sock_diag=False``
+        skips the netlink queries about sockets (what planning an apply can do without)."""
+        ...
+
+    def fs_state(self) -> FsState:
+        """cwd, root and umask (``injector.fds.read_fs``)."""
+        ...
+
+    def same_open_file(self, fd_a: int, fd_b: int) -> bool:
+        """Whether two descriptors share one open file description (kcmp KCMP_FILE)."""
         ...
 
     # system calls run inside the target (-4095..-1 raise InjectedSyscallError)

@@ -30,6 +30,8 @@ from injector.errors import (
     PermissionDenied,
     TargetExited,
 )
+from injector.fdinfo import Descriptor
+from injector.fds import FsState, read_fds, read_fs
 from injector.inject import find_syscall_site, run_syscall
 from injector.maps import (
     PROT_READ,
@@ -430,6 +432,28 @@ class Session(Tracer, NamedCalls):
         if -4095 <= result < 0:
             raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
         return result
+
+    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+        """The descriptor table, read from /proc and sock_diag (``injector.fds.read_fds``)."""
+        self.check()
+        return read_fds(self.pid, sock_diag=sock_diag)
+
+    def fs_state(self) -> FsState:
+        self.check()
+        return read_fs(self.pid)
+
+    def same_open_file(self, fd_a: int, fd_b: int) -> bool:
+        """kcmp(KCMP_FILE): whether fds ``fd_a`` and ``fd_b`` share an open file description."""
+        if fd_a == fd_b:
+            return True
+        try:
+            return _libc.kcmp_files(self.pid, fd_a, fd_b) == 0
+        except OSError as exc:
+            if exc.errno == errno.ESRCH or self.gone():
+                raise TargetExited(self.pid, "exited during the session", errno.ESRCH) from exc
+            raise InjectorError(
+                self.pid, f"cannot compare descriptors {fd_a} and {fd_b}", _errno(exc)
+            ) from exc
 
     def pidfd_getfd(self, remote_fd: int) -> int:
         """A duplicate, in this process, of the target's descriptor ``remote_fd`` (the caller

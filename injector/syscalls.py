@@ -35,6 +35,7 @@ _X86_64: Final[dict[str, int]] = {
     "madvise": 28,
     "dup": 32,
     "dup2": 33,
+    "dup3": 292,
     "nanosleep": 35,
     "getpid": 39,
     "exit": 60,

@@ -39,6 +39,8 @@ from injector.calls import (
     NamedCalls,
 )
 from injector.errors import InjectedSyscallError, MemoryAccessError, TargetExited
+from injector.fdinfo import Descriptor
+from injector.fds import FsState, PathInfo
 from injector.maps import (
     PAGEMAP_EXCLUSIVE,
     PAGEMAP_FILE,
@@ -125,6 +127,7 @@ class FakeProcess(NamedCalls):
         self.epoch = 0  # layout_epoch: every injected call counts as a possible change
         self.resume_on_detach = False
         self._next_inode = 1000
+        self.fd_table: list[Descriptor] = []  # what descriptors() reports
 
     # ---- building the fake ---------------------------------------------------------------
 
@@ -377,6 +380,17 @@ class FakeProcess(NamedCalls):
 
     def pidfd_getfd(self, remote_fd: int) -> int:
         raise NotImplementedError("the fake has no descriptors to take")
+
+    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+        """The fake's descriptor table: ``fd_table`` (empty unless a test fills it)."""
+        return list(self.fd_table)
+
+    def fs_state(self) -> FsState:
+        root = PathInfo("/", False, None)
+        return FsState(cwd=root, root=root, umask=0o22)
+
+    def same_open_file(self, fd_a: int, fd_b: int) -> bool:
+        return fd_a == fd_b
 
     # ---- Process: system calls -----------------------------------------------------------
 

@@ -36,6 +36,17 @@ def _parts(text: str) -> Part:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _fd_list(text: str) -> frozenset[int]:
+    """argparse type of ``--keep-fd N[,N...]``."""
+    out = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            raise argparse.ArgumentTypeError(f"not a descriptor number: {item!r}")
+        out.add(int(item))
+    return frozenset(out)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("image_dir", metavar="IMAGE_DIR", help="CRIU image directory")
     p.add_argument("--task", type=int, metavar="VPID", help="task of the image (default: root)")
@@ -50,6 +61,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--leave-shared",
         action="store_true",
         help="leave shared memory the image holds no pagemap-shmem for as it is (default: refuse)",
+    )
+    p.add_argument(
+        "--keep-fd",
+        type=_fd_list,
+        action="append",
+        default=[],
+        metavar="N[,N]",
+        help="leave these descriptors exactly as they are (the fds part closes descriptors "
+        "opened since the checkpoint, reopens files, and refuses what it cannot re-create)",
     )
     p.add_argument(
         "--json", action="store_true", help="print the result (or the error) as one JSON document"
@@ -102,8 +122,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "apply",
         help="revert a live process to a checkpoint, in place",
         description="Write a CRIU checkpoint into a running process: memory, layout, program "
-        "break and registers. The process keeps its PID, files and sockets. Everything is "
-        "validated first; if a step fails the process is put back as it was.",
+        "break, registers and descriptors (those opened since are closed, files reopened and "
+        "set back to their positions and flags). The process keeps its PID, and its sockets "
+        "and pipes open since the checkpoint. Everything is validated first; if a step fails "
+        "the process is put back as it was.",
     )
     _common(a)
     a.add_argument("--into", type=pid_arg, required=True, metavar="PID", help="live process")
@@ -155,6 +177,7 @@ def print_plan(plan: Plan, headline: str | None = None) -> None:
             f"plan for pid {plan.pid} (image task {plan.image_pid}): "
             f"{s['pages_to_write']} pages to write{unchanged}, {s['pages_to_discard']} to "
             f"discard, {s['layout_changes']} layout changes, {s['threads']} threads"
+            + _fd_text(s["fd_changes"])
         )
     print(headline)
     for step in plan.steps:
@@ -175,6 +198,7 @@ def run_diff(args: argparse.Namespace) -> int:
         parts=args.restore,
         leave_shared=args.leave_shared,
         overrides=overrides(args),
+        keep_fds=frozenset().union(*args.keep_fd),
     )
     differs = bool(plan.steps)
     s = plan.summary()
@@ -193,7 +217,7 @@ def run_diff(args: argparse.Namespace) -> int:
             f"pid {plan.pid} differs from image task {plan.image_pid} of {args.image_dir}: "
             f"{s['pages_to_write']} pages differ ({s['pages_unchanged']} the same), "
             f"{s['pages_to_discard']} pages to discard, {s['layout_changes']} layout changes, "
-            f"{s['threads']} threads with other registers",
+            f"{s['threads']} threads with other registers" + _fd_text(s["fd_changes"]),
         )
     return EXIT_DIFFERENT if differs else EXIT_OK
 
@@ -215,6 +239,7 @@ def run_apply(args: argparse.Namespace) -> int:
         progress=not args.json,
         overrides=overrides(args),
         layer=args.layer,
+        keep_fds=frozenset().union(*args.keep_fd),
     )
     if args.json:
         json.dump(apply_json(result), sys.stdout, indent=2)
@@ -250,6 +275,10 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
     return out
 
 
+def _fd_text(changes: int) -> str:
+    return f", {changes} descriptor changes" if changes else ""
+
+
 def _summary(result: ApplyResult) -> str:
     st = result.stats
     parts = [
@@ -258,6 +287,8 @@ def _summary(result: ApplyResult) -> str:
         f"{st.layout_changes} layout changes",
         f"{st.threads} threads",
     ]
+    if st.fd_changes:
+        parts.append(f"{st.fd_changes} descriptor changes")
     if st.pages_skipped:
         parts.insert(1, f"{st.pages_skipped} unchanged")
     text = ", ".join(parts) + f" in {st.seconds * 1000:.1f} ms"

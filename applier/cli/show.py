@@ -197,6 +197,7 @@ def describe(img: ImageDir) -> dict[str, Any]:
             for v in entry["vmas"]:
                 for key in totals:
                     totals[key] += v["pages"][key]
+        entry["fds"] = _fds(img, pid)
         processes.append(entry)
     return {
         "path": str(img.path),
@@ -212,6 +213,28 @@ def describe(img: ImageDir) -> dict[str, Any]:
         "pages_files": [{"path": p, "size": s} for p, s in sorted(pages_files.items())],
         "processes": processes,
     }
+
+
+def _fds(img: ImageDir, pid: int) -> list[dict[str, Any]] | None:
+    """The descriptor table of the image (None: it holds none)."""
+    from applier.fds import image_fds  # noqa: PLC0415
+    from applier.plan.steps import format_fd_flags  # noqa: PLC0415
+
+    table = image_fds(img, pid)
+    if table is None:
+        return None
+    return [
+        {
+            "fd": v.fd,
+            "type": v.kind,
+            "cloexec": v.cloexec,
+            "flags": format_fd_flags(v.flags, access=True),
+            "pos": v.pos,
+            "path": v.path,
+            "ident": v.ident,
+        }
+        for v in table
+    ]
 
 
 def _mib(n: int) -> str:
@@ -267,5 +290,17 @@ def render_text(doc: dict[str, Any]) -> str:
             )
             if len(held) > _HELD_SHOWN:
                 lines.append(f"    ... ({len(held) - _HELD_SHOWN} more runs, --json lists them)")
+        fds = proc.get("fds")
+        if fds is None:
+            lines.append("  no descriptor images")
+            continue
+        lines.append(f"  {len(fds)} descriptors")
+        for d in fds:
+            what = d["path"] if d["path"] is not None else d["type"].lower()
+            if d["path"] is None and d["ident"] is not None:
+                what += f" {d['ident']}"
+            cloexec = " cloexec" if d["cloexec"] else ""
+            pos = f" pos {d['pos']}" if d["type"] == "REG" else ""
+            lines.append(f"  fd {d['fd']:<4} {d['type']:<9} {d['flags']}{cloexec}{pos} {what}")
     lines.append(LEGEND)
     return "\n".join(lines) + "\n"

@@ -10,7 +10,8 @@ was (ApplyFailed, exit 6), could not be put back (RollbackFailed, 7), or differe
 
 Each step's work has one home, a handler per step class in the tables below: ``layout``
 (brk, mm fields, mappings, protections, discards), ``pages`` (saved pages), ``shmem``
-(shared memory), ``registers``; ``rollback`` has one inverse per undo record.
+(shared memory), ``registers``, ``fds`` (descriptors; the copies it parks are closed once
+the apply is done, ``fds.commit``); ``rollback`` has one inverse per undo record.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from applier.errors import ApplyFailed, RollbackFailed, TargetGone, VerifyFailed
-from applier.executor import layout, pages, registers, shmem
+from applier.executor import fds, layout, pages, registers, shmem
 from applier.executor.context import ApplyStats, Context
 from applier.executor.rollback import rollback
 from applier.plan import (
+    CloseFd,
     Discard,
+    DupFd,
     MapAnon,
     MapFile,
     Plan,
     Protect,
+    ReopenFd,
+    ResetFd,
     SetBrk,
     SetMm,
     SetRegs,
@@ -57,9 +62,16 @@ _RUN: dict[type[Step], Handler] = {
     WriteShared: shmem.write_shared,
     WritePages: pages.write_pages,
     SetRegs: registers.set_regs,
+    CloseFd: fds.close_fd,
+    ResetFd: fds.reset_fd,
+    ReopenFd: fds.reopen_fd,
+    DupFd: fds.dup_fd,
 }
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
+    ReopenFd: fds.validate_reopen,
+    CloseFd: fds.validate_park,
+    DupFd: fds.validate_park,
     WritePages: pages.validate_code,
     SetRegs: registers.validate_regs,
 }
@@ -68,6 +80,10 @@ _VERIFY: dict[type[Step], Handler] = {
     Discard: layout.verify_discard,
     WriteShared: shmem.verify_shared,
     SetRegs: registers.verify_regs,
+    CloseFd: fds.verify_close,
+    ResetFd: fds.verify_reset,
+    ReopenFd: fds.verify_reopen,
+    DupFd: fds.verify_dup,
 }
 
 
@@ -188,9 +204,10 @@ class Executor:
                     f"{exc}; pid {self.pid} was rolled back to its state before the apply"
                 ) from exc
         if keep is None:
+            fds.commit(self.ctx)
             return None
         try:
-            return keep.write("applied")
+            kept = keep.write("applied")
         except Exception as exc:
             try:
                 rollback(self.ctx.process, undo)
@@ -203,6 +220,8 @@ class Executor:
                 f"could not write the undo image to {keep.where} ({exc}); pid {self.pid} was "
                 "rolled back to its state before the apply",
             ) from exc
+        fds.commit(self.ctx)
+        return kept
 
     def _rollback_after(self, exc: BaseException) -> None:
         pid = self.pid

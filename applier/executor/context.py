@@ -14,6 +14,7 @@ from applier.limits import CHUNK
 from applier.plan import Plan
 from applier.undo.log import SavedRange, UndoLog
 from formats.core import CoreEntry
+from injector.fdinfo import Descriptor
 from injector.process import Process
 
 __all__ = ["U64", "ApplyStats", "Context"]
@@ -29,6 +30,7 @@ class ApplyStats:
     layout_changes: int = 0
     threads: int = 0
     syscalls_restarted: int = 0
+    fd_changes: int = 0  # descriptors closed, reopened or set back
     verified: bool = False
     seconds: float = 0.0
 
@@ -51,6 +53,10 @@ class Context:
     keep_mapped: bool = False
     progress: bool = True
     stats: ApplyStats = attrs.field(factory=ApplyStats)
+    # Descriptors closed or replaced by the apply, kept open at spare numbers until it is
+    # done (executor.fds.commit closes them; a rollback puts them back).
+    parked: list[int] = attrs.field(factory=list)
+    fd_table: dict[int, Descriptor] | None = None  # read once for verification
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
     # per thread: (live XSAVE buffer, it with the image's FP state), as validation found them
     # (the thread is stopped: the set step that follows reuses them)

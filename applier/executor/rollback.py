@@ -7,10 +7,14 @@ from typing import Any
 
 import attrs
 
+from applier.executor.fds import undo_closed, undo_opened, undo_state
 from applier.executor.layout import map_region, set_mm_map
 from applier.undo.log import (
     SavedRange,
     UndoBrk,
+    UndoFdClosed,
+    UndoFdOpened,
+    UndoFdState,
     UndoLog,
     UndoMapping,
     UndoMm,
@@ -66,6 +70,18 @@ def _regs(process: Process, undo: UndoLog, rec: UndoRegs) -> None:
     process.set_regs(rec.tid, rec.regs)
 
 
+def _fd_closed(process: Process, undo: UndoLog, rec: UndoFdClosed) -> None:
+    undo_closed(process, rec)
+
+
+def _fd_opened(process: Process, undo: UndoLog, rec: UndoFdOpened) -> None:
+    undo_opened(process, rec)
+
+
+def _fd_state(process: Process, undo: UndoLog, rec: UndoFdState) -> None:
+    undo_state(process, rec)
+
+
 _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoPages: _pages,
     UndoPageTable: _table,
@@ -75,6 +91,9 @@ _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoBrk: _brk,
     UndoMm: _mm,
     UndoRegs: _regs,
+    UndoFdClosed: _fd_closed,
+    UndoFdOpened: _fd_opened,
+    UndoFdState: _fd_state,
 }
 
 

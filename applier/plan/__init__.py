@@ -8,12 +8,16 @@ each, ``make`` puts a whole plan together in execution order.
 from applier.plan.make import make_plan
 from applier.plan.memory import restrict_to_pages
 from applier.plan.steps import (
+    CloseFd,
     CodeWrite,
     Discard,
+    DupFd,
     MapAnon,
     MapFile,
     Plan,
     Protect,
+    ReopenFd,
+    ResetFd,
     SavedRuns,
     SetBrk,
     SetMm,
@@ -26,12 +30,16 @@ from applier.plan.steps import (
 )
 
 __all__ = [
+    "CloseFd",
     "CodeWrite",
     "Discard",
+    "DupFd",
     "MapAnon",
     "MapFile",
     "Plan",
     "Protect",
+    "ReopenFd",
+    "ResetFd",
     "SavedRuns",
     "SetBrk",
     "SetMm",

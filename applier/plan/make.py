@@ -11,7 +11,7 @@ again, copied-on-write pages of private file mappings go back to the file's page
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import attrs
 import numpy as np
@@ -27,6 +27,7 @@ from applier.model import (
     merge_regions,
 )
 from applier.parts import Part
+from applier.plan.fds import plan_fds
 from applier.plan.layout import (
     check_running_threads,
     check_same_process,
@@ -64,8 +65,10 @@ def make_plan(
     dirty: npt.NDArray[np.uint64] | None = None,
     leave_shared: bool = False,
     scope: Sequence[tuple[int, int]] | None = None,
+    keep_fds: Collection[int] = (),
 ) -> Plan:
-    """All steps, in execution order: brk, mm fields, layout, discards, pages, registers.
+    """All steps, in execution order: brk, mm fields, layout, descriptors, discards, pages,
+    registers.
 
     ``dirty``, when given, is every page written since the target was last equal to the image
     (from a dirty tracker): pages outside it are equal already and are neither written nor
@@ -74,6 +77,8 @@ def make_plan(
     ``scope``, when given, is the only address ranges whose memory the image speaks for (an
     undo image, ``applier/undo_image.py``, holds just the pages an apply touched): pages are
     written and discarded inside it only, memory outside it is left as it is.
+
+    ``keep_fds``: descriptor numbers the fds part leaves as they are (``--keep-fd``).
     """
     parts = Part.of(parts)
     check_same_process(image, live)
@@ -114,6 +119,23 @@ def make_plan(
         recreated = recreated_by(layout)
     else:
         image_regions = _restrict_to_live(image_regions, _merge(live_regions))
+
+    if Part.FDS in parts:
+        if image.fds is None:
+            notes.append(
+                "the image holds no descriptor state (no ids/fdinfo images): descriptors "
+                "left as they are"
+            )
+        elif live.fds is None:
+            notes.append("the descriptor table was not read: descriptors left as they are")
+        elif image.pid != live.pid:
+            # another process's pipes and sockets are not this one's (--other-process)
+            notes.append(
+                f"the image is of pid {image.pid}, not {live.pid}: descriptors left as they are"
+            )
+        else:
+            # Injected calls, so before the page writes (see the discards below).
+            steps.extend(plan_fds(image.fds, live.fds, keep_fds, notes))
 
     if Part.MEMORY in parts:
         saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)

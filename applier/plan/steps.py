@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from applier.model import (
+    FdValue,
     Kind,
     Region,
     SavedPages,
@@ -384,13 +385,166 @@ class ThreadCall:
                 "image": self.image}  # fmt: skip
 
 
+# File status flags F_SETFL can change (fs/fcntl.c SETFL_MASK): the rest of the image's
+# flags (access mode, O_LARGEFILE, O_DIRECTORY ...) are fixed when a file is opened.
+SETFL_MASK = 0o2000 | 0o4000 | 0o20000 | 0o40000 | 0o1000000
+_FLAG_NAMES = ((0o2000, "O_APPEND"), (0o4000, "O_NONBLOCK"), (0o20000, "O_ASYNC"),
+               (0o40000, "O_DIRECT"), (0o1000000, "O_NOATIME"))  # fmt: skip
+_ACCESS = {0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR", 3: "O_ACCMODE"}
+
+
+def format_fd_flags(flags: int, *, access: bool = False) -> str:
+    """``O_RDWR|O_APPEND``: the F_SETFL-settable flags (and the access mode)."""
+    parts = [_ACCESS[flags & 3]] if access else []
+    parts += [name for bit, name in _FLAG_NAMES if flags & bit]
+    return "|".join(parts) or "0"
+
+
+def _cloexec(on: bool) -> str:
+    return "on" if on else "off"
+
+
+@attrs.frozen
+class CloseFd:
+    """A descriptor opened since the checkpoint, closed inside the target (its peer sees
+    EOF once nothing else holds the file; the kernel drops it from epoll sets)."""
+
+    op: ClassVar[str] = "close-fd"
+    layout: ClassVar[bool] = False
+    fd: FdValue  # the live descriptor
+    spare: int  # descriptors at and above this number are free for the apply's own use
+
+    def describe(self) -> str:
+        return f"close   {self.fd.describe()}: opened since the checkpoint"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "close-fd", "fd": self.fd.fd, "kind": self.fd.kind,
+                "path": self.fd.path, "what": self.fd.what}  # fmt: skip
+
+
+@attrs.frozen
+class ResetFd:
+    """An open file (the same one as at the checkpoint) set back: position (lseek), status
+    flags (F_SETFL), close-on-exec (F_SETFD). Each pair is (now, image), None if equal."""
+
+    op: ClassVar[str] = "reset-fd"
+    layout: ClassVar[bool] = False
+    fd: int
+    kind: str
+    path: str | None
+    pos: tuple[int, int] | None = None
+    flags: tuple[int, int] | None = None
+    cloexec: tuple[bool, bool] | None = None
+
+    def describe(self) -> str:
+        what = f" ({self.path})" if self.path is not None else f" ({self.kind.lower()})"
+        changes = []
+        if self.pos is not None:
+            changes.append(f"position {self.pos[0]} -> {self.pos[1]}")
+        if self.flags is not None:
+            changes.append(
+                f"flags {format_fd_flags(self.flags[0])} -> {format_fd_flags(self.flags[1])}"
+            )
+        if self.cloexec is not None:
+            changes.append(
+                f"close-on-exec {_cloexec(self.cloexec[0])} -> {_cloexec(self.cloexec[1])}"
+            )
+        return f"fd      {self.fd}{what}: {', '.join(changes)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        def pair(p: tuple[Any, Any] | None) -> dict[str, Any] | None:
+            return None if p is None else {"old": p[0], "new": p[1]}
+
+        flags = None
+        if self.flags is not None:
+            flags = {"old": format_fd_flags(self.flags[0]), "new": format_fd_flags(self.flags[1])}
+        return {"op": "reset-fd", "fd": self.fd, "kind": self.kind, "path": self.path,
+                "pos": pair(self.pos), "flags": flags, "cloexec": pair(self.cloexec)}  # fmt: skip
+
+
+@attrs.frozen
+class ReopenFd:
+    """A file closed since the checkpoint, or replaced at its number by another, opened again
+    inside the target at that number with its flags and position (openat, lseek, dup3)."""
+
+    op: ClassVar[str] = "reopen-fd"
+    layout: ClassVar[bool] = False
+    fd: int
+    path: str
+    flags: int  # the image's file status flags (access mode included)
+    pos: int
+    cloexec: bool
+    spare: int  # as CloseFd.spare
+    replaces: FdValue | None = None  # what is at that number now (None: closed)
+
+    def describe(self) -> str:
+        why = (
+            "closed since the checkpoint"
+            if self.replaces is None
+            else f"replacing {self.replaces.describe()}"
+        )
+        cloexec = ", close-on-exec" if self.cloexec else ""
+        return (
+            f"reopen  fd {self.fd} ({self.path}) {format_fd_flags(self.flags, access=True)} "
+            f"at {self.pos}{cloexec}: {why}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "reopen-fd",
+            "fd": self.fd,
+            "path": self.path,
+            "flags": format_fd_flags(self.flags, access=True),
+            "pos": self.pos,
+            "cloexec": self.cloexec,
+            "replaces": None if self.replaces is None else self.replaces.describe(),
+        }
+
+
+@attrs.frozen
+class DupFd:
+    """A pipe or socket closed (or replaced) at its number since the checkpoint but still open
+    at another one (moved by the program, or parked by an apply that was killed): duplicated
+    back to its number (dup3), sharing the same open file."""
+
+    op: ClassVar[str] = "dup-fd"
+    layout: ClassVar[bool] = False
+    fd: int
+    source: FdValue  # the live descriptor of the same object
+    cloexec: bool
+    spare: int  # as CloseFd.spare
+    replaces: FdValue | None = None
+
+    def describe(self) -> str:
+        why = (
+            "closed since the checkpoint"
+            if self.replaces is None
+            else f"replacing {self.replaces.describe()}"
+        )
+        return f"dup     {self.source.describe()} -> fd {self.fd}: {why}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "dup-fd",
+            "fd": self.fd,
+            "source": self.source.fd,
+            "kind": self.source.kind,
+            "what": self.source.what,
+            "cloexec": self.cloexec,
+            "replaces": None if self.replaces is None else self.replaces.describe(),
+        }
+
+
+FdStep = CloseFd | ResetFd | ReopenFd | DupFd
+
 Step = (
     Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
-    | SetRegs
+    | SetRegs | CloseFd | ResetFd | ReopenFd | DupFd
 )  # fmt: skip
 S = TypeVar(
-    "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared, SetRegs
-)
+    "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared,
+    SetRegs, CloseFd, ResetFd, ReopenFd, DupFd,
+)  # fmt: skip
 
 
 def recreated(steps: Iterable[Step]) -> list[tuple[int, int]]:
@@ -438,6 +592,9 @@ class Plan:
             "pages_to_discard": self.bytes_to_discard // self.page_size,
             "layout_changes": sum(s.layout for s in self.steps),
             "threads": len(self.of(SetRegs)),
+            "fd_changes": sum(
+                isinstance(s, CloseFd | ResetFd | ReopenFd | DupFd) for s in self.steps
+            ),
             "children_left_running": len(self.children),
         }
 

@@ -167,7 +167,8 @@ def capture(
     task = task_entries(process, process.maps())
     return Before(
         task=task,
-        parts=parts.labels(),
+        # The undo image holds no descriptor state: it speaks for the other parts only.
+        parts=(parts & ~Part.FDS).labels(),
         image=image,
         present=np.asarray(live.present, dtype=np.uint64) if exact_presence else None,
         anon=np.asarray(live.anon, dtype=np.uint64) if exact_presence else None,

@@ -34,6 +34,9 @@ from injector.regs import X86Regs
 __all__ = [
     "SavedRange",
     "UndoBrk",
+    "UndoFdClosed",
+    "UndoFdOpened",
+    "UndoFdState",
     "UndoLog",
     "UndoMapping",
     "UndoMm",
@@ -158,9 +161,38 @@ class UndoRegs(_NothingSpooled):
     xstate: bytes | None
 
 
+@attrs.frozen
+class UndoFdClosed(_NothingSpooled):
+    """A descriptor the apply closed (or replaced), kept alive at ``parked`` in the target
+    until the apply is done: rollback puts it back at ``fd`` (dup3) and closes ``parked``."""
+
+    fd: int
+    parked: int
+    cloexec: bool
+
+
+@attrs.frozen
+class UndoFdOpened(_NothingSpooled):
+    """A descriptor number the apply opened a file at: rollback closes it."""
+
+    fd: int
+
+
+@attrs.frozen
+class UndoFdState(_NothingSpooled):
+    """A descriptor's position, status flags and close-on-exec before the apply (None: left
+    as they were)."""
+
+    fd: int
+    pos: int | None
+    flags: int | None
+    cloexec: bool | None
+
+
 UndoRecord = (
     UndoPages | UndoPageTable | UndoMapping | UndoUnmap | UndoProtect | UndoBrk | UndoMm | UndoRegs
-)
+    | UndoFdClosed | UndoFdOpened | UndoFdState
+)  # fmt: skip
 
 
 @attrs.define
