@@ -168,6 +168,19 @@ def test_rollback_puts_back_globals_heap_mappings_and_break(target: Target) -> N
     assert_untouched(target)
 
 
+def test_rollback_closes_a_descriptor_the_call_opened(target: Target) -> None:
+    """The rollback covers the kernel state the fds part restores: a file the function
+    opened is closed again; without --rollback it stays open."""
+    before = fds(target.pid)
+    opened = call(target.pid, "open_file", "/etc/hostname", rollback=True)
+    assert opened.value is not None and opened.value >= 0 and opened.rolled_back
+    assert fds(target.pid) == before
+    kept = call(target.pid, "open_file", "/etc/hostname")
+    assert kept.value is not None and kept.value >= 0
+    assert fds(target.pid)[str(kept.value)] == "/etc/hostname"
+    assert_untouched(target)
+
+
 @pytest.mark.parametrize(
     ("function", "args", "sig"),
     [("crash", (0x10,), "SIGSEGV"), ("do_abort", (), "SIGABRT")],

@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 #include <signal.h>
 #include <time.h>
+#include <fcntl.h>
 
 #define PG 4096
 unsigned char area[8 * PG] __attribute__((aligned(PG)));
@@ -79,6 +80,10 @@ long greet(const char *s, long times) {  // the string lands in area page 3
     out[0] = 0;
     for (long i = 0; i < times && (i + 1) * n < PG - 1; i++) strcat((char *)out, s);
     return (long)(n * (size_t)times);
+}
+
+long open_file(const char *path) {  // a descriptor the call leaves open
+    return open(path, O_RDONLY);
 }
 
 long crash(long addr) {  // writes area page 4, then a store to addr
