@@ -130,12 +130,14 @@ def _same_file(path: Path, st: FileStat) -> bool:
 
 def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
     """One descriptor, or ``None`` if it was closed while being read."""
-    base = procfs / str(pid)
-    fd_path = base / "fd" / str(fd)
+    base = f"{procfs}/{pid}"  # strings, not Paths: a table of many descriptors is read often
+    fd_path = os.fsencode(f"{base}/fd/{fd}")
+    info_path = f"{base}/fdinfo/{fd}"
     for _ in range(_RETRIES):
         try:
-            link = os.readlink(bytes(fd_path))
-            text = (base / "fdinfo" / str(fd)).read_bytes()
+            link = os.readlink(fd_path)
+            with open(info_path, "rb", buffering=0) as fh:
+                text = fh.read()
         except FileNotFoundError:
             return None
         try:
@@ -143,7 +145,7 @@ def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
         except FileNotFoundError:
             st = None  # closed meanwhile, or a saved tree whose link leads nowhere
         try:
-            if os.readlink(bytes(fd_path)) != link:
+            if os.readlink(fd_path) != link:
                 continue  # closed and reopened as something else: read it again
         except FileNotFoundError:
             return None
@@ -153,7 +155,7 @@ def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
         memfd = None
         if st is not None and link.startswith(b"/"):
             if link.endswith(b" (deleted)") and st.nlink > 0:
-                real_name = _same_file(base / "root" / os.fsdecode(link[1:]), st)
+                real_name = _same_file(Path(base) / "root" / os.fsdecode(link[1:]), st)
             if link.startswith(MEMFD_PREFIX):
                 memfd = st.dev == _shmem_dev() and st.nlink == 0
         try:
