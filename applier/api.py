@@ -96,7 +96,10 @@ class _Image:
         dirty: npt.NDArray[np.uint64] | None,
         read_only: bool = False,
     ) -> tuple[Plan, LiveTask]:
-        live = live_task(process, self.task.page_size, dirty=dirty, read_only=read_only)
+        signals = self.task.signals if Part.SIGNALS in self.parts else None
+        live = live_task(
+            process, self.task.page_size, dirty=dirty, read_only=read_only, signals=signals
+        )
         ranges = None if self.scope is None else self.scope.ranges
         plan = make_plan(
             self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges

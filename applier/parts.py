@@ -1,4 +1,4 @@
-"""The parts of a process an apply can restore (``--restore memory,layout,brk,regs``)."""
+"""The parts of a process an apply can restore (``--restore memory,layout,brk,regs,signals``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class Part(enum.Flag):
     LAYOUT = enum.auto()  # mappings, protections and the mm fields (PR_SET_MM_MAP)
     BRK = enum.auto()  # the program break
     REGS = enum.auto()  # every thread's registers
-    ALL = MEMORY | LAYOUT | BRK | REGS
+    SIGNALS = enum.auto()  # signal dispositions and every thread's blocked mask
+    ALL = MEMORY | LAYOUT | BRK | REGS | SIGNALS
 
     @classmethod
     def parse(cls, text: str | None) -> Part:

@@ -10,7 +10,8 @@ was (ApplyFailed, exit 6), could not be put back (RollbackFailed, 7), or differe
 
 Each step's work has one home, a handler per step class in the tables below: ``layout``
 (brk, mm fields, mappings, protections, discards), ``pages`` (saved pages), ``shmem``
-(shared memory), ``registers``; ``rollback`` has one inverse per undo record.
+(shared memory), ``registers``, ``signals`` (dispositions, blocked masks); ``rollback``
+has one inverse per undo record.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from applier.errors import ApplyFailed, RollbackFailed, TargetGone, VerifyFailed
-from applier.executor import layout, pages, registers, shmem
+from applier.executor import layout, pages, registers, shmem, signals
 from applier.executor.context import ApplyStats, Context
 from applier.executor.rollback import rollback
 from applier.plan import (
@@ -32,6 +33,8 @@ from applier.plan import (
     SetBrk,
     SetMm,
     SetRegs,
+    SetSigactions,
+    SetSigmask,
     Step,
     Unmap,
     WritePages,
@@ -57,6 +60,8 @@ _RUN: dict[type[Step], Handler] = {
     WriteShared: shmem.write_shared,
     WritePages: pages.write_pages,
     SetRegs: registers.set_regs,
+    SetSigactions: signals.set_sigactions,
+    SetSigmask: signals.set_sigmask,
 }
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
@@ -68,6 +73,8 @@ _VERIFY: dict[type[Step], Handler] = {
     Discard: layout.verify_discard,
     WriteShared: shmem.verify_shared,
     SetRegs: registers.verify_regs,
+    SetSigactions: signals.verify_sigactions,
+    SetSigmask: signals.verify_sigmask,
 }
 
 

@@ -28,6 +28,8 @@ class ApplyStats:
     bytes_discarded: int = 0
     layout_changes: int = 0
     threads: int = 0
+    signals: int = 0  # dispositions set
+    sigmasks: int = 0  # threads whose blocked mask was set
     syscalls_restarted: int = 0
     verified: bool = False
     seconds: float = 0.0
@@ -51,6 +53,9 @@ class Context:
     keep_mapped: bool = False
     progress: bool = True
     stats: ApplyStats = attrs.field(factory=ApplyStats)
+    # What a step read back while it ran, for verification after the page writes (when
+    # nothing may be injected any more): the dispositions of a sigaction step.
+    read_back: dict[object, dict[int, tuple[int, int, int, int]]] = attrs.field(factory=dict)
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
 
     @property

@@ -19,6 +19,8 @@ from applier.undo.log import (
     UndoProtect,
     UndoRecord,
     UndoRegs,
+    UndoSigactions,
+    UndoSigmask,
     UndoUnmap,
 )
 from injector.process import Process
@@ -66,6 +68,14 @@ def _regs(process: Process, undo: UndoLog, rec: UndoRegs) -> None:
     process.set_regs(rec.tid, rec.regs)
 
 
+def _sigactions(process: Process, undo: UndoLog, rec: UndoSigactions) -> None:
+    process.set_sigactions(dict(rec.actions))
+
+
+def _sigmask(process: Process, undo: UndoLog, rec: UndoSigmask) -> None:
+    process.set_sigmask(rec.tid, rec.mask)
+
+
 _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoPages: _pages,
     UndoPageTable: _table,
@@ -75,6 +85,8 @@ _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoBrk: _brk,
     UndoMm: _mm,
     UndoRegs: _regs,
+    UndoSigactions: _sigactions,
+    UndoSigmask: _sigmask,
 }
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "UndoProtect",
     "UndoRecord",
     "UndoRegs",
+    "UndoSigactions",
+    "UndoSigmask",
     "UndoUnmap",
 ]
 
@@ -143,9 +145,23 @@ class UndoRegs(_NothingSpooled):
     xstate: bytes | None
 
 
+@attrs.frozen
+class UndoSigactions(_NothingSpooled):
+    """Dispositions before a sigaction step: (signal, (handler, flags, restorer, mask))."""
+
+    actions: tuple[tuple[int, tuple[int, int, int, int]], ...]
+
+
+@attrs.frozen
+class UndoSigmask(_NothingSpooled):
+    tid: int
+    mask: int
+
+
 UndoRecord = (
     UndoPages | UndoPageTable | UndoMapping | UndoUnmap | UndoProtect | UndoBrk | UndoMm | UndoRegs
-)
+    | UndoSigactions | UndoSigmask
+)  # fmt: skip
 
 
 @attrs.define
