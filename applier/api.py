@@ -109,7 +109,10 @@ class _Image:
         read_only: bool = False,
         tracker: DirtyTracker | None = None,
     ) -> tuple[Plan, LiveTask]:
-        live = live_task(process, self.task.page_size, dirty=dirty, read_only=read_only)
+        signals = self.task.signals if Part.SIGNALS in self.parts else None
+        live = live_task(
+            process, self.task.page_size, dirty=dirty, read_only=read_only, signals=signals
+        )
         if Part.FDS in self.parts and self.task.fds is not None:
             live = attrs.evolve(live, fds=live_fds(process.descriptors(sock_diag=False)))
         keep = set(self.keep_fds)

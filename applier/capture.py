@@ -19,10 +19,11 @@ import numpy.typing as npt
 from applier import xsave
 from applier.fds import elf_build_id
 from applier.limits import PAGE
-from applier.model import Kind, LiveTask, Region
+from applier.model import Kind, LiveTask, Region, Sigaction, SignalState
 from formats.core import (
     CoreEntry,
     RseqEntry,
+    SaEntry,
     TaskCoreEntry,
     ThreadCoreEntry,
     ThreadInfoX86,
@@ -35,6 +36,13 @@ from formats.imagewriter import regular_file
 from formats.inventory import PstreeEntry
 from formats.mm import MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, MmEntry, VmaEntry
 from formats.mm import VmaStatus as S
+from formats.signals import (
+    SIGACTION_SIGNALS,
+    ItimerEntry,
+    SiginfoEntry,
+    SignalQueueEntry,
+    TaskTimersEntry,
+)
 from injector.maps import Mapping, holds_data, own_copies
 from injector.process import Process
 from injector.regs import X86Regs
@@ -42,6 +50,7 @@ from injector.regs import X86Regs
 __all__ = [
     "TaskEntries",
     "dump_selection",
+    "live_signals",
     "live_task",
     "mm_fields",
     "present_pages",
@@ -102,12 +111,39 @@ def _ip_sp(regs: X86Regs) -> tuple[int, int]:
     return regs.ip, regs.sp
 
 
+_SIGCHLD = 17  # its flags matter even for SIG_DFL (SA_NOCLDSTOP, SA_NOCLDWAIT)
+
+
+def live_signals(process: Process, image: SignalState, *, read_only: bool) -> SignalState:
+    """The live signal state to compare with the image's: every thread's blocked mask
+    (PTRACE_GETSIGMASK) and which signals are ignored or handled (/proc/PID/status), which
+    need no injection; and, unless ``read_only``, the exact disposition (injected
+    ``rt_sigaction``) of each signal that may differ from the image: handled now or in the
+    image, of another kind than in the image, and SIGCHLD. A signal left out is of the same
+    kind (default or ignored) on both sides, which no flag or mask changes."""
+    ignored, caught = process.sig_dispositions()
+    blocked = {tid: process.get_sigmask(tid) for tid in process.tids}
+    live = SignalState({}, ignored, caught, blocked)
+    if read_only:
+        return live
+    want = [
+        sig
+        for sig in SIGACTION_SIGNALS
+        if sig == _SIGCHLD
+        or (caught | image.caught) >> (sig - 1) & 1
+        or live.kind(sig) != image.kind(sig)
+    ]
+    actions = {sig: Sigaction(*value) for sig, value in process.sigactions(want).items()}
+    return attrs.evolve(live, actions=actions)
+
+
 def live_task(
     process: Process,
     page: int,
     *,
     read_only: bool = False,
     dirty: npt.NDArray[np.uint64] | None = None,
+    signals: SignalState | None = None,
 ) -> LiveTask:
     """The planner's view of the stopped ``process``.
 
@@ -117,6 +153,9 @@ def live_task(
     With ``dirty`` (every page written since the target equalled the image) the pagemap is
     not read: only dirty pages can need discarding, and discarding a page that turns out not
     to be present, or to be the file's own page, changes nothing.
+
+    ``signals``: the image's signal state, to read the live one against (``live_signals``);
+    None leaves the signal state unread.
     """
     pid = process.pid
     regions = sorted((region_from_mapping(m) for m in process.maps()), key=lambda r: r.start)
@@ -140,6 +179,7 @@ def live_task(
             (child, comm, ticks * 1_000_000 // _CLK_TCK)
             for child, comm, ticks in process.children()
         ),
+        signals=None if signals is None else live_signals(process, signals, read_only=read_only),
     )
 
 
@@ -183,11 +223,36 @@ def _core(process: Process, tid: int, leader: bool, comm: str) -> CoreEntry:
         core.thread_core.rseq_entry = RseqEntry(
             rseq_abi_pointer=rseq[0], rseq_abi_size=rseq[1], signature=rseq[2]
         )
+    mask = process.get_sigmask(tid)
+    core.thread_core.signals_p = _queue(process.pending_signals(tid))
     if leader:
         core.tc = TaskCoreEntry(
-            task_state=1, exit_code=0, personality=0, flags=0, blk_sigset=0, comm=comm
+            task_state=1, exit_code=0, personality=0, flags=0, blk_sigset=mask, comm=comm
         )
+    else:
+        core.thread_core.blk_sigset = mask  # the leader's is tc.blk_sigset, as CRIU has it
     return core
+
+
+def _queue(siginfos: list[bytes]) -> SignalQueueEntry:
+    return SignalQueueEntry(signals=[SiginfoEntry(siginfo=bytes(si)) for si in siginfos])
+
+
+def _task_signals(process: Process, tc: TaskCoreEntry) -> None:
+    """The process-wide signal state into the leader's ``tc``, as CRIU 4.2 records it: 62
+    ``sigactions`` (injected ``rt_sigaction``, native: ``compat_sigaction`` false), the
+    interval timers (injected ``getitimer``) and the shared pending queue."""
+    actions = process.sigactions(SIGACTION_SIGNALS)
+    tc.sigactions = [
+        SaEntry(sigaction=h, flags=f, restorer=r, mask=m, compat_sigaction=False)
+        for h, f, r, m in (actions[sig] for sig in SIGACTION_SIGNALS)
+    ]
+    real, virt, prof = (
+        ItimerEntry(isec=isec, iusec=iusec, vsec=vsec, vusec=vusec)
+        for isec, iusec, vsec, vusec in process.getitimers()
+    )
+    tc.timers = TaskTimersEntry(real=real, virt=virt, prof=prof)
+    tc.signals_s = _queue(process.pending_signals(process.pid, shared=True))
 
 
 @attrs.frozen
@@ -266,6 +331,9 @@ def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
         vmas=vmas,
     )
     cores = {tid: _core(process, tid, tid == pid, comm) for tid in process.tids}
+    tc = cores[pid].tc
+    assert tc is not None
+    _task_signals(process, tc)
     _ppid, pgid, sid = process.stat_ids()
     # ppid 0: the root of the dumped tree, as CRIU writes it (crit x ps looks parents up in
     # the image and fails on a pid that is not there).

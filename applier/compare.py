@@ -8,6 +8,8 @@ page. Narrowing reads the target (nothing is written) and keeps:
 * of a discard, the anonymous pages that hold non-zero bytes and the copied file pages whose
   bytes differ from the file at their offset;
 * of shared memory, the objects whose saved pages differ or whose holes hold pages;
+* of the sigaction step, the signals whose disposition is known to differ (a read-only plan
+  knows a live disposition only by kind, from /proc: default, ignored or handled);
 * of the register steps, the threads whose general-purpose registers differ (an interrupted
   syscall compares as the call it restarts, so a thread resumed into ``restart_syscall`` since
   the checkpoint is the same thread at the same place);
@@ -34,6 +36,7 @@ from applier.plan import (
     Discard,
     Plan,
     SetRegs,
+    SetSigactions,
     Step,
     ThreadCall,
     WritePages,
@@ -70,6 +73,7 @@ class _Narrowing:
     cores: dict[int, CoreEntry]
     masks: dict[int, list[tuple[int, int]]]
     unchanged: int = 0
+    uncompared: int = 0  # handled signals whose handlers a read-only plan did not read
 
     def pages(self, step: WritePages) -> Step | None:
         page, recreated = self.plan.page_size, self.plan.recreated()
@@ -88,6 +92,14 @@ class _Narrowing:
     def regs(self, step: SetRegs) -> Step | None:
         return step if regs_differ(self.process, step, self.cores) else None
 
+    def sigactions(self, step: SetSigactions) -> Step | None:
+        """Of a read-only plan's dispositions, those known to differ: a signal handled both
+        now and in the image is not compared (its handler can only be read by an injected
+        call), and a note says so."""
+        self.uncompared += len(step.unread)
+        kept = tuple(a for a in step.actions if a[0] not in step.unread)
+        return SetSigactions(kept) if kept else None
+
 
 # Steps whose effect depends on what the target holds; every other step is a difference.
 _NARROW: dict[type[Step], Callable[[_Narrowing, Any], Step | None]] = {
@@ -95,6 +107,7 @@ _NARROW: dict[type[Step], Callable[[_Narrowing, Any], Step | None]] = {
     Discard: _Narrowing.discard,
     WriteShared: _Narrowing.shared,
     SetRegs: _Narrowing.regs,
+    SetSigactions: _Narrowing.sigactions,
 }
 
 
@@ -108,7 +121,15 @@ def narrow(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Narrowe
         if kept is not None:
             steps.append(kept)
     calls = tuple(thread_calls(process, plan, cores))
-    return Narrowed(attrs.evolve(plan, steps=tuple(steps), threads=calls), work.unchanged)
+    notes = plan.notes
+    if work.uncompared:
+        notes += (
+            f"{work.uncompared} signals have a handler now and in the image: their handlers "
+            "are not compared (that needs a call injected into the target; apply reads and "
+            "restores them)",
+        )
+    narrowed = attrs.evolve(plan, steps=tuple(steps), threads=calls, notes=notes)
+    return Narrowed(narrowed, work.unchanged)
 
 
 def _call(values: dict[str, int]) -> str | None:

@@ -8,9 +8,17 @@ present pages of private anonymous VMAs (PE_PRESENT|PE_LAZY), copied-on-write pa
 file VMAs (PE_PRESENT), the whole vDSO; never VVAR, never shared mappings. Page data streams
 from the target to the pages file in chunks, so dumping 1 GiB needs a few MiB of memory.
 
+The signal state goes where CRIU 4.2 keeps it (criu/cr-dump.c, criu/parasite-syscall.c): in
+the leader's ``core.tc`` the 62 ``sigactions`` (injected ``rt_sigaction``), the leader's
+blocked mask ``blk_sigset``, the interval timers ``timers`` (injected ``getitimer``) and the
+shared pending queue ``signals_s``; in every other thread's ``thread_core`` its blocked mask
+``blk_sigset`` (PTRACE_GETSIGMASK); in every thread's its private queue ``signals_p``
+(PTRACE_PEEKSIGINFO, nothing dequeued).
+
 The process is stopped (every thread) for the duration of the dump and detached at the end.
 Descriptors are recorded as CRIU 4.2 records them (``applier.fds``: ids, fdinfo, fs, the file
-objects in files.img, pipes-data, memfd); signals and namespaces are not dumped, nor TCP
+objects in files.img, pipes-data, memfd), and the signal state CRIU keeps in core
+(dispositions, blocked masks, itimers, pending queues); namespaces are not dumped, nor TCP
 stream state or socket queues: an image written here is for ``applier apply``, not for
 ``criu restore``.
 """

@@ -6,13 +6,24 @@ from __future__ import annotations
 
 from applier.errors import MismatchError
 from applier.fds import image_fds
-from applier.model import MM_FIELDS, ImageTask, Kind, Region, SavedPages, SharedObject
+from applier.model import (
+    MM_FIELDS,
+    ImageTask,
+    Kind,
+    Region,
+    SavedPages,
+    SharedObject,
+    Sigaction,
+    SignalState,
+)
 from formats import names
+from formats.core import CoreEntry
 from formats.imagedir import ImageDir
 from formats.mm import MAP_GROWSDOWN, VmaEntry
 from formats.mm import VmaStatus as S
+from formats.signals import SIGACTION_SIGNALS, SignalQueueEntry
 
-__all__ = ["image_task", "region_from_vma"]
+__all__ = ["image_signals", "image_task", "region_from_vma"]
 
 
 def region_from_vma(vma: VmaEntry, path: str | None) -> Region | None:
@@ -94,4 +105,51 @@ def image_task(img: ImageDir, pid: int | None = None) -> ImageTask:
         children=tuple(int(e.pid) for e in img.pstree if int(e.ppid) == pid),
         dump_uptime=img.inventory.dump_uptime,
         fds=image_fds(img, pid),
+        signals=(
+            image_signals({t: img.core(t) for t in threads}, pid)
+            if all(img.has(names.core(t)) for t in threads)
+            else None
+        ),
     )
+
+
+def _queued(tid: int, queue: SignalQueueEntry | None) -> list[tuple[int, int, int]]:
+    return [(tid, q.si_signo, q.si_code) for q in (queue.signals if queue else [])]
+
+
+def image_signals(cores: dict[int, CoreEntry], pid: int) -> SignalState | None:
+    """The signal state CRIU keeps in the cores (criu/cr-dump.c, parasite-syscall.c):
+    ``tc.sigactions`` (62 entries, signals 1..64 without SIGKILL and SIGSTOP), the leader's
+    blocked mask in ``tc.blk_sigset``, every other thread's in ``thread_core.blk_sigset``
+    (CRIU's restore takes the leader's where a thread has none), the shared pending queue
+    ``tc.signals_s`` and each thread's ``thread_core.signals_p``, the itimers ``tc.timers``.
+    None when the image has no sigactions (older images and applier's own before 0.x): then
+    there is nothing to restore."""
+    tc = cores[pid].tc
+    if tc is None or len(tc.sigactions) != len(SIGACTION_SIGNALS):
+        return None
+    actions = {
+        sig: Sigaction(int(e.sigaction), int(e.flags), int(e.restorer), int(e.mask))
+        for sig, e in zip(SIGACTION_SIGNALS, tc.sigactions, strict=True)
+    }
+    ignored = caught = 0
+    for sig, a in actions.items():
+        if a.kind == "ignore":
+            ignored |= 1 << (sig - 1)
+        elif a.kind == "handler":
+            caught |= 1 << (sig - 1)
+    blocked: dict[int, int] = {}
+    pending = _queued(0, tc.signals_s)
+    for tid, core in cores.items():
+        th = core.thread_core
+        own = th.blk_sigset if th is not None and tid != pid else None
+        blocked[tid] = int(own if own is not None else tc.blk_sigset)
+        pending += _queued(tid, th.signals_p if th is not None else None)
+    timers = tc.timers
+    itimers: tuple[tuple[int, int, int, int], ...] = ()
+    if timers is not None:
+        itimers = tuple(
+            (int(t.isec), int(t.iusec), int(t.vsec), int(t.vusec))
+            for t in (timers.real, timers.virt, timers.prof)
+        )
+    return SignalState(actions, ignored, caught, blocked, tuple(pending), itimers)

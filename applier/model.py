@@ -28,6 +28,8 @@ __all__ = [
     "Region",
     "SavedPages",
     "SharedObject",
+    "Sigaction",
+    "SignalState",
     "format_prot",
     "merge_regions",
 ]
@@ -176,6 +178,53 @@ class SharedObject:
 
 
 @attrs.frozen
+class Sigaction:
+    """One signal's disposition as ``rt_sigaction`` sees it (CRIU's ``sa_entry``): handler
+    (0 SIG_DFL, 1 SIG_IGN, else an address), ``sa_flags``, ``sa_restorer``, ``sa_mask``."""
+
+    handler: int
+    flags: int
+    restorer: int
+    mask: int
+
+    @property
+    def kind(self) -> str:
+        """ "default", "ignore" or "handler"."""
+        return {0: "default", 1: "ignore"}.get(self.handler, "handler")
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.handler, self.flags, self.restorer, self.mask
+
+
+@attrs.frozen
+class SignalState:
+    """The signal state of one task.
+
+    ``actions``: signal -> disposition, for the signals known exactly (an image: every one
+    but SIGKILL and SIGSTOP; a live task: those read with an injected call). ``ignored`` and
+    ``caught``: masks of the signals ignored and handled (a live task: /proc/PID/status,
+    which needs no injection; an image: from ``actions``). ``blocked``: tid -> blocked mask.
+    ``pending``: (tid, or 0 for the process's shared queue, signal number, si_code) of each
+    queued signal. ``itimers``: ITIMER_REAL/VIRTUAL/PROF as (interval s, us, value s, us),
+    if known."""
+
+    actions: dict[int, Sigaction]
+    ignored: int
+    caught: int
+    blocked: dict[int, int]
+    pending: tuple[tuple[int, int, int], ...] = ()
+    itimers: tuple[tuple[int, int, int, int], ...] = ()
+
+    def kind(self, sig: int) -> str:
+        """ "default", "ignore" or "handler" for ``sig`` (from ``actions`` when known)."""
+        known = self.actions.get(sig)
+        if known is not None:
+            return known.kind
+        bit = 1 << (sig - 1)
+        return "handler" if self.caught & bit else "ignore" if self.ignored & bit else "default"
+
+
+@attrs.frozen
 class ImageTask:
     """The image side of one task, reduced to what the planner needs."""
 
@@ -193,6 +242,7 @@ class ImageTask:
     dump_uptime: int | None = None  # when the image was taken, microseconds since boot
     # The descriptor table at the checkpoint; None: the image has no descriptor state.
     fds: tuple[FdValue, ...] | None = None
+    signals: SignalState | None = None  # None: the image holds no signal state
 
 
 @attrs.frozen
@@ -217,3 +267,4 @@ class LiveTask:
     children: tuple[tuple[int, str, int], ...] = ()
     # The descriptor table now (read only when the fds part is restored).
     fds: tuple[FdValue, ...] | None = None
+    signals: SignalState | None = None  # None: not read

@@ -1,4 +1,5 @@
-"""The parts of a process an apply can restore (``--restore memory,layout,brk,regs,fds``)."""
+"""The parts of a process an apply can restore
+(``--restore memory,layout,brk,regs,fds,signals``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class Part(enum.Flag):
     BRK = enum.auto()  # the program break
     REGS = enum.auto()  # every thread's registers
     FDS = enum.auto()  # the descriptor table: close new ones, reopen files, positions, flags
-    ALL = MEMORY | LAYOUT | BRK | REGS | FDS
+    SIGNALS = enum.auto()  # signal dispositions and every thread's blocked mask
+    ALL = MEMORY | LAYOUT | BRK | REGS | FDS | SIGNALS
 
     @classmethod
     def parse(cls, text: str | None) -> Part:

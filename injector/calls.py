@@ -9,7 +9,8 @@ calls and the same scratch-memory helper for calls that take a pointer. Numbers 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from injector.regs import Arch
@@ -41,6 +42,9 @@ O_RDONLY, O_CLOEXEC = 0, 0o2000000
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 PAGE = 4096
 _U64 = (1 << 64) - 1
+# struct kernel_sigaction (x86-64): handler, flags, restorer, one 64-bit mask word
+_SIGACTION = struct.Struct("<QQQQ")
+SIGSET_SIZE = 8
 
 
 class NamedCalls:
@@ -53,6 +57,9 @@ class NamedCalls:
         raise NotImplementedError
 
     def write(self, address: int, data: Buffer) -> None:
+        raise NotImplementedError
+
+    def read(self, address: int, size: int) -> bytes:
         raise NotImplementedError
 
     def nr(self, name: str) -> int:
@@ -110,6 +117,41 @@ class NamedCalls:
     def userfaultfd(self, flags: int) -> int:
         """A userfaultfd created inside the target (its descriptor number there)."""
         return self.call("userfaultfd", flags)
+
+    def sigactions(self, signals: Iterable[int]) -> dict[int, tuple[int, int, int, int]]:
+        """(handler, flags, restorer, mask) of each of ``signals``, read with injected
+        ``rt_sigaction(sig, NULL, &old)`` calls (the table is the process's: any thread)."""
+        wanted = list(signals)
+        out: dict[int, tuple[int, int, int, int]] = {}
+        if not wanted:
+            return out
+        with self.scratch(bytes(_SIGACTION.size * len(wanted))) as where:
+            for i, sig in enumerate(wanted):
+                self.call("rt_sigaction", sig, 0, where + i * _SIGACTION.size, SIGSET_SIZE)
+            data = self.read(where, _SIGACTION.size * len(wanted))
+        for i, sig in enumerate(wanted):
+            out[sig] = _SIGACTION.unpack_from(data, i * _SIGACTION.size)
+        return out
+
+    def set_sigactions(self, actions: dict[int, tuple[int, int, int, int]]) -> None:
+        """Install each (handler, flags, restorer, mask) with an injected ``rt_sigaction``,
+        as given: ``sa_restorer`` and the flags are the saved ones (no libc in between)."""
+        if not actions:
+            return
+        blob = b"".join(_SIGACTION.pack(*(v & _U64 for v in a)) for a in actions.values())
+        with self.scratch(blob) as where:
+            for i, sig in enumerate(actions):
+                self.call("rt_sigaction", sig, where + i * _SIGACTION.size, 0, SIGSET_SIZE)
+
+    def getitimers(self) -> list[tuple[int, int, int, int]]:
+        """ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF, each as (interval s, interval us,
+        value s, value us) (injected ``getitimer``; the value is the time left)."""
+        size = 32  # struct itimerval: it_interval, it_value (timeval: s, us)
+        with self.scratch(bytes(3 * size)) as where:
+            for which in range(3):
+                self.call("getitimer", which, where + which * size)
+            data = self.read(where, 3 * size)
+        return [struct.unpack_from("<QQQQ", data, i * size) for i in range(3)]
 
     @contextlib.contextmanager
     def scratch(self, data: bytes, *, tid: int | None = None) -> Iterator[int]:

@@ -46,6 +46,7 @@ from injector.maps import (
 from injector.memory import MemoryIO
 from injector.process import IovIO
 from injector.regs import X86Regs
+from injector.signals import parse_status_signals
 from injector.syscalls import NR, syscall_name
 from injector.tracer import Tracer, _errno, _signals_deferred, _status_fields
 
@@ -58,6 +59,11 @@ _PROC: Final = "/proc"
 _PAGE: Final = 4096
 _XSTATE_MAX: Final = 1 << 16
 _PTRACE_GET_RSEQ_CONFIGURATION: Final = 0x420F
+_PTRACE_PEEKSIGINFO: Final = 0x4209
+_PTRACE_GETSIGMASK: Final = 0x420A
+_PTRACE_SETSIGMASK: Final = 0x420B
+_PEEKSIGINFO_SHARED: Final = 1
+_SIGINFO_SIZE: Final = 128
 _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTRACE_DETACH})
 # Calls that never change the address space: an injected one keeps the cached layout (the
 # other threads stay stopped meanwhile). ``brk(0)`` only asks for the break.
@@ -304,6 +310,52 @@ class Session(Tracer, NamedCalls):
         if n <= 0 or conf[0] == 0:
             return None
         return int(conf[0]), int(conf[1]) & 0xFFFFFFFF, int(conf[1]) >> 32
+
+    # ---- signal state that ptrace shows ---------------------------------------------------
+
+    def get_sigmask(self, tid: int) -> int:
+        """The thread's blocked signals (PTRACE_GETSIGMASK): bit N-1 for signal N."""
+        mask = ctypes.c_uint64(0)
+        self.request(_PTRACE_GETSIGMASK, self.check(tid), 8, ctypes.addressof(mask))
+        return int(mask.value)
+
+    def set_sigmask(self, tid: int, mask: int) -> None:
+        """Replace the thread's blocked signals (PTRACE_SETSIGMASK; the kernel never blocks
+        SIGKILL and SIGSTOP, whatever the mask says)."""
+        value = ctypes.c_uint64(mask & ((1 << 64) - 1))
+        self.request(_PTRACE_SETSIGMASK, self.check(tid), 8, ctypes.addressof(value))
+
+    def sig_dispositions(self) -> tuple[int, int]:
+        """(ignored, caught) masks of the process's handler table, from /proc/PID/status
+        (SigIgn, SigCgt): which signals are ignored or handled, without injecting anything."""
+
+        def read() -> tuple[int, int]:
+            with open(f"{_PROC}/{self.pid}/status", "rb") as f:
+                fields = parse_status_signals(f.read())
+            return fields["SigIgn"], fields["SigCgt"]
+
+        got = self._proc(read, "/proc/PID/status")
+        assert isinstance(got, tuple)
+        return got
+
+    def pending_signals(self, tid: int, *, shared: bool = False) -> list[bytes]:
+        """The queued signals of thread ``tid`` (``shared``: of the whole thread group), each
+        as the kernel's 128-byte ``siginfo_t`` (PTRACE_PEEKSIGINFO, as CRIU dumps them);
+        nothing is dequeued."""
+        out: list[bytes] = []
+        batch = 32
+        buf = ctypes.create_string_buffer(batch * _SIGINFO_SIZE)
+        # struct ptrace_peeksiginfo_args {u64 off; u32 flags; s32 nr}
+        args = (ctypes.c_uint64 * 2)()
+        while True:
+            args[0] = len(out)
+            args[1] = (_PEEKSIGINFO_SHARED if shared else 0) | (batch << 32)
+            n = self.request(
+                _PTRACE_PEEKSIGINFO, self.check(tid), ctypes.addressof(args), ctypes.addressof(buf)
+            )
+            if n <= 0:
+                return out
+            out.extend(buf.raw[i * _SIGINFO_SIZE : (i + 1) * _SIGINFO_SIZE] for i in range(n))
 
     def get_fpregs(self, tid: int) -> bytes:
         """The 512-byte FXSAVE area (NT_PRFPREG, ``struct user_fpregs_struct``)."""

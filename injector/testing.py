@@ -66,6 +66,7 @@ _MM_MAP_ORDER = (
     "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
     "start_stack", "arg_start", "arg_end", "env_start", "env_end",
 )  # fmt: skip
+_UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
 _NAMES = {nr: name for name, nr in NR[Arch.X86_64].items()}
 
 
@@ -122,6 +123,12 @@ class FakeProcess(NamedCalls):
         self.unreadable: set[int] = set()  # page addresses whose reads fail (EFAULT)
         self.gone = False
         self.child_processes: list[tuple[int, str, int]] = []
+        # signal state: the handler table (signal -> handler, flags, restorer, mask), each
+        # thread's blocked mask, queued siginfos (tid, or 0 for the shared queue), itimers
+        self.actions: dict[int, tuple[int, int, int, int]] = {}
+        self.sigmasks: dict[int, int] = dict.fromkeys(self._tids, 0)
+        self.queued: dict[int, list[bytes]] = {}
+        self.itimers: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * 3
         self.stopped_before = False  # as if it had been in a group stop when attached
         self._held = False
         self.epoch = 0  # layout_epoch: every injected call counts as a possible change
@@ -352,6 +359,27 @@ class FakeProcess(NamedCalls):
     def rseq_config(self, tid: int) -> tuple[int, int, int] | None:
         return self.rseq[self._thread(tid)]
 
+    # ---- Process: signal state -------------------------------------------------------------
+
+    def get_sigmask(self, tid: int) -> int:
+        return self.sigmasks.get(self._thread(tid), 0)
+
+    def set_sigmask(self, tid: int, mask: int) -> None:
+        self.calls.append(("PTRACE_SETSIGMASK", (tid, mask)))
+        self.sigmasks[self._thread(tid)] = mask & ~_UNBLOCKABLE & _U64
+
+    def sig_dispositions(self) -> tuple[int, int]:
+        ignored = caught = 0
+        for sig, (handler, *_rest) in self.actions.items():
+            if handler == 1:
+                ignored |= 1 << (sig - 1)
+            elif handler:
+                caught |= 1 << (sig - 1)
+        return ignored, caught
+
+    def pending_signals(self, tid: int, *, shared: bool = False) -> list[bytes]:
+        return list(self.queued.get(0 if shared else self._thread(tid), []))
+
     # ---- Process: facts ------------------------------------------------------------------
 
     def exe(self) -> str | None:
@@ -550,6 +578,24 @@ class FakeProcess(NamedCalls):
         self.brk_start = values.pop("start_brk")
         values.pop("brk")
         self.mm.update(values)
+        return 0
+
+    def _sys_rt_sigaction(self, sig: int, new: int, old: int, size: int) -> int:
+        if size != 8 or not 1 <= sig <= 64:
+            raise _Errno(errno.EINVAL)
+        if new and sig in (9, 19):
+            raise _Errno(errno.EINVAL)
+        if old:
+            self._store(old, struct.pack("<4Q", *self.actions.get(sig, (0, 0, 0, 0))))
+        if new:
+            h, f, r, m = struct.unpack("<4Q", self._load(new, 32))
+            self.actions[sig] = (h, f, r, m & ~_UNBLOCKABLE)
+        return 0
+
+    def _sys_getitimer(self, which: int, addr: int) -> int:
+        if not 0 <= which < 3:
+            raise _Errno(errno.EINVAL)
+        self._store(addr, struct.pack("<4Q", *self.itimers[which]))
         return 0
 
     def _sys_openat(self, dirfd: int, path_addr: int, flags: int = 0, mode: int = 0) -> int:

@@ -80,7 +80,7 @@ def test_undo_image_puts_the_target_back_byte_for_byte(target: Target, tmp_path:
         assert all(x[1] == y[0] for x, y in itertools.pairwise(inside)), hex(a)
     scope = load_scope(undo)
     assert scope is not None and scope.pid == target.pid and scope.outcome == "applied"
-    assert set(scope.parts) == {"memory", "layout", "brk", "regs"}
+    assert set(scope.parts) == {"memory", "layout", "brk", "regs", "signals"}
     img.close()
 
     back = apply(undo, target.pid)

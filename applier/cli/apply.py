@@ -178,6 +178,7 @@ def print_plan(plan: Plan, headline: str | None = None) -> None:
             f"{s['pages_to_write']} pages to write{unchanged}, {s['pages_to_discard']} to "
             f"discard, {s['layout_changes']} layout changes, {s['threads']} threads"
             + _fd_text(s["fd_changes"])
+            + _signal_counts(s)
         )
     print(headline)
     for step in plan.steps:
@@ -186,6 +187,13 @@ def print_plan(plan: Plan, headline: str | None = None) -> None:
         print(f"  {call.describe()}")
     for note in plan.notes:
         print(f"  note: {note}")
+
+
+def _signal_counts(s: dict[str, int]) -> str:
+    """``, 2 signal dispositions, 1 blocked masks`` when the plan changes signal state."""
+    if not s.get("signals") and not s.get("sigmasks"):
+        return ""
+    return f", {s['signals']} signal dispositions, {s['sigmasks']} blocked masks"
 
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -217,7 +225,9 @@ def run_diff(args: argparse.Namespace) -> int:
             f"pid {plan.pid} differs from image task {plan.image_pid} of {args.image_dir}: "
             f"{s['pages_to_write']} pages differ ({s['pages_unchanged']} the same), "
             f"{s['pages_to_discard']} pages to discard, {s['layout_changes']} layout changes, "
-            f"{s['threads']} threads with other registers" + _fd_text(s["fd_changes"]),
+            f"{s['threads']} threads with other registers"
+            + _fd_text(s["fd_changes"])
+            + _signal_counts(s),
         )
     return EXIT_DIFFERENT if differs else EXIT_OK
 
@@ -289,6 +299,8 @@ def _summary(result: ApplyResult) -> str:
     ]
     if st.fd_changes:
         parts.append(f"{st.fd_changes} descriptor changes")
+    if st.signals or st.sigmasks:
+        parts.append(f"{st.signals} signal dispositions, {st.sigmasks} blocked masks")
     if st.pages_skipped:
         parts.insert(1, f"{st.pages_skipped} unchanged")
     text = ", ".join(parts) + f" in {st.seconds * 1000:.1f} ms"

@@ -11,7 +11,8 @@ was (ApplyFailed, exit 6), could not be put back (RollbackFailed, 7), or differe
 Each step's work has one home, a handler per step class in the tables below: ``layout``
 (brk, mm fields, mappings, protections, discards), ``pages`` (saved pages), ``shmem``
 (shared memory), ``registers``, ``fds`` (descriptors; the copies it parks are closed once
-the apply is done, ``fds.commit``); ``rollback`` has one inverse per undo record.
+the apply is done, ``fds.commit``), ``signals`` (dispositions, blocked masks); ``rollback``
+has one inverse per undo record.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from applier.errors import ApplyFailed, RollbackFailed, TargetGone, VerifyFailed
-from applier.executor import fds, layout, pages, registers, shmem
+from applier.executor import fds, layout, pages, registers, shmem, signals
 from applier.executor.context import ApplyStats, Context
 from applier.executor.rollback import rollback
 from applier.plan import (
@@ -37,6 +38,8 @@ from applier.plan import (
     SetBrk,
     SetMm,
     SetRegs,
+    SetSigactions,
+    SetSigmask,
     Step,
     Unmap,
     WritePages,
@@ -66,6 +69,8 @@ _RUN: dict[type[Step], Handler] = {
     ResetFd: fds.reset_fd,
     ReopenFd: fds.reopen_fd,
     DupFd: fds.dup_fd,
+    SetSigactions: signals.set_sigactions,
+    SetSigmask: signals.set_sigmask,
 }
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
@@ -84,6 +89,8 @@ _VERIFY: dict[type[Step], Handler] = {
     ResetFd: fds.verify_reset,
     ReopenFd: fds.verify_reopen,
     DupFd: fds.verify_dup,
+    SetSigactions: signals.verify_sigactions,
+    SetSigmask: signals.verify_sigmask,
 }
 
 

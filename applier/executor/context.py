@@ -29,6 +29,8 @@ class ApplyStats:
     bytes_discarded: int = 0
     layout_changes: int = 0
     threads: int = 0
+    signals: int = 0  # dispositions set
+    sigmasks: int = 0  # threads whose blocked mask was set
     syscalls_restarted: int = 0
     fd_changes: int = 0  # descriptors closed, reopened or set back
     verified: bool = False
@@ -57,6 +59,9 @@ class Context:
     # done (executor.fds.commit closes them; a rollback puts them back).
     parked: list[int] = attrs.field(factory=list)
     fd_table: dict[int, Descriptor] | None = None  # read once for verification
+    # What a step read back while it ran, for verification after the page writes (when
+    # nothing may be injected any more): the dispositions of a sigaction step.
+    read_back: dict[object, dict[int, tuple[int, int, int, int]]] = attrs.field(factory=dict)
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
     # per thread: (live XSAVE buffer, it with the image's FP state), as validation found them
     # (the thread is stopped: the set step that follows reuses them)

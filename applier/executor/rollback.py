@@ -23,6 +23,8 @@ from applier.undo.log import (
     UndoProtect,
     UndoRecord,
     UndoRegs,
+    UndoSigactions,
+    UndoSigmask,
     UndoUnmap,
 )
 from injector.process import Process
@@ -82,6 +84,14 @@ def _fd_state(process: Process, undo: UndoLog, rec: UndoFdState) -> None:
     undo_state(process, rec)
 
 
+def _sigactions(process: Process, undo: UndoLog, rec: UndoSigactions) -> None:
+    process.set_sigactions(dict(rec.actions))
+
+
+def _sigmask(process: Process, undo: UndoLog, rec: UndoSigmask) -> None:
+    process.set_sigmask(rec.tid, rec.mask)
+
+
 _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoPages: _pages,
     UndoPageTable: _table,
@@ -94,6 +104,8 @@ _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoFdClosed: _fd_closed,
     UndoFdOpened: _fd_opened,
     UndoFdState: _fd_state,
+    UndoSigactions: _sigactions,
+    UndoSigmask: _sigmask,
 }
 
 

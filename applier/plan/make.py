@@ -44,12 +44,14 @@ from applier.plan.memory import (
     restrict_to_pages,
     restrict_to_scope,
 )
+from applier.plan.signals import plan_signals
 from applier.plan.steps import (
     Plan,
     SavedRuns,
     SetBrk,
     SetMm,
     SetRegs,
+    SetSigmask,
     Step,
     WritePages,
 )
@@ -67,8 +69,8 @@ def make_plan(
     scope: Sequence[tuple[int, int]] | None = None,
     keep_fds: Collection[int] = (),
 ) -> Plan:
-    """All steps, in execution order: brk, mm fields, layout, descriptors, discards, pages,
-    registers.
+    """All steps, in execution order: brk, mm fields, layout, descriptors, signal
+    dispositions, discards, pages, registers, blocked masks.
 
     ``dirty``, when given, is every page written since the target was last equal to the image
     (from a dirty tracker): pages outside it are equal already and are neither written nor
@@ -136,6 +138,10 @@ def make_plan(
         else:
             # Injected calls, so before the page writes (see the discards below).
             steps.extend(plan_fds(image.fds, live.fds, keep_fds, notes))
+    signal_steps = plan_signals(image, live, notes) if Part.SIGNALS in parts else []
+    # Dispositions inject rt_sigaction: before the page writes (see below); masks are set
+    # with ptrace alone, after the registers.
+    steps.extend(s for s in signal_steps if not isinstance(s, SetSigmask))
 
     if Part.MEMORY in parts:
         saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)
@@ -175,6 +181,7 @@ def make_plan(
 
     if Part.REGS in parts:
         steps.extend(SetRegs(t, i) for t, i in match_threads(image, live))
+    steps.extend(s for s in signal_steps if isinstance(s, SetSigmask))
     check_running_threads(steps, live)
     children = _children_left(image, live, notes)
     return Plan(

@@ -16,8 +16,36 @@ from applier.model import (
     Kind,
     Region,
     SavedPages,
+    Sigaction,
     format_prot,
 )
+from formats.signals import SIGNALS, sigset_to_signals
+
+
+def signal_name(sig: int) -> str:
+    """``SIGUSR1``, ``SIGRTMIN+3`` (as glibc numbers them: SIGRTMIN is 34), ``SIG33``."""
+    if sig in SIGNALS:
+        return SIGNALS[sig]
+    return f"SIGRTMIN+{sig - 34}" if sig >= 34 else f"SIG{sig}"
+
+
+def mask_text(mask: int) -> str:
+    """``{SIGINT,SIGUSR1}`` for a sigset word."""
+    return "{" + ",".join(signal_name(s) for s in sorted(sigset_to_signals(mask))) + "}"
+
+
+def _action_text(a: Sigaction | None) -> str:
+    if a is None:
+        return "?"
+    what = {"default": "SIG_DFL", "ignore": "SIG_IGN"}.get(a.kind, f"handler {a.handler:#x}")
+    return f"{what} flags {a.flags:#x} mask {mask_text(a.mask)}"
+
+
+def _action_json(a: Sigaction | None) -> dict[str, str] | None:
+    if a is None:
+        return None
+    return {"handler": _hex(a.handler), "flags": _hex(a.flags), "restorer": _hex(a.restorer),
+            "mask": _hex(a.mask)}  # fmt: skip
 
 
 def _hex(value: int) -> str:
@@ -335,6 +363,64 @@ class SetRegs:
 
 
 @attrs.frozen
+class SetSigactions:
+    """Signal dispositions back to the image's, each with one injected ``rt_sigaction``
+    (handler, ``sa_flags``, ``sa_restorer`` and ``sa_mask`` as saved). ``actions``: (signal,
+    live disposition, or None where a read-only plan does not know it, image disposition)."""
+
+    op: ClassVar[str] = "sigaction"
+    layout: ClassVar[bool] = False
+    actions: tuple[tuple[int, Sigaction | None, Sigaction], ...]
+    # Signals handled both now and in the image whose live handler a read-only plan did not
+    # read: the apply reads them and sets those that differ.
+    unread: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        return "sigaction " + "; ".join(
+            f"{signal_name(sig)} {_action_text(old)} -> {_action_text(new)}"
+            for sig, old, new in self.actions
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "op": "sigaction",
+            "actions": [
+                {
+                    "signal": sig,
+                    "name": signal_name(sig),
+                    "old": _action_json(old),
+                    "new": _action_json(new),
+                }
+                for sig, old, new in self.actions
+            ],
+            "unread": list(self.unread),
+        }
+
+
+@attrs.frozen
+class SetSigmask:
+    """One thread's blocked signals back to the image's (PTRACE_SETSIGMASK: nothing runs in
+    the target)."""
+
+    op: ClassVar[str] = "sigmask"
+    layout: ClassVar[bool] = False
+    tid: int
+    image_tid: int
+    old: int
+    new: int
+
+    def describe(self) -> str:
+        return (
+            f"sigmask thread {self.tid} {mask_text(self.old)} -> {mask_text(self.new)} "
+            f"(core-{self.image_tid}.img)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "sigmask", "thread": self.tid, "image_thread": self.image_tid,
+                "old": _hex(self.old), "new": _hex(self.new)}  # fmt: skip
+
+
+@attrs.frozen
 class WriteShared:
     """Shared anonymous memory (a shmem object) back to its pagemap-shmem contents, through
     the live mapping: saved pages written, the rest of the window punched to zero
@@ -539,11 +625,11 @@ FdStep = CloseFd | ResetFd | ReopenFd | DupFd
 
 Step = (
     Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
-    | SetRegs | CloseFd | ResetFd | ReopenFd | DupFd
+    | SetRegs | CloseFd | ResetFd | ReopenFd | DupFd | SetSigactions | SetSigmask
 )  # fmt: skip
 S = TypeVar(
     "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared,
-    SetRegs, CloseFd, ResetFd, ReopenFd, DupFd,
+    SetRegs, CloseFd, ResetFd, ReopenFd, DupFd, SetSigactions, SetSigmask,
 )  # fmt: skip
 
 
@@ -595,6 +681,8 @@ class Plan:
             "fd_changes": sum(
                 isinstance(s, CloseFd | ResetFd | ReopenFd | DupFd) for s in self.steps
             ),
+            "signals": sum(len(s.actions) for s in self.of(SetSigactions)),
+            "sigmasks": len(self.of(SetSigmask)),
             "children_left_running": len(self.children),
         }
 

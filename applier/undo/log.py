@@ -45,6 +45,8 @@ __all__ = [
     "UndoProtect",
     "UndoRecord",
     "UndoRegs",
+    "UndoSigactions",
+    "UndoSigmask",
     "UndoUnmap",
 ]
 
@@ -189,9 +191,22 @@ class UndoFdState(_NothingSpooled):
     cloexec: bool | None
 
 
+@attrs.frozen
+class UndoSigactions(_NothingSpooled):
+    """Dispositions before a sigaction step: (signal, (handler, flags, restorer, mask))."""
+
+    actions: tuple[tuple[int, tuple[int, int, int, int]], ...]
+
+
+@attrs.frozen
+class UndoSigmask(_NothingSpooled):
+    tid: int
+    mask: int
+
+
 UndoRecord = (
     UndoPages | UndoPageTable | UndoMapping | UndoUnmap | UndoProtect | UndoBrk | UndoMm | UndoRegs
-    | UndoFdClosed | UndoFdOpened | UndoFdState
+    | UndoFdClosed | UndoFdOpened | UndoFdState | UndoSigactions | UndoSigmask
 )  # fmt: skip
 
 
