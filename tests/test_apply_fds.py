@@ -339,6 +339,9 @@ def test_held_connection_across_20_checkpoint_resets(server: Server) -> None:
             assert server.request("get") == b"checkpoint\n"
             _settle(server, len(table))
         assert server.ask("value", "VALUE") == ["checkpoint"]
+        busy = _cpu_seconds(server.t.pid)
+        time.sleep(0.5)
+        assert _cpu_seconds(server.t.pid) - busy < 0.05, "the server is not idle"
     assert_untouched(server.t)
 
 
@@ -374,7 +377,8 @@ def test_held_connection_via_the_cli(server: Server, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("memcached") is None, reason="memcached is not installed")
 def test_memcached_held_connection(tmp_path: Path) -> None:
     """memcached (threads, libevent): a client held across resets sees EOF each time, the
-    descriptor count stays flat, and a new client reads the checkpoint's value."""
+    descriptor count stays flat, a new client reads the checkpoint's value, and the server
+    is idle afterwards (held connections once left two workers spinning at 100%)."""
     port = _free_port()
     proc = subprocess.Popen(
         ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1"]
@@ -405,9 +409,19 @@ def test_memcached_held_connection(tmp_path: Path) -> None:
                 held.close()
                 assert len(os.listdir(f"/proc/{proc.pid}/fd")) == count
                 _mc(port, b"get k\r\n", b"VALUE k 0 10\r\ncheckpoint\r\nEND\r\n")
+        busy = _cpu_seconds(proc.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(proc.pid) - busy < 0.1, "memcached is not idle after the resets"
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system time of every thread of ``pid`` (/proc/PID/stat fields 14 and 15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sockets(pid: int) -> int:
