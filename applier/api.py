@@ -37,7 +37,7 @@ from applier.model import ImageTask, Kind, LiveTask, SavedPages
 from applier.overrides import NONE as NO_OVERRIDES
 from applier.overrides import Overrides
 from applier.parts import Part
-from applier.plan import Plan, SavedRuns, SetRegs, WritePages, make_plan
+from applier.plan import NewThread, Plan, SavedRuns, SetRegs, WritePages, make_plan
 from applier.ranges import member
 from applier.trackfile import load_tracking, save_tracking
 from applier.trust import (
@@ -98,7 +98,8 @@ class _Image:
     keep_fds: frozenset[int] = frozenset()  # descriptors left as they are (--keep-fd)
 
     def cores(self, plan: Plan) -> dict[int, CoreEntry]:
-        return {s.image_tid: self.dir.core(s.image_tid) for s in plan.of(SetRegs)}
+        tids = [s.image_tid for s in plan.of(SetRegs)] + [s.tid for s in plan.of(NewThread)]
+        return {tid: self.dir.core(tid) for tid in tids}
 
     def plan(
         self,

@@ -206,7 +206,9 @@ def _status(m: Mapping) -> tuple[int, int]:
     return status, flags
 
 
-def _core(process: Process, tid: int, leader: bool, comm: str) -> CoreEntry:
+def _core(
+    process: Process, tid: int, leader: bool, comm: str, tid_addresses: dict[int, int]
+) -> CoreEntry:
     regs = process.get_regs(tid)
     gp = UserX86RegsEntry(mode=1)
     for name, value in regs.as_dict().items():  # the same names, in the same order
@@ -216,8 +218,18 @@ def _core(process: Process, tid: int, leader: bool, comm: str) -> CoreEntry:
     fpregs = UserX86FpregsEntry(**fp_values)
     if xs is not None:
         fpregs.xsave = UserX86XsaveEntry(**xs)
-    core = CoreEntry(mtype=1, thread_info=ThreadInfoX86(clear_tid_addr=0, gpregs=gp, fpregs=fpregs))
-    core.thread_core = ThreadCoreEntry(futex_rla=0, futex_rla_len=0, comm=comm)
+    core = CoreEntry(
+        mtype=1,
+        thread_info=ThreadInfoX86(
+            clear_tid_addr=tid_addresses.get(tid, 0), gpregs=gp, fpregs=fpregs
+        ),
+    )
+    # The robust futex list and the tid address are what a re-created thread needs (the
+    # leader is never re-created: its tid address is left out, which saves injected calls).
+    head, length = process.robust_list(tid)
+    core.thread_core = ThreadCoreEntry(
+        futex_rla=head, futex_rla_len=length, comm=comm if leader else process.comm(tid)
+    )
     rseq = process.rseq_config(tid)
     if rseq is not None:
         core.thread_core.rseq_entry = RseqEntry(
@@ -330,7 +342,8 @@ def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
         mm_saved_auxv=process.auxv(),
         vmas=vmas,
     )
-    cores = {tid: _core(process, tid, tid == pid, comm) for tid in process.tids}
+    addresses = process.tid_addresses([t for t in process.tids if t != pid])
+    cores = {tid: _core(process, tid, tid == pid, comm, addresses) for tid in process.tids}
     tc = cores[pid].tc
     assert tc is not None
     _task_signals(process, tc)

@@ -19,17 +19,22 @@ __all__ = [
     "NT_X86_XSTATE",
     "PTRACE_CONT",
     "PTRACE_DETACH",
+    "PTRACE_EVENT_CLONE",
     "PTRACE_EVENT_STOP",
+    "PTRACE_GETEVENTMSG",
     "PTRACE_GETREGSET",
     "PTRACE_INTERRUPT",
     "PTRACE_O_SUSPEND_SECCOMP",
+    "PTRACE_O_TRACECLONE",
     "PTRACE_O_TRACESYSGOOD",
     "PTRACE_SEIZE",
+    "PTRACE_SETOPTIONS",
     "PTRACE_SETREGSET",
     "PTRACE_SYSCALL",
     "WALL",
     "Iovec",
     "IovecArray",
+    "get_robust_list",
     "kcmp_files",
     "pidfd_getfd",
     "pidfd_open",
@@ -43,12 +48,16 @@ __all__ = [
 PTRACE_CONT: Final = 7
 PTRACE_DETACH: Final = 17
 PTRACE_SYSCALL: Final = 24
+PTRACE_SETOPTIONS: Final = 0x4200
+PTRACE_GETEVENTMSG: Final = 0x4201
 PTRACE_GETREGSET: Final = 0x4204
 PTRACE_SETREGSET: Final = 0x4205
 PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_O_TRACESYSGOOD: Final = 0x1
+PTRACE_O_TRACECLONE: Final = 0x8
 PTRACE_O_SUSPEND_SECCOMP: Final = 0x200000  # needs CAP_SYS_ADMIN
+PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_STOP: Final = 128
 
 NT_PRSTATUS: Final = 1
@@ -62,6 +71,7 @@ IOV_MAX: Final = 1024
 _SYS_PIDFD_OPEN: Final = 434
 _SYS_PIDFD_GETFD: Final = 438
 _SYS_KCMP: Final = 312  # x86_64
+_SYS_GET_ROBUST_LIST: Final = 274  # x86_64
 KCMP_FILE: Final = 0
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -187,3 +197,17 @@ def kcmp_files(pid: int, fd_a: int, fd_b: int) -> int:
     if got == -1:
         _raise_errno()
     return got
+
+
+def get_robust_list(tid: int) -> tuple[int, int]:
+    """``get_robust_list(tid, &head, &len)``: the thread's robust futex list (head, length)."""
+    head, size = ctypes.c_uint64(0), ctypes.c_uint64(0)
+    got: int = _syscall(
+        ctypes.c_long(_SYS_GET_ROBUST_LIST),
+        ctypes.c_long(tid),
+        ctypes.byref(head),
+        ctypes.byref(size),
+    )
+    if got == -1:
+        _raise_errno()
+    return int(head.value), int(size.value)

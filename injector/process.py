@@ -99,6 +99,28 @@ class Process(Protocol):
         """(rseq area, size, signature) the thread registered, or None."""
         ...
 
+    # threads
+    def robust_list(self, tid: int) -> tuple[int, int]:
+        """(head, length) of the thread's robust futex list."""
+        ...
+
+    def tid_addresses(self, tids: Iterable[int]) -> dict[int, int]:
+        """The clear_child_tid address of each thread (injected PR_GET_TID_ADDRESS)."""
+        ...
+
+    def end_thread(self, tid: int) -> None:
+        """End a thread other than the leader (an ``exit`` run in it); no longer held."""
+        ...
+
+    def new_thread(self, *, tls: int = 0, clear_tid: int = 0, tid: int = 0, name: str = "") -> int:
+        """A new thread (``clone3`` with pthread's flags), held stopped before its first
+        instruction with every signal blocked; ``tid``: the id it must get. Its id."""
+        ...
+
+    def tid_unavailable(self, tid: int) -> str | None:
+        """Why a thread with id ``tid`` cannot be created (None: it can)."""
+        ...
+
     # signal state (ptrace, no injection)
     def get_sigmask(self, tid: int) -> int:
         """The thread's blocked signals, bit N-1 for signal N."""

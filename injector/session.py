@@ -48,6 +48,7 @@ from injector.process import IovIO
 from injector.regs import X86Regs
 from injector.signals import parse_status_signals
 from injector.syscalls import NR, syscall_name
+from injector.threads import CLONE_ARGS_SIZE, run_clone, run_exit, thread_clone_args
 from injector.tracer import Tracer, _errno, _signals_deferred, _status_fields
 
 if TYPE_CHECKING:
@@ -68,8 +69,14 @@ _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTR
 # Calls that never change the address space: an injected one keeps the cached layout (the
 # other threads stay stopped meanwhile). ``brk(0)`` only asks for the break.
 _LAYOUT_NEUTRAL: Final = frozenset(
-    {"close", "lseek", "fcntl", "dup", "dup2", "getpid", "gettid", "getppid", "rt_sigprocmask"}
-)
+    {"close", "lseek", "fcntl", "dup", "dup2", "getpid", "gettid", "getppid", "rt_sigprocmask",
+     "set_robust_list", "rseq", "set_tid_address"}
+)  # fmt: skip
+_PR_GET_TID_ADDRESS: Final = 40
+_PR_SET_NAME: Final = 15
+_CAP_SYS_ADMIN: Final = 21
+_CAP_CHECKPOINT_RESTORE: Final = 40
+_NS_LAST_PID: Final = "/proc/sys/kernel/ns_last_pid"
 
 
 def attach(pid: int, *, timeout: float = 10.0) -> Session:
@@ -484,6 +491,123 @@ class Session(Tracer, NamedCalls):
         if -4095 <= result < 0:
             raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
         return result
+
+    # ---- threads -------------------------------------------------------------------------
+
+    def robust_list(self, tid: int) -> tuple[int, int]:
+        """(head, length) of the thread's robust futex list (get_robust_list: no injection)."""
+        self.check(tid)
+        try:
+            return _libc.get_robust_list(tid)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH or self.gone():
+                raise TargetExited(self.pid, "exited during the session", errno.ESRCH) from exc
+            raise InjectorError(self.pid, f"get_robust_list of {tid} refused", _errno(exc)) from exc
+
+    def tid_addresses(self, tids: Iterable[int]) -> dict[int, int]:
+        """The clear_child_tid address of each of ``tids`` (an injected PR_GET_TID_ADDRESS
+        in each: where the kernel writes 0 and wakes a futex when the thread ends, what
+        pthread_join waits on)."""
+        tids = [self.check(t) for t in tids]
+        out: dict[int, int] = {}
+        if not tids:
+            return out
+        with self.scratch(bytes(8 * len(tids))) as where:
+            for i, tid in enumerate(tids):
+                self.prctl(_PR_GET_TID_ADDRESS, where + 8 * i, tid=tid)
+            raw = self.read(where, 8 * len(tids))
+        for i, tid in enumerate(tids):
+            out[tid] = int.from_bytes(raw[8 * i : 8 * i + 8], "little")
+        return out
+
+    def end_thread(self, tid: int) -> None:
+        """End thread ``tid`` (not the leader) with an ``exit(0)`` run in it
+        (``injector.threads.run_exit``); it is reaped and no longer held."""
+        self.check(tid)
+        insn = self.syscall_site()
+        with _signals_deferred():
+            run_exit(self, tid, insn)
+
+    def tid_unavailable(self, tid: int) -> str | None:
+        """Why :meth:`new_thread` could not create a thread with id ``tid`` (None: it can)."""
+        try:
+            owner = _status_fields(tid).get("Tgid", "?")
+        except OSError:
+            pass  # free
+        else:
+            return f"id {tid} belongs to pid {owner} now"
+        caps = int(_status_fields(self.pid).get("CapEff", "0"), 16)
+        if caps & (1 << _CAP_SYS_ADMIN | 1 << _CAP_CHECKPOINT_RESTORE):
+            return None
+        if not self._own_pid_ns():
+            return (
+                "the target may not choose thread ids (no CAP_CHECKPOINT_RESTORE) and lives "
+                "in another pid namespace"
+            )
+        if not os.access(_NS_LAST_PID, os.W_OK):
+            return f"the target may not choose thread ids and {_NS_LAST_PID} is not writable"
+        return None
+
+    def _own_pid_ns(self) -> bool:
+        return (
+            os.stat(f"{_PROC}/self/ns/pid").st_ino == os.stat(f"{_PROC}/{self.pid}/ns/pid").st_ino
+        )
+
+    def new_thread(self, *, tls: int = 0, clear_tid: int = 0, tid: int = 0, name: str = "") -> int:
+        """A new thread of the process, created by a ``clone3`` with pthread's flags run in
+        the leader, held stopped before its first instruction with every signal blocked
+        (``injector.threads.run_clone``); its id. ``tls``: its TLS base (CLONE_SETTLS);
+        ``clear_tid``: its clear_child_tid address; ``name``: its comm (PR_SET_NAME in it,
+        else it has the leader's); ``tid``: the id it must have. That id
+        is asked for with ``set_tid`` where the target may (CAP_CHECKPOINT_RESTORE), else
+        through ns_last_pid (applier's privilege, same pid namespace); a thread that got
+        another id is ended again and the call fails."""
+        self.check()
+        insn = self.syscall_site()
+        own_pid_ns = self._own_pid_ns()
+        for via_set_tid in (True, False):
+            if tid and not via_set_tid and not own_pid_ns:
+                break
+            want = [tid] if tid and via_set_tid else []
+            data = thread_clone_args(
+                tls=tls, clear_tid=clear_tid, set_tid_at=CLONE_ARGS_SIZE if want else 0
+            )
+            name_at = CLONE_ARGS_SIZE + 8
+            blob = data + b"".join(t.to_bytes(4, "little", signed=True) for t in want)
+            blob = blob.ljust(name_at, b"\0") + name.encode()[:15] + b"\0"
+            with self.scratch(blob) as where:
+                args = bytearray(data)
+                if want:  # the set_tid pointer is absolute: patch it in
+                    args[64:72] = (where + CLONE_ARGS_SIZE).to_bytes(8, "little")
+                    self.write(where, bytes(args))
+                try:
+                    if tid and not via_set_tid:
+                        with open(_NS_LAST_PID, "w") as fh:
+                            fh.write(str(tid - 1))
+                    with _signals_deferred():
+                        got = run_clone(self, self.pid, insn, where)
+                except InjectedSyscallError as exc:
+                    if tid and via_set_tid and exc.errno == errno.EPERM:
+                        continue  # the target may not choose its ids: try ns_last_pid
+                    raise
+                except OSError as exc:  # ns_last_pid not writable
+                    raise InjectorError(
+                        self.pid, f"cannot ask for thread id {tid} ({_NS_LAST_PID})", _errno(exc)
+                    ) from exc
+                if name and (not tid or got == tid):
+                    self.prctl(_PR_SET_NAME, where + name_at, tid=got)
+            if tid and got != tid:
+                self.end_thread(got)
+                raise InjectorError(
+                    self.pid, f"the new thread got id {got}, not {tid} (taken meanwhile?)"
+                )
+            return got
+        raise InjectorError(
+            self.pid,
+            f"cannot create a thread with id {tid}: the target lacks CAP_CHECKPOINT_RESTORE "
+            "and lives in another pid namespace",
+            errno.EPERM,
+        )
 
     def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
         """The descriptor table, read from /proc and sock_diag (``injector.fds.read_fds``)."""

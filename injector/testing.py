@@ -135,6 +135,12 @@ class FakeProcess(NamedCalls):
         self.resume_on_detach = False
         self._next_inode = 1000
         self.fd_table: list[Descriptor] = []  # what descriptors() reports
+        # threads: robust list (head, length) and clear_child_tid address of each
+        self.robust: dict[int, tuple[int, int]] = {}
+        self.tid_addr: dict[int, int] = {}
+        self._caller = pid  # the thread an injected call runs in
+        self.taken_tids: dict[int, str] = {}  # tid -> why a new thread cannot have it
+        self.thread_names: dict[int, str] = {}
 
     # ---- building the fake ---------------------------------------------------------------
 
@@ -359,6 +365,53 @@ class FakeProcess(NamedCalls):
     def rseq_config(self, tid: int) -> tuple[int, int, int] | None:
         return self.rseq[self._thread(tid)]
 
+    # ---- Process: threads ------------------------------------------------------------------
+
+    def robust_list(self, tid: int) -> tuple[int, int]:
+        return self.robust.get(self._thread(tid), (0, 0))
+
+    def tid_addresses(self, tids: Iterable[int]) -> dict[int, int]:
+        return {t: self.tid_addr.get(self._thread(t), 0) for t in tids}
+
+    def end_thread(self, tid: int) -> None:
+        if self._thread(tid) == self._pid:
+            raise ValueError("the leader cannot be ended alone")
+        self._failing("exit")
+        self.calls.append(("exit", (tid,)))
+        self._tids.remove(tid)
+        del self.regs[tid], self.xstate[tid], self.rseq[tid], self.sigmasks[tid]
+        self.robust.pop(tid, None)
+        self.tid_addr.pop(tid, None)
+
+    def tid_unavailable(self, tid: int) -> str | None:
+        return self.taken_tids.get(tid)
+
+    def new_thread(self, *, tls: int = 0, clear_tid: int = 0, tid: int = 0, name: str = "") -> int:
+        self._alive()
+        self._failing("clone3")
+        new = tid or max(self._tids) + 1
+        if new in self._tids:
+            raise InjectedSyscallError(self._pid, "clone3", errno.EEXIST)
+        self.calls.append(("clone3", (tls, clear_tid, tid)))
+        self._tids.append(new)
+        self.regs[new] = attrs.evolve(X86Regs(*([0] * len(REG_NAMES))), fs_base=tls)
+        self.xstate[new] = bytes(576)
+        self.rseq[new] = None
+        self.sigmasks[new] = _U64 & ~_UNBLOCKABLE
+        self.tid_addr[new] = clear_tid
+        self.thread_names[new] = name
+        return new
+
+    def _sys_rseq(self, area: int, size: int, flags: int, sig: int) -> int:
+        if self.rseq.get(self._caller) is not None:
+            raise _Errno(errno.EBUSY)
+        self.rseq[self._caller] = (area, size, sig)
+        return 0
+
+    def _sys_set_robust_list(self, head: int, size: int) -> int:
+        self.robust[self._caller] = (head, size)
+        return 0
+
     # ---- Process: signal state -------------------------------------------------------------
 
     def get_sigmask(self, tid: int) -> int:
@@ -389,7 +442,7 @@ class FakeProcess(NamedCalls):
         return [6, PAGE, 0, 0]  # AT_PAGESZ, AT_NULL
 
     def comm(self, tid: int | None = None) -> str:
-        return "fake"
+        return self.thread_names.get(tid or self._pid) or "fake"
 
     def mm_fields(self) -> dict[str, int]:
         return {**self.mm, "start_brk": self.brk_start} if self.brk_start else dict(self.mm)
@@ -425,15 +478,10 @@ class FakeProcess(NamedCalls):
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         self.epoch += 1
         self._alive()
-        self._thread(self._pid if tid is None else tid)
+        self._caller = self._thread(self._pid if tid is None else tid)
         name = _NAMES.get(nr, f"syscall_{nr}")
         self.calls.append((name, tuple(args)))
-        if name in self.fail:
-            let_through, err = self.fail[name]
-            if let_through <= 0:
-                del self.fail[name]
-                raise InjectedSyscallError(self._pid, name, err)
-            self.fail[name] = (let_through - 1, err)
+        self._failing(name)
         handler = getattr(self, f"_sys_{name}", None)
         if handler is None:
             raise NotImplementedError(f"the fake does not emulate {syscall_name(self.arch, nr)}")
@@ -442,6 +490,15 @@ class FakeProcess(NamedCalls):
         except _Errno as exc:
             raise InjectedSyscallError(self._pid, name, exc.err) from None
         return result
+
+    def _failing(self, name: str) -> None:
+        """Fail the call as ``fail`` asks (after the calls it lets through)."""
+        if name in self.fail:
+            let_through, err = self.fail[name]
+            if let_through <= 0:
+                del self.fail[name]
+                raise InjectedSyscallError(self._pid, name, err)
+            self.fail[name] = (let_through - 1, err)
 
     def _sys_getpid(self) -> int:
         return self._pid

@@ -61,6 +61,7 @@ _SPIN_NS: Final = 200_000  # how long a wait polls waitpid before it starts slee
 EVENT_STOP: Final = 0  # PTRACE_EVENT_STOP: interrupt or group stop
 SYSCALL_STOP: Final = 1  # syscall-entry or syscall-exit stop
 SIGNAL_STOP: Final = 2  # signal-delivery stop (the signal is in the second value)
+OTHER_EVENT: Final = 3  # another PTRACE_EVENT_* stop (the event number is the second value)
 
 
 _PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
@@ -152,6 +153,7 @@ class Tracer:
         # Seccomp filters are suspended for traced threads where the kernel lets us
         # (CAP_SYS_ADMIN): an injected call a filter forbids would otherwise kill the target.
         self.seccomp_suspended = True
+        self.options = _libc.PTRACE_O_TRACESYSGOOD  # the ptrace options every thread has
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -310,9 +312,11 @@ class Tracer:
                 if exc.errno != errno.EPERM:
                     raise
             else:
+                self.options = options | _libc.PTRACE_O_SUSPEND_SECCOMP
                 return
             self.seccomp_suspended = False
         _libc.ptrace(_libc.PTRACE_SEIZE, tid, 0, options)
+        self.options = options
 
     def _refuse_if_thread_traced(self, tid: int, exc: OSError) -> None:
         try:
@@ -454,6 +458,8 @@ class Tracer:
         sig = os.WSTOPSIG(status)
         if status >> 16 == _libc.PTRACE_EVENT_STOP:
             return EVENT_STOP, sig
+        if status >> 16:
+            return OTHER_EVENT, status >> 16
         if sig == _SYSGOOD_SIG:
             return SYSCALL_STOP, 0
         return SIGNAL_STOP, sig
@@ -473,6 +479,17 @@ class Tracer:
                 on_signal()
             self.request(_libc.PTRACE_INTERRUPT, tid)
             self.request(_libc.PTRACE_CONT, tid, 0, sig if kind == SIGNAL_STOP else 0)
+
+    def adopt(self, tid: int, deadline: float) -> None:
+        """Hold a thread the kernel attached to us (PTRACE_O_TRACECLONE): wait for its first
+        stop, which comes before it runs a single instruction, and give it the options every
+        held thread has."""
+        kind, sig = self.wait(tid, deadline)
+        if kind != EVENT_STOP:
+            raise InjectorError(self.pid, f"new thread {tid}: unexpected first stop")
+        self._order.append(tid)
+        self._stop_signal[tid] = sig
+        self.request(_libc.PTRACE_SETOPTIONS, tid, 0, self.options)
 
     def _forget(self, tid: int, *, reaped: bool = True) -> None:
         """Drop ``tid`` from the held threads; one that exited but was not waited for yet is

@@ -15,14 +15,16 @@ import pytest
 from applier import executor as execute
 from applier.capture import live_task
 from applier.dump import dump_process
-from applier.errors import ApplyFailed, RollbackFailed, VerifyFailed
+from applier.errors import ApplyFailed, MismatchError, RollbackFailed, VerifyFailed
 from applier.executor import Executor
 from applier.executor import pages as pages_mod
 from applier.executor.context import Context
 from applier.image import image_task
 from applier.plan import (
     Discard,
+    EndThread,
     MapAnon,
+    NewThread,
     Plan,
     Protect,
     SetBrk,
@@ -260,3 +262,77 @@ def test_without_undo_a_failure_cannot_be_rolled_back(
     monkeypatch.setitem(execute._RUN, SetRegs, broken)
     with pytest.raises(RollbackFailed, match="--no-undo"):
         Executor(f, plan, cores, UndoLog.disabled()).apply()
+
+
+@pytest.fixture
+def pool_changed(tmp_path: Path) -> Iterator[tuple[FakeProcess, ImageDir, State]]:
+    """The fake checkpointed with threads 4242 and 4243; then 4243 ended and 4250 started."""
+    f = make_fake()
+    f.tid_addr[4243] = STACK + 0x10
+    f.robust[4243] = (STACK + 0x20, 24)
+    dump_process(f, tmp_path / "ckpt")
+    at_checkpoint = state(f)
+    scribble(f)
+    f.end_thread(4243)
+    new = f.new_thread(tls=0x1234, tid=4250)
+    f.regs[new] = attrs.evolve(f.regs[new], ip=0x400020, sp=STACK + 100)
+    f.sigmasks[new] = 0
+    with ImageDir.open(tmp_path / "ckpt") as img:
+        yield f, img, at_checkpoint
+
+
+def _thread_plan(f: FakeProcess, img: ImageDir) -> tuple[Plan, dict[int, CoreEntry]]:
+    plan, _ = plan_for(f, img)
+    tids = [s.image_tid for s in plan.of(SetRegs)] + [s.tid for s in plan.of(NewThread)]
+    return plan, {t: img.core(t) for t in tids}
+
+
+def test_threads_are_ended_and_created_and_rolled_back(
+    pool_changed: tuple[FakeProcess, ImageDir, State], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the thread steps: the created thread is ended again and the ended one
+    created again with its registers, mask, robust list and tid address; then the apply
+    itself makes the fake equal to the checkpoint, threads included."""
+    f, img, want = pool_changed
+    before = state(f)
+    plan, cores = _thread_plan(f, img)
+    assert plan.of(EndThread) == [EndThread(4250)] and plan.of(NewThread) == [NewThread(4243)]
+    real = execute._RUN[WritePages]
+
+    def fail_after(ctx: Context, step: Step) -> None:
+        real(ctx, step)
+        raise OSError(errno.EIO, "injected failure")
+
+    monkeypatch.setitem(execute._RUN, WritePages, fail_after)
+    undo = UndoLog.create()
+    try:
+        with pytest.raises(ApplyFailed, match="was rolled back"):
+            Executor(f, plan, cores, undo).apply()
+    finally:
+        undo.close()
+    assert state(f) == before and sorted(f.tids) == [4242, 4250]
+    assert f.regs[4250].fs_base == 0x1234 and f.sigmasks[4250] == 0
+    monkeypatch.setitem(execute._RUN, WritePages, real)
+    undo = UndoLog.create()
+    try:
+        ex = Executor(f, plan, cores, undo)
+        ex.apply()
+    finally:
+        undo.close()
+    assert (ex.stats.threads_ended, ex.stats.threads_created) == (1, 1)
+    assert state(f) == want and sorted(f.tids) == [4242, 4243]
+    assert f.tid_addr[4243] == STACK + 0x10 and f.robust[4243] == (STACK + 0x20, 24)
+
+
+def test_a_thread_id_taken_since_is_refused_before_anything_changes(
+    pool_changed: tuple[FakeProcess, ImageDir, State],
+) -> None:
+    """The id of the thread to create again belongs to someone else now: refused with the
+    reason, and nothing ran in the fake (not even the ending of the new thread)."""
+    f, img, _ = pool_changed
+    f.taken_tids[4243] = "id 4243 belongs to pid 999 now"
+    plan, cores = _thread_plan(f, img)
+    before, calls = state(f), len(f.calls)
+    with pytest.raises(MismatchError, match="4243 belongs to pid 999"):
+        Executor(f, plan, cores, UndoLog.disabled()).apply()
+    assert state(f) == before and sorted(f.tids) == [4242, 4250] and len(f.calls) == calls

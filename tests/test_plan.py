@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,8 +12,10 @@ from applier.errors import MismatchError
 from applier.model import ImageTask, Kind, LiveTask, Region, SavedPages
 from applier.plan import (
     Discard,
+    EndThread,
     MapAnon,
     MapFile,
+    NewThread,
     Protect,
     SetBrk,
     SetRegs,
@@ -156,20 +159,47 @@ def test_code_mapping_at_another_address_is_refused() -> None:
         make_plan(image(), live(regions=[moved, DATA, HEAP, ANON, VDSO]))
 
 
-def test_thread_count_mismatch_is_refused_unless_registers_are_left_out() -> None:
-    """Different thread counts: refused for regs, fine for memory only."""
+def test_threads_of_another_process_must_match_in_number() -> None:
+    """An image of another process (a replica): threads meet by position, so different
+    counts are refused for regs, and fine for memory only."""
+    other = attrs.evolve(image(threads=(200, 201)), pid=200)
     with pytest.raises(MismatchError, match="threads"):
-        make_plan(image(threads=(100, 101)), live())
-    plan = make_plan(image(threads=(100, 101)), live(), ["memory", "layout"])
+        make_plan(other, live())
+    plan = make_plan(other, live(), ["memory", "layout"])
     assert plan.of(SetRegs) == []
 
 
 def test_threads_matched_by_id_when_ids_agree_else_by_position() -> None:
-    """Thread ids equal: matched by id; otherwise in order, leader first."""
+    """Thread ids equal: matched by id; an image of another process: in order, leader
+    first."""
     plan = make_plan(image(threads=(100, 102, 101)), live(threads=(100, 101, 102)), ["regs"])
     assert {(s.tid, s.image_tid) for s in plan.of(SetRegs)} == {(100, 100), (101, 101), (102, 102)}
-    plan = make_plan(image(threads=(100, 7)), live(threads=(100, 9)), ["regs"])
-    assert [(s.tid, s.image_tid) for s in plan.of(SetRegs)] == [(100, 100), (9, 7)]
+    other = attrs.evolve(image(threads=(200, 7)), pid=200)
+    plan = make_plan(other, live(threads=(100, 9)), ["regs"])
+    assert [(s.tid, s.image_tid) for s in plan.of(SetRegs)] == [(100, 200), (9, 7)]
+
+
+def test_threads_started_since_end_first_and_gone_ones_come_back_before_the_pages() -> None:
+    """The same process: a thread only alive now is ended before anything else, one only in
+    the image is created after the layout and before the page writes; the rest keep their
+    ids."""
+    saved = [SavedPages(0x601000, 1, None)]
+    moved = Region(0x7D0000000000, 0x7D0000001000, 3, Kind.ANON)
+    plan = make_plan(
+        image(threads=(100, 101, 102), saved=saved),
+        live(threads=(100, 102, 103, 104), regions=[TEXT, DATA, HEAP, ANON, moved, VDSO]),
+    )
+    kinds = [type(s) for s in plan.steps]
+    assert plan.of(EndThread) == [EndThread(103), EndThread(104)]
+    assert plan.of(NewThread) == [NewThread(101)]
+    assert kinds[:2] == [EndThread, EndThread]
+    assert kinds.index(Unmap) < kinds.index(NewThread) < kinds.index(WritePages)
+    assert [(s.tid, s.image_tid) for s in plan.of(SetRegs)] == [(100, 100), (102, 102)]
+    summary = plan.summary()
+    assert (summary["threads_ended"], summary["threads_created"], summary["threads"]) == (2, 1, 3)
+    # without registers, threads are left as they are
+    plan = make_plan(image(threads=(100, 101)), live(threads=(100, 103)), ["memory", "layout"])
+    assert plan.of(EndThread) == [] and plan.of(NewThread) == []
 
 
 def test_recreating_shared_memory_is_refused() -> None:

@@ -10,9 +10,9 @@ was (ApplyFailed, exit 6), could not be put back (RollbackFailed, 7), or differe
 
 Each step's work has one home, a handler per step class in the tables below: ``layout``
 (brk, mm fields, mappings, protections, discards), ``pages`` (saved pages), ``shmem``
-(shared memory), ``registers``, ``fds`` (descriptors; the copies it parks are closed once
-the apply is done, ``fds.commit``), ``signals`` (dispositions, blocked masks); ``rollback``
-has one inverse per undo record.
+(shared memory), ``registers``, ``threads`` (ending and creating threads), ``fds``
+(descriptors; the copies it parks are closed once the apply is done, ``fds.commit``),
+``signals`` (dispositions, blocked masks); ``rollback`` has one inverse per undo record.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from applier.errors import ApplyFailed, RollbackFailed, TargetGone, VerifyFailed
-from applier.executor import fds, layout, pages, registers, shmem, signals
+from applier.executor import fds, layout, pages, registers, shmem, signals, threads
 from applier.executor.context import ApplyStats, Context
 from applier.executor.rollback import rollback
 from applier.plan import (
     CloseFd,
     Discard,
     DupFd,
+    EndThread,
     MapAnon,
     MapFile,
+    NewThread,
     Plan,
     Protect,
     ReopenFd,
@@ -71,6 +73,8 @@ _RUN: dict[type[Step], Handler] = {
     DupFd: fds.dup_fd,
     SetSigactions: signals.set_sigactions,
     SetSigmask: signals.set_sigmask,
+    EndThread: threads.end_thread,
+    NewThread: threads.new_thread,
 }
 _VALIDATE: dict[type[Step], Handler] = {
     MapFile: layout.validate_map_file,
@@ -79,6 +83,8 @@ _VALIDATE: dict[type[Step], Handler] = {
     DupFd: fds.validate_park,
     WritePages: pages.validate_code,
     SetRegs: registers.validate_regs,
+    EndThread: threads.validate_end,
+    NewThread: threads.validate_new,
 }
 _VERIFY: dict[type[Step], Handler] = {
     WritePages: pages.verify_pages,
@@ -91,6 +97,8 @@ _VERIFY: dict[type[Step], Handler] = {
     DupFd: fds.verify_dup,
     SetSigactions: signals.verify_sigactions,
     SetSigmask: signals.verify_sigmask,
+    EndThread: threads.verify_end,
+    NewThread: threads.verify_new,
 }
 
 

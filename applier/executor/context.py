@@ -29,6 +29,8 @@ class ApplyStats:
     bytes_discarded: int = 0
     layout_changes: int = 0
     threads: int = 0
+    threads_ended: int = 0  # started since the checkpoint
+    threads_created: int = 0  # gone since the checkpoint, created again
     signals: int = 0  # dispositions set
     sigmasks: int = 0  # threads whose blocked mask was set
     syscalls_restarted: int = 0

@@ -9,6 +9,7 @@ import attrs
 
 from applier.executor.fds import undo_closed, undo_opened, undo_state
 from applier.executor.layout import map_region, set_mm_map
+from applier.executor.threads import recreate
 from applier.undo.log import (
     SavedRange,
     UndoBrk,
@@ -25,6 +26,8 @@ from applier.undo.log import (
     UndoRegs,
     UndoSigactions,
     UndoSigmask,
+    UndoThreadCreated,
+    UndoThreadEnded,
     UndoUnmap,
 )
 from injector.process import Process
@@ -92,6 +95,14 @@ def _sigmask(process: Process, undo: UndoLog, rec: UndoSigmask) -> None:
     process.set_sigmask(rec.tid, rec.mask)
 
 
+def _thread_created(process: Process, undo: UndoLog, rec: UndoThreadCreated) -> None:
+    process.end_thread(rec.tid)
+
+
+def _thread_ended(process: Process, undo: UndoLog, rec: UndoThreadEnded) -> None:
+    recreate(process, rec)
+
+
 _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoPages: _pages,
     UndoPageTable: _table,
@@ -106,6 +117,8 @@ _INVERSES: dict[type[Any], Callable[[Process, UndoLog, Any], None]] = {
     UndoFdState: _fd_state,
     UndoSigactions: _sigactions,
     UndoSigmask: _sigmask,
+    UndoThreadCreated: _thread_created,
+    UndoThreadEnded: _thread_ended,
 }
 
 

@@ -17,7 +17,7 @@ from applier.model import (
     LiveTask,
     Region,
 )
-from applier.plan.steps import MapAnon, MapFile, Protect, SetRegs, Step, Unmap
+from applier.plan.steps import EndThread, MapAnon, MapFile, Protect, SetRegs, Step, Unmap
 from applier.ranges import align_up
 
 
@@ -52,25 +52,48 @@ def _strip_deleted(path: str) -> str:
     return path.removesuffix(" (deleted)")
 
 
-def match_threads(image: ImageTask, live: LiveTask) -> list[tuple[int, int]]:
-    """Pairs (live tid, image tid). Same ids if the sets agree, else by position."""
+@attrs.frozen
+class ThreadMatch:
+    """How the image's threads meet the live ones: pairs (live tid, image tid) whose state is
+    set, live threads started since the checkpoint (``ended``), image threads gone since
+    (``created``)."""
+
+    pairs: tuple[tuple[int, int], ...]
+    ended: tuple[int, ...] = ()
+    created: tuple[int, ...] = ()
+
+
+def match_threads(image: ImageTask, live: LiveTask, *, strict: bool = True) -> ThreadMatch:
+    """Threads of the same process meet by id: those only alive now are ended, those only in
+    the image are created again. An image of another process (the same executable, a
+    replica) meets the live threads by position, and only if there are as many (without
+    ``strict``: else the leaders alone meet)."""
+    if sorted(image.threads) == sorted(live.threads):
+        return ThreadMatch(tuple((t, t) for t in live.threads))
+    if image.pid == live.pid and image.pid in image.threads and live.pid in live.threads:
+        common = set(image.threads) & set(live.threads)
+        return ThreadMatch(
+            tuple((t, t) for t in live.threads if t in common),
+            ended=tuple(t for t in live.threads if t not in common),
+            created=tuple(t for t in image.threads if t not in common),
+        )
+    if len(image.threads) != len(live.threads) and not strict:
+        return ThreadMatch(((live.pid, image.pid),))
     if len(image.threads) != len(live.threads):
         raise MismatchError(
             f"image has {len(image.threads)} threads but pid {live.pid} has "
-            f"{len(live.threads)} (threads started or ended since the checkpoint); "
-            "--restore memory,layout,brk leaves registers out, where no thread's stack or "
-            "code would be unmapped",
+            f"{len(live.threads)}, and the image is of pid {image.pid}: another process's "
+            "threads are matched by position only; --restore memory,layout,brk leaves "
+            "registers out, where no thread's stack or code would be unmapped",
         )
-    if sorted(image.threads) == sorted(live.threads):
-        return [(t, t) for t in live.threads]
-    return list(zip(live.threads, image.threads, strict=True))
+    return ThreadMatch(tuple(zip(live.threads, image.threads, strict=True)))
 
 
 def check_running_threads(steps: Sequence[Step], live: LiveTask) -> None:
     """Refuse a plan that takes away the stack or the code of a thread it does not give new
     registers: that thread would crash as soon as it runs (a thread started after the
     checkpoint, with registers left out)."""
-    kept = set(live.thread_ip_sp) - {s.tid for s in steps if isinstance(s, SetRegs)}
+    kept = set(live.thread_ip_sp) - {s.tid for s in steps if isinstance(s, SetRegs | EndThread)}
     removed = [(s.start, s.end) for s in steps if isinstance(s, Unmap)]
     for tid in sorted(kept):
         ip, sp = live.thread_ip_sp[tid]

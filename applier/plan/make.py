@@ -46,6 +46,8 @@ from applier.plan.memory import (
 )
 from applier.plan.signals import plan_signals
 from applier.plan.steps import (
+    EndThread,
+    NewThread,
     Plan,
     SavedRuns,
     SetBrk,
@@ -69,8 +71,9 @@ def make_plan(
     scope: Sequence[tuple[int, int]] | None = None,
     keep_fds: Collection[int] = (),
 ) -> Plan:
-    """All steps, in execution order: brk, mm fields, layout, descriptors, signal
-    dispositions, discards, pages, registers, blocked masks.
+    """All steps, in execution order: threads started since the checkpoint ended, brk, mm
+    fields, layout, descriptors, signal dispositions, threads gone since created again,
+    discards, pages, registers, blocked masks.
 
     ``dirty``, when given, is every page written since the target was last equal to the image
     (from a dirty tracker): pages outside it are equal already and are neither written nor
@@ -88,6 +91,11 @@ def make_plan(
     steps: list[Step] = []
     notes: list[str] = []
     live_regions = list(live.regions)
+    threads = match_threads(image, live, strict=Part.REGS in parts)
+    if Part.REGS in parts:
+        # Threads started since the checkpoint end first of all: their stacks and code may
+        # be in memory the layout takes away.
+        steps.extend(EndThread(t) for t in threads.ended)
 
     if Part.BRK in parts and live.brk is not None and live.brk != image.brk:
         steps.append(SetBrk(live.brk, image.brk))
@@ -138,10 +146,14 @@ def make_plan(
         else:
             # Injected calls, so before the page writes (see the discards below).
             steps.extend(plan_fds(image.fds, live.fds, keep_fds, notes))
-    signal_steps = plan_signals(image, live, notes) if Part.SIGNALS in parts else []
+    signal_steps = plan_signals(image, live, threads.pairs, notes) if Part.SIGNALS in parts else []
     # Dispositions inject rt_sigaction: before the page writes (see below); masks are set
     # with ptrace alone, after the registers.
     steps.extend(s for s in signal_steps if not isinstance(s, SetSigmask))
+    if Part.REGS in parts:
+        # Threads gone since the checkpoint come back once their stacks are mapped again,
+        # with injected calls, so before the page writes.
+        steps.extend(NewThread(t) for t in threads.created)
 
     if Part.MEMORY in parts:
         saved: Sequence[SavedPages] = clip_saved(image.saved, image_regions, page)
@@ -180,7 +192,7 @@ def make_plan(
             )
 
     if Part.REGS in parts:
-        steps.extend(SetRegs(t, i) for t, i in match_threads(image, live))
+        steps.extend(SetRegs(t, i) for t, i in threads.pairs)
     steps.extend(s for s in signal_steps if isinstance(s, SetSigmask))
     check_running_threads(steps, live)
     children = _children_left(image, live, notes)

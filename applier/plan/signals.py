@@ -11,6 +11,8 @@ moment the program did not choose, so the image's queue is reported in the plan'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from applier.errors import MismatchError
 from applier.model import PROT_EXEC, ImageTask, LiveTask, Sigaction, SignalState
 from applier.parts import Part
@@ -23,18 +25,9 @@ _UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP: the kernel never blocks
 _ITIMERS = ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
 
 
-def _pairs(image: ImageTask, live: LiveTask) -> list[tuple[int, int]]:
-    """(live tid, image tid) of the threads whose masks are set: the same ids where the
-    sets agree, else by position when the counts do, else the leaders only."""
-    if sorted(image.threads) == sorted(live.threads):
-        return [(t, t) for t in live.threads]
-    if len(image.threads) == len(live.threads):
-        return list(zip(live.threads, image.threads, strict=True))
-    common = [t for t in live.threads if t in image.threads and t != live.pid]
-    return [(live.pid, image.pid), *((t, t) for t in common)]
-
-
-def plan_signals(image: ImageTask, live: LiveTask, notes: list[str]) -> list[Step]:
+def plan_signals(
+    image: ImageTask, live: LiveTask, pairs: Sequence[tuple[int, int]], notes: list[str]
+) -> list[Step]:
     """The sigaction step (the signals whose disposition differs) and one sigmask step per
     thread whose blocked mask differs. A read-only live side (``diff``, dry runs: nothing
     injected) knows the dispositions only by kind (/proc: default, ignored, handled): a
@@ -62,7 +55,7 @@ def plan_signals(image: ImageTask, live: LiveTask, notes: list[str]) -> list[Ste
     _check_handlers(image, actions)
     if actions:
         steps.append(SetSigactions(tuple(actions), tuple(unread)))
-    for tid, image_tid in _pairs(image, live):
+    for tid, image_tid in pairs:
         want = saved.blocked.get(image_tid)
         have = now.blocked.get(tid)
         if want is None or have is None:

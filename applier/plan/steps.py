@@ -363,6 +363,39 @@ class SetRegs:
 
 
 @attrs.frozen
+class EndThread:
+    """A thread started since the checkpoint, ended by an ``exit`` run in it, first of all:
+    its stack and code may be in memory the image does not have."""
+
+    op: ClassVar[str] = "thread-end"
+    layout: ClassVar[bool] = False
+    tid: int
+
+    def describe(self) -> str:
+        return f"thread  end {self.tid} (started since the checkpoint)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "thread-end", "thread": self.tid}
+
+
+@attrs.frozen
+class NewThread:
+    """A thread of the image that ended since the checkpoint, created again once the layout
+    is back: a ``clone3`` with its id, TLS base and tid address, then its robust list, rseq
+    area, name, blocked signals and registers from ``core-<tid>.img``."""
+
+    op: ClassVar[str] = "thread-new"
+    layout: ClassVar[bool] = False
+    tid: int  # the image's thread id, which the new thread gets
+
+    def describe(self) -> str:
+        return f"thread  new {self.tid} <- core-{self.tid}.img (ended since the checkpoint)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "thread-new", "thread": self.tid, "image_thread": self.tid}
+
+
+@attrs.frozen
 class SetSigactions:
     """Signal dispositions back to the image's, each with one injected ``rt_sigaction``
     (handler, ``sa_flags``, ``sa_restorer`` and ``sa_mask`` as saved). ``actions``: (signal,
@@ -625,11 +658,13 @@ FdStep = CloseFd | ResetFd | ReopenFd | DupFd
 
 Step = (
     Unmap | MapAnon | MapFile | Protect | SetBrk | SetMm | WritePages | Discard | WriteShared
-    | SetRegs | CloseFd | ResetFd | ReopenFd | DupFd | SetSigactions | SetSigmask
+    | SetRegs | CloseFd | ResetFd | ReopenFd | DupFd | SetSigactions | SetSigmask | EndThread
+    | NewThread
 )  # fmt: skip
 S = TypeVar(
     "S", Unmap, MapAnon, MapFile, Protect, SetBrk, SetMm, WritePages, Discard, WriteShared,
-    SetRegs, CloseFd, ResetFd, ReopenFd, DupFd, SetSigactions, SetSigmask,
+    SetRegs, CloseFd, ResetFd, ReopenFd, DupFd, SetSigactions, SetSigmask, EndThread,
+    NewThread,
 )  # fmt: skip
 
 
@@ -677,7 +712,9 @@ class Plan:
             "pages_unchanged": self.pages_unchanged,
             "pages_to_discard": self.bytes_to_discard // self.page_size,
             "layout_changes": sum(s.layout for s in self.steps),
-            "threads": len(self.of(SetRegs)),
+            "threads": len(self.of(SetRegs)) + len(self.of(NewThread)),
+            "threads_ended": len(self.of(EndThread)),
+            "threads_created": len(self.of(NewThread)),
             "fd_changes": sum(
                 isinstance(s, CloseFd | ResetFd | ReopenFd | DupFd) for s in self.steps
             ),

@@ -47,6 +47,8 @@ __all__ = [
     "UndoRegs",
     "UndoSigactions",
     "UndoSigmask",
+    "UndoThreadCreated",
+    "UndoThreadEnded",
     "UndoUnmap",
 ]
 
@@ -164,6 +166,27 @@ class UndoRegs(_NothingSpooled):
 
 
 @attrs.frozen
+class UndoThreadCreated(_NothingSpooled):
+    """A thread the apply created: rollback ends it."""
+
+    tid: int
+
+
+@attrs.frozen
+class UndoThreadEnded(_NothingSpooled):
+    """A thread the apply ended, with what it takes to create it again (rollback)."""
+
+    tid: int
+    regs: X86Regs
+    xstate: bytes
+    sigmask: int
+    rseq: tuple[int, int, int] | None
+    robust: tuple[int, int]
+    clear_tid: int
+    name: str
+
+
+@attrs.frozen
 class UndoFdClosed(_NothingSpooled):
     """A descriptor the apply closed (or replaced), kept alive at ``parked`` in the target
     until the apply is done: rollback puts it back at ``fd`` (dup3) and closes ``parked``."""
@@ -206,7 +229,8 @@ class UndoSigmask(_NothingSpooled):
 
 UndoRecord = (
     UndoPages | UndoPageTable | UndoMapping | UndoUnmap | UndoProtect | UndoBrk | UndoMm | UndoRegs
-    | UndoFdClosed | UndoFdOpened | UndoFdState | UndoSigactions | UndoSigmask
+    | UndoFdClosed | UndoFdOpened | UndoFdState | UndoSigactions | UndoSigmask | UndoThreadCreated
+    | UndoThreadEnded
 )  # fmt: skip
 
 

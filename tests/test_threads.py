@@ -1,0 +1,142 @@
+"""Threads started or ended since the checkpoint, on a real thread pool (tests/targets/
+pool_target.c): apply ends the new ones and creates the gone ones again with their ids, and
+the pool works afterwards (every worker answers, every worker can be joined)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from applier.api import apply
+from applier.dump import dump
+from applier.plan import EndThread, NewThread
+from formats.imagedir import ImageDir
+from tests.live_state import Snapshot, assert_same, command, snapshot
+from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture
+def pool() -> Iterator[Target]:
+    with spawn(build_c("pool_target.c")) as t:
+        yield t
+
+
+def _tasks(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def _names(pid: int) -> dict[int, str]:
+    return {t: Path(f"/proc/{pid}/task/{t}/comm").read_text() for t in _tasks(pid)}
+
+
+def _grow(t: Target, n: int) -> int:
+    return int(command(t, f"grow {n}", "grown")[0])
+
+
+def _ping(t: Target) -> list[int]:
+    return [int(x) for x in command(t, "ping", "pong")]
+
+
+def _quit(t: Target) -> int:
+    t.send("quit")
+    return t.proc.wait(timeout=10)
+
+
+def _checkpoint(t: Target, where: Path) -> tuple[Path, list[int], Snapshot]:
+    tasks = _tasks(t.pid)
+    before = snapshot(t.pid)
+    dump(t.pid, where)
+    return where, tasks, before
+
+
+def test_pool_that_grew_loses_the_new_threads(pool: Target, tmp_path: Path) -> None:
+    """Two workers started after the checkpoint are ended before anything else; the three
+    that were there keep working, every byte and register is the checkpoint's, and the
+    program joins its workers and exits normally."""
+    assert _grow(pool, 3) == 3
+    image, tasks, before = _checkpoint(pool, tmp_path / "img")
+    workers = command(pool, "tids", "tids")
+    assert _grow(pool, 2) == 5
+    assert len(_tasks(pool.pid)) == 6
+    result = apply(image, pool.pid)
+    assert [type(s) for s in result.plan.steps[:2]] == [EndThread, EndThread]
+    assert result.stats.threads_ended == 2 and result.stats.verified
+    assert _tasks(pool.pid) == tasks
+    assert_same(before, snapshot(pool.pid))
+    assert_untouched(pool)
+    assert _ping(pool)[:2] == [3, 3]  # three workers, three answers
+    assert command(pool, "tids", "tids") == workers
+    assert _quit(pool) == 0
+
+
+def test_pool_that_shrank_gets_its_threads_back(pool: Target, tmp_path: Path) -> None:
+    """Two workers joined after the checkpoint come back with their ids, registers, TLS,
+    robust list, rseq area and tid address: all four answer, and the program can join all
+    four (pthread_join waits on the tid address the kernel clears). Twice in a row."""
+    assert _grow(pool, 4) == 4
+    image, tasks, before = _checkpoint(pool, tmp_path / "img")
+    workers = command(pool, "tids", "tids")
+    names = _names(pool.pid)
+    for shrink_by in (2, 3):
+        assert command(pool, f"shrink {shrink_by}", "shrunk") == [str(4 - shrink_by)]
+        assert len(_tasks(pool.pid)) == 5 - shrink_by
+        result = apply(image, pool.pid)
+        assert len(result.plan.of(NewThread)) == shrink_by
+        assert result.stats.threads_created == shrink_by and result.stats.verified
+        assert _tasks(pool.pid) == tasks
+        assert_same(before, snapshot(pool.pid))
+        assert_untouched(pool)
+        assert _ping(pool)[:2] == [4, 4]
+        assert command(pool, "tids", "tids") == workers
+        assert _names(pool.pid) == names
+    assert _quit(pool) == 0
+
+
+def test_grown_and_shrunk_at_once_and_the_cli_shows_each_step(pool: Target, tmp_path: Path) -> None:
+    """Some workers gone and others new: diff and --dry-run name each thread step (exit 1:
+    different), the apply ends and creates them, and the pool works."""
+    _grow(pool, 3)
+    image, tasks, _ = _checkpoint(pool, tmp_path / "img")
+    command(pool, "shrink 2", "shrunk")
+    _grow(pool, 2)
+    assert len(_tasks(pool.pid)) == 4 and _tasks(pool.pid) != tasks
+    shown = run_applier("diff", str(image), "--against", str(pool.pid))
+    assert shown.returncode == 1, shown.stderr
+    assert shown.stdout.count("thread  end") == 2 and shown.stdout.count("thread  new") == 2
+    dry = run_applier("apply", str(image), "--into", str(pool.pid), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    ops = [s["op"] for s in json.loads(dry.stdout)["steps"]]
+    assert ops.count("thread-end") == 2 and ops.count("thread-new") == 2
+    assert len(_tasks(pool.pid)) == 4  # a dry run changes nothing
+    done = run_applier("apply", str(image), "--into", str(pool.pid))
+    assert done.returncode == 0, done.stderr
+    assert _tasks(pool.pid) == tasks
+    assert _ping(pool)[:2] == [3, 3]
+    assert _quit(pool) == 0
+
+
+def test_dump_records_what_a_thread_needs_to_be_created_again(pool: Target, tmp_path: Path) -> None:
+    """Every non-leader core has the thread's tid address and robust list (as CRIU writes
+    them: thread_info.clear_tid_addr, thread_core.futex_rla), its name and rseq area."""
+    _grow(pool, 2)
+    dump(pool.pid, tmp_path / "img")
+    image = ImageDir.open(tmp_path / "img")
+    threads = image.pstree[0].threads
+    assert len(threads) == 3
+    for tid in threads:
+        core = image.core(tid)
+        assert core.thread_core is not None and core.thread_info is not None
+        assert core.thread_core.futex_rla != 0 and core.thread_core.futex_rla_len == 24
+        if tid != pool.pid:
+            # glibc: the tid address is &pthread->tid, the robust list head is inside the
+            # same struct pthread, a few hundred bytes on
+            tid_addr = core.thread_info.clear_tid_addr
+            assert 0 < core.thread_core.futex_rla - tid_addr < 4096
+    assert_untouched(pool)
+    assert _ping(pool)[:2] == [2, 2]
