@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from applier.dump import dump
 from applier.plan import EndThread, NewThread
 from formats.imagedir import ImageDir
 from tests.live_state import Snapshot, assert_same, command, snapshot
-from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
+from tests.procs import TARGETS, Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
 
@@ -140,3 +143,75 @@ def test_dump_records_what_a_thread_needs_to_be_created_again(pool: Target, tmp_
             assert 0 < core.thread_core.futex_rla - tid_addr < 4096
     assert_untouched(pool)
     assert _ping(pool)[:2] == [2, 2]
+
+
+def _ask(t: Target, line: str, key: str) -> list[str]:
+    """One command to a runtime target (node, a JVM: not blocked in read() when idle)."""
+    t.send(line)
+    return t.expect(key, timeout=20)
+
+
+def _runtime(argv: list[str], env: dict[str, str] | None = None) -> Target:
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    return Target(proc)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_libuv_pool_started_after_the_checkpoint_is_ended(tmp_path: Path) -> None:
+    """libuv starts its thread pool on the first fs call: checkpointed before it, applied
+    after it, the four pool threads are ended, and node starts its pool again on the next
+    fs call and goes on (a real runtime's pool that grew)."""
+    t = _runtime(["node", str(TARGETS / "uv_pool.js")], {"UV_THREADPOOL_SIZE": "4"})
+    try:
+        t.expect("ready", timeout=30)
+        tasks = _tasks(t.pid)
+        dump(t.pid, tmp_path / "img")
+        assert _ask(t, "fs", "read") != []
+        assert len(_tasks(t.pid)) == len(tasks) + 4
+        result = apply(tmp_path / "img", t.pid)
+        assert result.stats.threads_ended == 4 and result.stats.verified
+        assert _tasks(t.pid) == tasks
+        for _ in range(2):
+            assert _ask(t, "fs", "read") != []
+        assert len(_tasks(t.pid)) == len(tasks) + 4
+        t.send("quit")
+        assert t.proc.wait(timeout=10) == 0
+    finally:
+        t.kill()
+
+
+@pytest.mark.skipif(shutil.which("java") is None or shutil.which("javac") is None, reason="no JDK")
+def test_jvm_pool_that_timed_out_gets_its_workers_back(tmp_path: Path) -> None:
+    """A java.util.concurrent pool whose idle workers time out (200 ms): checkpointed with
+    four workers, applied after they ended, the four JVM threads are created again with
+    their ids. They resume in their timed wait, find the deadline passed and leave through
+    the JVM's own thread exit; the pool then starts new workers and the JVM exits normally."""
+    classes = tmp_path / "classes"
+    subprocess.run(["javac", "-d", str(classes), str(TARGETS / "Pool.java")], check=True)
+    t = _runtime(["java", "-Xmx64m", "-XX:+UseSerialGC", "-cp", str(classes), "Pool"])
+    try:
+        t.expect("ready", timeout=60)
+        assert _ask(t, "work 4", "worked") == ["4", "4", "4"]
+        tasks = _tasks(t.pid)
+        dump(t.pid, tmp_path / "img")
+        deadline = time.monotonic() + 10
+        while len(_tasks(t.pid)) > len(tasks) - 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_tasks(t.pid)) == len(tasks) - 4  # the workers timed out
+        result = apply(tmp_path / "img", t.pid)
+        assert result.stats.threads_created == 4 and result.stats.verified
+        assert set(_tasks(t.pid)) <= set(tasks)  # created with their ids (some may be gone)
+        for n in (4, 8, 2):
+            done, workers, size = _ask(t, f"work {n}", "worked")
+            assert (done, workers) == (str(n), str(min(n, 4))) and int(size) <= 4
+        assert _ask(t, "quit", "bye") == []
+        assert t.proc.wait(timeout=20) == 0
+    finally:
+        t.kill()

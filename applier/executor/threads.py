@@ -84,7 +84,7 @@ def validate_new(ctx: Context, step: NewThread) -> None:
     if not core.thread_info.clear_tid_addr:
         raise MismatchError(
             f"core-{step.tid}.img has no tid address (thread_info.clear_tid_addr; dumped by an "
-            "applier before 0.x recorded it?): thread {step.tid} cannot be created again "
+            f"older applier?): thread {step.tid} cannot be created again "
             "without it (pthread_join would wait for it forever)",
         )
     fpregs = core.thread_info.fpregs
