@@ -21,7 +21,12 @@ def main() -> int:
 
         print(f"applier {__version__}")
         return 0
-    from applier.cli import main as cli_main  # noqa: PLC0415 - after the handlers, on purpose
+    from applier.remote import apply_in_holder  # noqa: PLC0415 - after the handlers, on purpose
+
+    served = apply_in_holder(sys.argv[1:])  # a tracked target's holder runs the apply
+    if served is not None:
+        return served
+    from applier.cli import main as cli_main  # noqa: PLC0415
 
     return cli_main()
 

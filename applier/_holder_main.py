@@ -1,19 +1,29 @@
 """The tracker holder daemon: keeps one target's userfaultfd so that the target does not.
 
 Started by :func:`applier.holder.spawn` as ``python -I -S _holder_main.py CONFIG`` (no site,
-no environment: the standard library only, so it imports nothing of applier and starts in a
-few ms), in a new session, with stdin/stdout/stderr on /dev/null and only these descriptors:
+no environment: the standard library only, so it starts serving in a few ms; it loads
+applier afterwards, for ``apply``), in a new session, with stdin/stdout/stderr on /dev/null
+and only these descriptors:
 the userfaultfd, a pidfd of the target, the listening unix socket (bound by applier in its
 lock directory, mode 0600) and the write end of a pipe that says "ready PID".
 
 It forks once more and the first child exits (applier reaps it): the daemon is no session
 leader (it can never get a controlling terminal) and nobody's child but init's (or a
-subreaper's), so no zombie is left with applier. It never traces anything.
+subreaper's), so no zombie is left with applier. It traces its target only while it runs an
+``apply`` for a command.
 
 It ends when the target exits (its pidfd turns readable), on ``stop``, or on SIGTERM; it
 removes its socket first. Requests (one JSON message per SOCK_SEQPACKET connection, from a
 peer of the same uid or root only): ``info``, ``get`` (the reply carries the userfaultfd with
-SCM_RIGHTS), ``set`` (a new baseline token and image), ``stop``.
+SCM_RIGHTS), ``set`` (a new baseline token and image), ``stop``, and ``apply``.
+
+``apply`` runs an ``applier apply`` command line for the target here, in a process that has
+applier imported already and keeps the tracker itself (``applier.remote``): a reset from the
+command line then costs what the apply costs, not the 200-300 ms of starting applier. Its
+output comes back as ``{"stream", "data"}`` messages, then ``{"rc"}``; a peer of another uid
+than the holder's own is not served (the apply would run with the holder's rights). Once the
+holder serves, it loads applier (``config["sys_path"]``; until then it has the standard
+library only) so that the first ``apply`` is as fast as the next ones.
 
 With ``UFFD_FEATURE_WP_ASYNC`` the kernel resolves every write-protect fault itself, so no one
 ever needs to read the userfaultfd: the target never waits on this process.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import json
 import os
 import select
@@ -38,10 +49,63 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def _peer_allowed(conn: socket.socket) -> bool:
+def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
-    return uid in (0, os.getuid())
+    return int(uid)
+
+
+_CHUNK = 32768  # bytes of output per message
+
+
+class _Applier:
+    """applier's command line, loaded into the holder once (``warm``) and run for ``apply``
+    requests with this holder's tracker (``applier.holder.serve_here``)."""
+
+    def __init__(self, config: dict[str, Any], info: dict[str, Any], uffd: int) -> None:
+        self.main: Any = None
+        self.error = ""
+        paths = [str(p) for p in config.get("sys_path") or []]
+        if not paths:
+            self.error = "this holder was started without applier's import path"
+            return
+        sys.path[:0] = [p for p in paths if p not in sys.path]
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy: no thread pool here
+        try:
+            # loaded now, so that the first apply is as fast as the next ones
+            from applier import api, holder, remote  # noqa: PLC0415
+            from applier.cli import main  # noqa: PLC0415
+
+            holder.serve_here(info, uffd)
+            api.OPEN_IMAGES.enabled = True  # parsed once, while the files stay the same
+            remote.SERVING = True
+        except Exception as exc:  # an import that fails leaves applies to the command line
+            self.error = f"applier could not be loaded here ({exc!r})"
+            return
+        self.main = main
+
+    def run(self, conn: socket.socket, data: bytes) -> None:
+        """One ``apply`` request (``applier.remote.request``): its output, then its status."""
+        from applier import remote  # noqa: PLC0415 - loaded with applier (__init__)
+
+        cwd, argv = remote.parse_request(data)
+        out, err = io.StringIO(), io.StringIO()
+        saved = sys.stdout, sys.stderr
+        try:
+            os.chdir(cwd)
+            sys.stdout, sys.stderr = out, err
+            try:
+                rc = int(self.main(argv))
+            except SystemExit as exc:  # argparse: usage errors, --help
+                rc = exc.code if isinstance(exc.code, int) else 2
+        finally:
+            sys.stdout, sys.stderr = saved
+            os.chdir("/")
+        for tag, text in ((remote.OUT, out.getvalue()), (remote.ERR, err.getvalue())):
+            data = text.encode()
+            for i in range(0, len(data), _CHUNK):
+                conn.send(tag + data[i : i + _CHUNK])
+        conn.send(remote.STATUS + str(rc).encode())
 
 
 def _serve(config: dict[str, Any], uffd: int, pidfd: int, listener: socket.socket) -> None:
@@ -56,6 +120,7 @@ def _serve(config: dict[str, Any], uffd: int, pidfd: int, listener: socket.socke
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     poller.register(listener.fileno(), select.POLLIN)
+    runner = _Applier(config, info, uffd) if config.get("warm") else None
     while True:
         for fd, _ in poller.poll():
             if fd == pidfd:
@@ -67,9 +132,19 @@ def _serve(config: dict[str, Any], uffd: int, pidfd: int, listener: socket.socke
             with conn:
                 conn.settimeout(5)
                 try:
-                    if not _peer_allowed(conn):
+                    peer = _peer_uid(conn)
+                    if peer not in (0, os.getuid()):
                         continue
-                    request = json.loads(conn.recv(65536) or b"{}")
+                    data = conn.recv(65536)
+                    if data.startswith(b"apply\0"):
+                        if runner is None or runner.main is None or peer != os.getuid():
+                            why = "not served here" if runner is None else runner.error
+                            conn.send(json.dumps({"ok": False, "why": why or "other uid"}).encode())
+                            continue
+                        conn.settimeout(None)  # as long as the apply takes
+                        runner.run(conn, data)
+                        continue
+                    request = json.loads(data or b"{}")
                     op = request.get("op")
                     if op == "set":
                         info["token"] = str(request["token"])

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import numpy as np
@@ -74,6 +74,59 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class _OpenImages:
+    """Image directories kept open and parsed between applies, in a process that applies
+    again and again (the tracker holder: ``applier.remote``). An entry is used again only
+    while no image file (``*.img``) of the directory, or of its parent chain, has changed
+    (name, inode, size, mtime); applier's own files beside them (the tracker's state, which
+    every apply rewrites) are read afresh each time anyway. The least recently used beyond
+    ``size`` is closed."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.enabled = False
+        self._kept: dict[str, tuple[tuple[object, ...], ImageDir, dict[int | None, Any]]] = {}
+
+    @staticmethod
+    def _signature(path: Path) -> tuple[object, ...]:
+        out: list[object] = []
+        for _ in range(16):  # the parent chain (incremental images), as far as it goes
+            with os.scandir(path) as entries:
+                for e in entries:
+                    if e.name.endswith(".img") or e.name == "parent":
+                        st = e.stat(follow_symlinks=False)
+                        out.append((str(path), e.name, st.st_ino, st.st_size, st.st_mtime_ns))
+            parent = path / "parent"
+            if not parent.is_dir():
+                break
+            path = parent.resolve()
+        return tuple(sorted(out, key=str))
+
+    @contextlib.contextmanager
+    def open(self, path: Path) -> Iterator[tuple[ImageDir, dict[int | None, Any]]]:
+        """The parsed directory and a per-directory memo (``{task: ImageTask}``)."""
+        if not self.enabled:
+            with ImageDir.open(path) as img:
+                yield img, {}
+            return
+        key = os.path.realpath(path)
+        signature = self._signature(Path(key))
+        kept = self._kept.pop(key, None)
+        if kept is not None and kept[0] != signature:
+            kept[1].close()
+            kept = None
+        if kept is None:
+            kept = (signature, ImageDir.open(path), {})
+        self._kept[key] = kept  # the most recent last
+        while len(self._kept) > self.size:
+            oldest = next(iter(self._kept))
+            self._kept.pop(oldest)[1].close()
+        yield kept[1], kept[2]
+
+
+OPEN_IMAGES = _OpenImages()
 
 U64 = npt.NDArray[np.uint64]
 
@@ -141,7 +194,7 @@ def _opened(
     path = Path(image_dir)
     if not overrides.trust_image and path.is_dir():
         check_trusted(path)
-    with ImageDir.open(path) as img:
+    with OPEN_IMAGES.open(path) as (img, memo):
         check_target_allowed(pid, force=overrides.force)
         scope = load_scope(img.path)
         chosen = Part.of(parts)
@@ -151,7 +204,9 @@ def _opened(
                     f"{UNDO_FILE}: this undo image is of pid {scope.pid}, not {pid}"
                 )
             chosen &= Part.of(scope.parts)
-        image = image_task(img, task)
+        image = memo.get(task)
+        if image is None:
+            image = memo[task] = image_task(img, task)
         check_identity(
             image.pid,
             img.inventory.dump_uptime,

@@ -105,6 +105,34 @@ def _start_time(pid: int, start_time: int | None) -> int | None:
         return None
 
 
+# Set in the holder itself when it runs applies (``serve_here``): (its info, the userfaultfd).
+_HERE: tuple[dict[str, Any], int] | None = None
+
+
+def serve_here(info: dict[str, Any], uffd: int) -> None:
+    """In the holder process: requests for its own target are answered from ``info`` (shared
+    with its serving loop) and ``uffd``, not over its socket, which it cannot answer while
+    it runs an apply."""
+    global _HERE  # noqa: PLW0603 - one holder per process
+    _HERE = (info, uffd)
+
+
+def _answer_here(
+    pid: int, start: int, request: dict[str, Any], want_fd: bool
+) -> tuple[HolderInfo, int | None] | None:
+    assert _HERE is not None
+    info, uffd = _HERE
+    if request.get("op") == "set":
+        info["token"], info["image"] = str(request["token"]), str(request["image"])
+    if request.get("op") == "stop":
+        raise HolderError(pid, "the tracker holder cannot stop itself while it applies")
+    held = HolderInfo(
+        holder=int(info["holder"]), pid=pid, start_time=start, inode=int(info["inode"]),
+        token=str(info["token"]), image=str(info["image"]),
+    )  # fmt: skip
+    return held, os.dup(uffd) if want_fd else None
+
+
 def _request(
     pid: int, start_time: int | None, request: dict[str, Any], *, want_fd: bool = False
 ) -> tuple[HolderInfo, int | None] | None:
@@ -114,6 +142,8 @@ def _request(
     start = _start_time(pid, start_time)
     if start is None:
         return None
+    if _HERE is not None and (_HERE[0]["pid"], _HERE[0]["start_time"]) == (pid, start):
+        return _answer_here(pid, start, request, want_fd)
     try:
         path = socket_path(pid, start)
     except OSError:
@@ -291,6 +321,9 @@ def spawn(pid: int, start_time: int, uffd: int, token: str, image: Path) -> int:
             "path": str(path),
             "token": token,
             "image": str(image),
+            # applies are run in the holder (applier.remote), with applier loaded from here
+            "sys_path": [p for p in sys.path if p],
+            "warm": True,
         }
         first = subprocess.Popen(
             [sys.executable, "-I", "-S", str(MAIN), json.dumps(config)],

@@ -21,42 +21,19 @@ import contextlib
 import fcntl
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from applier.errors import TargetBusy
+from applier.lockdir import find_lock_dir
 from injector.procfs import read_start_time
 
 __all__ = ["KeptClaim", "TargetBusy", "TargetLock", "lock_dir"]
 
 
-_found: dict[tuple[int, str | None], Path] = {}
-
-
 def lock_dir() -> Path:
-    """Where lock files are kept (created on first use, mode 0700 outside /run); found once
-    per process (and user and XDG_RUNTIME_DIR), checked to exist on every call."""
-    key = (os.getuid(), os.environ.get("XDG_RUNTIME_DIR"))
-    path = _found.get(key)
-    if path is not None and os.path.isdir(path):
-        return path
-    _found[key] = path = _find_lock_dir()
-    return path
-
-
-def _find_lock_dir() -> Path:
-    candidates = [Path("/run/applier")]
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        candidates.append(Path(runtime) / "applier")
-    candidates.append(Path(tempfile.gettempdir()) / f"applier-{os.getuid()}")
-    for path in candidates:
-        with contextlib.suppress(OSError):
-            path.mkdir(mode=0o700, exist_ok=True)
-            if path.is_dir() and os.access(path, os.W_OK) and path.stat().st_uid == os.getuid():
-                return path
-    raise OSError("no directory for applier's lock files")
+    """Where lock files are kept (``applier.lockdir``)."""
+    return Path(find_lock_dir())
 
 
 def _start_time(pid: int) -> str:

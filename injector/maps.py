@@ -179,19 +179,6 @@ def parse_smaps_vmflags(data: bytes) -> dict[int, frozenset[str]]:
     return result
 
 
-def read_stat(pid: int, tid: int | None = None, procfs: Path = Path("/proc")) -> list[bytes]:
-    """The fields of /proc/PID/stat (of thread ``tid`` when given) from field 3, the state,
-    on: ``[state, ppid, pgrp, session, ...]``. The command name before them may hold spaces
-    and parentheses, so the split starts after its last ``)``. Raises OSError if gone."""
-    path = (
-        procfs / str(pid) / "stat"
-        if tid is None
-        else procfs / str(pid) / "task" / str(tid) / "stat"
-    )
-    stat = path.read_bytes()
-    return stat[stat.rindex(b")") + 2 :].split()
-
-
 def read_maps(pid: int, procfs: Path = Path("/proc")) -> list[Mapping]:
     """/proc/PID/maps of ``pid`` (raises ``OSError`` as ``open`` does)."""
     return parse_maps((procfs / str(pid) / "maps").read_bytes())

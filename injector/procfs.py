@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from injector.maps import read_stat
-
 __all__ = [
     "MM_STAT_FIELDS",
     "read_auxv",
@@ -23,6 +21,7 @@ __all__ = [
     "read_exe",
     "read_mm_fields",
     "read_start_time",
+    "read_stat",
     "read_stat_ids",
     "read_status",
     "thread_state",
@@ -87,6 +86,19 @@ def read_stat_ids(pid: int, procfs: Path = PROC) -> tuple[int, int, int]:
     """(ppid, process group, session) from /proc/PID/stat."""
     rest = read_stat(pid, procfs=procfs)
     return int(rest[1]), int(rest[2]), int(rest[3])
+
+
+def read_stat(pid: int, tid: int | None = None, procfs: Path = Path("/proc")) -> list[bytes]:
+    """The fields of /proc/PID/stat (of thread ``tid`` when given) from field 3, the state,
+    on: ``[state, ppid, pgrp, session, ...]``. The command name before them may hold spaces
+    and parentheses, so the split starts after its last ``)``. Raises OSError if gone."""
+    path = (
+        procfs / str(pid) / "stat"
+        if tid is None
+        else procfs / str(pid) / "task" / str(tid) / "stat"
+    )
+    stat = path.read_bytes()
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def read_start_time(pid: int, procfs: Path = PROC) -> int:

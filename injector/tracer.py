@@ -32,9 +32,7 @@ from injector.errors import (
     TargetExited,
     ZombieProcess,
 )
-from injector.maps import (
-    read_stat,
-)
+from injector.procfs import read_stat
 from injector.regs import Arch, UserRegsStruct
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from injector.procfs import read_start_time
 from injector.session import attach
 from injector.tracking import UffdWpTracker, open_tracker, resume_tracker
 from tests.live_state import command, snapshot
-from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
+from tests.procs import REPO, Target, assert_untouched, build_c, run_applier, spawn
 
 pytestmark = pytest.mark.live
 
@@ -435,3 +436,50 @@ def test_a_userfaultfd_outside_the_target_tracks_its_writes(writer: Target) -> N
     assert _wp_vmas(t.pid) == 0
     t.send("ping")
     t.expect("pong")
+
+
+def test_cli_apply_runs_in_the_holder(untracked: Target, tmp_path: Path) -> None:
+    """A tracked target's holder runs ``applier apply`` for the command line (applier loaded
+    once): the same result, output and exit status as a local apply, from the caller's
+    working directory; ``--local`` applies in the command itself; a usage error comes back
+    as it would here; the holder then still serves and holds no more descriptors."""
+    image = tmp_path / "img"
+    doc = _track(image, untracked.pid)
+    held = int(str(doc["holder"]))
+    (checksum,) = command(untracked, "sum", "sum")
+    for _ in range(2):
+        command(untracked, "scribble", "done")
+        out = run_applier("apply", str(image), "--into", str(untracked.pid), "--only-dirty",
+                          "--json")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["holder"] == held and result["dirty_source"] == "tracker:uffd-wp"
+        assert result["stats"]["verified"] and result["stats"]["layout_changes"] > 0
+        assert command(untracked, "sum", "sum") == [checksum]
+    assert_untouched(untracked)
+    fds = len(_links(held))
+    # relative to the caller's working directory, in text
+    command(untracked, "touch", "touched")
+    out = subprocess.run(
+        [sys.executable, "-m", "applier", "apply", "img", "--into", str(untracked.pid),
+         "--only-dirty"], cwd=tmp_path, capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"applied to pid {untracked.pid}: ") and "(verified)" in out.stdout
+    assert command(untracked, "sum", "sum") == [checksum]
+    # --local: the command applies itself
+    command(untracked, "touch", "touched")
+    out = run_applier("apply", str(image), "--into", str(untracked.pid), "--only-dirty",
+                      "--json", "--local")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["holder"] is None
+    assert command(untracked, "sum", "sum") == [checksum]
+    # errors come back unchanged: usage (2), a mismatch (4, one line)
+    out = run_applier("apply", str(image), "--into", str(untracked.pid), "--bogus")
+    assert out.returncode == EXIT_USAGE and "unrecognized arguments: --bogus" in out.stderr
+    out = run_applier("apply", str(image), "--into", str(untracked.pid), "--restore", "stack")
+    assert out.returncode == EXIT_USAGE and "unknown part" in out.stderr
+    assert len(_links(held)) <= fds + 1  # (at most the undo spool's memfd, kept for reuse)
+    assert holder.status(untracked.pid) is not None
+    assert_untouched(untracked)

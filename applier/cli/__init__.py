@@ -126,8 +126,13 @@ def _unraisable(hook: Any) -> None:
     sys.__unraisablehook__(hook)
 
 
+_parser: list[argparse.ArgumentParser] = []  # built once per process (a holder runs many)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if not _parser:
+        _parser.append(build_parser())
+    parser = _parser[0]
     args = parser.parse_args(_criu_verbosity(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbosity + args.more, args.quiet, args.log_file)
     func: Handler = args.func

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from applier import remote
 from applier.errors import EXIT_DIFFERENT, EXIT_OK
 from applier.parts import Part
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from applier.api import ApplyResult
@@ -131,6 +136,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--into", type=pid_arg, required=True, metavar="PID", help="live process")
     a.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     a.add_argument(
+        "--local",
+        action="store_true",
+        help="apply in this process even when the target's tracker holder could run the "
+        "apply (it does by default: it has applier loaded; see 'dump --track')",
+    )
+    a.add_argument(
         "--only-dirty",
         action="store_true",
         help="write only pages changed since the image: from the dirty tracker a "
@@ -235,6 +246,8 @@ def run_diff(args: argparse.Namespace) -> int:
 def run_apply(args: argparse.Namespace) -> int:
     from applier.api import apply  # noqa: PLC0415 - the CLI imports per command
 
+    if remote.SERVING:
+        logger.info("applying in the tracker holder of pid %d (pid %d)", args.into, os.getpid())
     result = apply(
         args.image_dir,
         args.into,
@@ -273,6 +286,8 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
     out = result.plan.as_dict()
     out["dry_run"] = result.dry_run
     out["dirty_source"] = result.dirty_source
+    # the tracker holder that ran this apply for the command (applier.remote), or null
+    out["holder"] = os.getpid() if remote.SERVING else None
     if result.undo is not None:
         out["undo"] = {
             "path": str(result.undo.path),
