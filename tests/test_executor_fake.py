@@ -154,20 +154,33 @@ def test_a_failing_step_rolls_everything_back(
     f, img, _ = checkpointed
     before = state(f)
     plan, cores = plan_for(f, img)
+    fails_after(monkeypatch, failing, f, plan, cores)
+    assert state(f) == before
+
+
+def fails_after(
+    monkeypatch: pytest.MonkeyPatch,
+    failing: type[Step],
+    f: FakeProcess,
+    plan: Plan,
+    cores: dict[int, CoreEntry],
+) -> None:
+    """Apply ``plan`` with steps of kind ``failing`` raising right after their work: the
+    apply must say it rolled back."""
     real = execute._RUN[failing]
 
     def fail_after(ctx: Context, step: Step) -> None:
         real(ctx, step)
         raise OSError(errno.EIO, "injected failure")
 
-    monkeypatch.setitem(execute._RUN, failing, fail_after)
-    undo = UndoLog.create()
-    try:
-        with pytest.raises(ApplyFailed, match="was rolled back"):
-            Executor(f, plan, cores, undo).apply()
-    finally:
-        undo.close()
-    assert state(f) == before
+    with monkeypatch.context() as patched:
+        patched.setitem(execute._RUN, failing, fail_after)
+        undo = UndoLog.create()
+        try:
+            with pytest.raises(ApplyFailed, match="was rolled back"):
+                Executor(f, plan, cores, undo).apply()
+        finally:
+            undo.close()
 
 
 def test_a_refused_syscall_rolls_back(checkpointed: tuple[FakeProcess, ImageDir, State]) -> None:
@@ -297,22 +310,9 @@ def test_threads_are_ended_and_created_and_rolled_back(
     before = state(f)
     plan, cores = _thread_plan(f, img)
     assert plan.of(EndThread) == [EndThread(4250)] and plan.of(NewThread) == [NewThread(4243)]
-    real = execute._RUN[WritePages]
-
-    def fail_after(ctx: Context, step: Step) -> None:
-        real(ctx, step)
-        raise OSError(errno.EIO, "injected failure")
-
-    monkeypatch.setitem(execute._RUN, WritePages, fail_after)
-    undo = UndoLog.create()
-    try:
-        with pytest.raises(ApplyFailed, match="was rolled back"):
-            Executor(f, plan, cores, undo).apply()
-    finally:
-        undo.close()
+    fails_after(monkeypatch, WritePages, f, plan, cores)
     assert state(f) == before and sorted(f.tids) == [4242, 4250]
     assert f.regs[4250].fs_base == 0x1234 and f.sigmasks[4250] == 0
-    monkeypatch.setitem(execute._RUN, WritePages, real)
     undo = UndoLog.create()
     try:
         ex = Executor(f, plan, cores, undo)
