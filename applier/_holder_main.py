@@ -58,6 +58,16 @@ def _peer_uid(conn: socket.socket) -> int:
 _CHUNK = 32768  # bytes of output per message
 
 
+def _drop_log_handlers() -> None:
+    import logging  # noqa: PLC0415 - loaded with applier
+
+    for name in ("applier", "formats", "injector"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            handler.close()
+        logger.handlers.clear()
+
+
 class _Applier:
     """applier's command line, loaded into the holder once (``warm``) and run for ``apply``
     requests with this holder's tracker (``applier.holder.serve_here``)."""
@@ -101,6 +111,7 @@ class _Applier:
         finally:
             sys.stdout, sys.stderr = saved
             os.chdir("/")
+            _drop_log_handlers()  # the command's (its -o FILE, its stderr): not kept open here
         for tag, text in ((remote.OUT, out.getvalue()), (remote.ERR, err.getvalue())):
             data = text.encode()
             for i in range(0, len(data), _CHUNK):

@@ -475,6 +475,14 @@ def test_cli_apply_runs_in_the_holder(untracked: Target, tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["holder"] is None
     assert command(untracked, "sum", "sum") == [checksum]
+    # its messages go where the command asks (-o FILE), and the holder keeps no file open
+    command(untracked, "touch", "touched")
+    log = tmp_path / "apply.log"
+    out = run_applier("-v4", "-o", str(log), "apply", str(image), "--into", str(untracked.pid),
+                      "--only-dirty")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "applying in the tracker holder" in log.read_text()
+    assert str(log) not in _links(held).values()
     # errors come back unchanged: usage (2), a mismatch (4, one line)
     out = run_applier("apply", str(image), "--into", str(untracked.pid), "--bogus")
     assert out.returncode == EXIT_USAGE and "unrecognized arguments: --bogus" in out.stderr
