@@ -75,7 +75,7 @@ from injector.errors import InjectorError, StopTimeout
 from injector.maps import find
 from injector.regs import UserRegsStruct
 from injector.session import Session, attach
-from injector.tracer import EVENT_STOP, SIGNAL_STOP
+from injector.tracer import EVENT_STOP, OTHER_EVENT, SIGNAL_STOP
 from injector.tracking import DirtyTracker, open_tracker
 
 __all__ = [
@@ -136,6 +136,9 @@ class CallResult:
     rolled_back: bool = False
     pages_restored: int = 0  # pages the roll back wrote
     record: str | None = None
+    # threads the function started: held from their first instruction until the call is
+    # done, then ended by a roll back or let run
+    threads: tuple[int, ...] = ()
 
     @property
     def returned(self) -> bool:
@@ -186,6 +189,7 @@ class CallResult:
             "rolled_back": self.rolled_back,
             "pages_restored": self.pages_restored,
             "record": self.record,
+            "threads": list(self.threads),
             "seconds": self.seconds,
             "timeout": self.timeout,
         }
@@ -226,6 +230,7 @@ class _Outcome:
     fault_address: int | None = None
     fault_ip: int | None = None
     timed_out: bool = False
+    threads: list[int] = attrs.field(factory=list)  # started by the function, held
 
 
 def call(
@@ -420,6 +425,7 @@ def _call_stopped(
         rolled_back=failed or rollback,
         pages_restored=restored,
         record=None if record is None else str(record),
+        threads=tuple(outcome.threads),
     )
     logger.info(
         "pid %d: %s in %.1f ms, %d pages written%s",
@@ -544,6 +550,9 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
 
     s.set_raw_regs(tid, _call_regs(saved, address, args, slot))
     deadline = time.monotonic() + timeout
+    # Threads the function starts are attached by the kernel and held from their first
+    # instruction, as every other thread is during the call (a rollback ends them).
+    s.request(_libc.PTRACE_SETOPTIONS, tid, 0, s.options | _libc.PTRACE_O_TRACECLONE)
     try:
         s.request(_libc.PTRACE_CONT, tid)
         while True:
@@ -552,6 +561,13 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
             except StopTimeout:
                 out.timed_out = True
                 break
+            if kind == OTHER_EVENT and sig == _libc.PTRACE_EVENT_CLONE:
+                msg = ctypes.c_ulong(0)
+                s.request(_libc.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
+                if s.adopt(int(msg.value), deadline):
+                    out.threads.append(int(msg.value))
+                s.request(_libc.PTRACE_CONT, tid)
+                continue
             if kind == SIGNAL_STOP and sig in _CRASH_SIGNALS:
                 regs = s.raw_regs(tid)
                 if sig == signal.SIGSEGV and regs.ip == RETURN_TRAP and regs.sp == slot + 8:
@@ -576,6 +592,9 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
         with contextlib.suppress(InjectorError):
             put_back()
         raise
+    finally:
+        with contextlib.suppress(InjectorError):
+            s.request(_libc.PTRACE_SETOPTIONS, tid, 0, s.options)
     if not delivered:  # else the thread is at its handler, with its own registers saved
         put_back()
     return out

@@ -478,16 +478,26 @@ class Tracer:
             self.request(_libc.PTRACE_INTERRUPT, tid)
             self.request(_libc.PTRACE_CONT, tid, 0, sig if kind == SIGNAL_STOP else 0)
 
-    def adopt(self, tid: int, deadline: float) -> None:
+    def adopt(self, tid: int, deadline: float) -> bool:
         """Hold a thread the kernel attached to us (PTRACE_O_TRACECLONE): wait for its first
         stop, which comes before it runs a single instruction, and give it the options every
-        held thread has."""
+        held thread has. A clone that is not a thread of this process (a ``clone()`` without
+        CLONE_THREAD) is let go at once; False then."""
         kind, sig = self.wait(tid, deadline)
         if kind != EVENT_STOP:
             raise InjectorError(self.pid, f"new thread {tid}: unexpected first stop")
+        try:
+            tgid = int(_status_fields(tid).get("Tgid", "0"))
+        except (OSError, ValueError):
+            tgid = 0
+        if tgid != self.pid:
+            with contextlib.suppress(OSError):
+                _libc.ptrace(_libc.PTRACE_DETACH, tid, 0, 0)
+            return False
         self._order.append(tid)
         self._stop_signal[tid] = sig
         self.request(_libc.PTRACE_SETOPTIONS, tid, 0, self.options)
+        return True
 
     def _forget(self, tid: int, *, reaped: bool = True) -> None:
         """Drop ``tid`` from the held threads; one that exited but was not waited for yet is

@@ -592,3 +592,57 @@ def test_rollback_of_shared_memory(target: Target) -> None:
     call(target.pid, "shared_write", 0x22)
     assert shared_byte(target.pid, shared + PG + 7) == 0x22
     assert_untouched(target)
+
+
+def test_a_thread_the_call_starts_is_held_then_ended_by_the_rollback(target: Target) -> None:
+    """pthread_create inside the call: the new thread is held from its first instruction
+    (it has not run when the call returns), --rollback ends it (thread count as before, its
+    stack unmapped, the process works); without --rollback it runs once the call is done."""
+    tasks = sorted(os.listdir(f"/proc/{target.pid}/task"))
+    before = snapshot(target.pid)
+    result = call(target.pid, "spawn_thread", rollback=True)
+    assert result.value == 0 and result.rolled_back and len(result.threads) == 1
+    assert sorted(os.listdir(f"/proc/{target.pid}/task")) == tasks
+    assert snapshot(target.pid).layout == before.layout
+    assert call(target.pid, "spawned_count").value == 0  # it never ran
+    assert_untouched(target)
+    kept = call(target.pid, "spawn_thread")
+    assert kept.value == 0 and not kept.rolled_back and len(kept.threads) == 1
+    (new,) = kept.threads
+    assert str(new) in os.listdir(f"/proc/{target.pid}/task")
+    deadline = time.monotonic() + 5
+    while call(target.pid, "spawned_count").value != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert call(target.pid, "spawned_count").value == 1  # let run after the call
+    assert_untouched(target)
+    assert command(target, "sum", "sum")
+
+
+def _blocked(pid: int) -> int:
+    """The leader's blocked signals (SigBlk of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk")
+
+
+def test_rollback_puts_back_the_signal_mask_and_a_handler(target: Target) -> None:
+    """A function that blocks SIGUSR2 and installs a handler for SIGURG: --rollback puts the
+    thread's mask and the disposition back (the signals part); without it they stay."""
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    assert not _blocked(target.pid) & usr2
+    caught = _caught(target.pid)
+    done = call(target.pid, "block_usr2", rollback=True)
+    assert done.value == 0 and done.rolled_back
+    assert not _blocked(target.pid) & usr2 and _caught(target.pid) == caught
+    kept = call(target.pid, "block_usr2")
+    assert kept.value == 0
+    assert _blocked(target.pid) & usr2 and _caught(target.pid) & (1 << (signal.SIGURG - 1))
+    assert_untouched(target)
+
+
+def _caught(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigCgt")

@@ -104,6 +104,9 @@ def _print_text(r: CallResult) -> None:
     shown = ", ".join(f"{p:#x}" for p in r.pages[:_SHOWN_PAGES])
     more = f", ... ({len(r.pages) - _SHOWN_PAGES} more)" if len(r.pages) > _SHOWN_PAGES else ""
     print(f"{len(r.pages)} pages written during the call" + (f": {shown}{more}" if shown else ""))
+    if r.threads:
+        what = "ended by the roll back" if r.rolled_back else "held until now, then let run"
+        print(f"threads started by the call: {', '.join(map(str, r.threads))} ({what})")
     if r.rolled_back:
         print(f"rolled back: {r.pages_restored} pages written back, layout, break and registers")
     if r.record is not None:

@@ -130,6 +130,39 @@ static void *napper(void *arg) {  // sleeps in clock_nanosleep; counts the sleep
     return NULL;
 }
 
+static volatile long spawned_ran;
+static void *spawned(void *arg) {  // a thread a call starts: counts that it ran, then sleeps
+    (void)arg;
+    __atomic_add_fetch(&spawned_ran, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        struct timespec ts = {1000, 0};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+long spawn_thread(void) {  // starts a detached thread; 0 on success
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    long rc = pthread_create(&t, &attr, spawned, NULL);
+    pthread_attr_destroy(&attr);
+    return rc;
+}
+
+long spawned_count(void) { return spawned_ran; }
+
+static void on_urg(int sig) { (void)sig; }
+
+long block_usr2(void) {  // blocks SIGUSR2 in the calling thread, handles SIGURG
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    signal(SIGURG, on_urg);
+    return pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
 static void *worker(void *arg) {
     long i = (long)arg;
     __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
