@@ -27,6 +27,7 @@ from formats.core import (
     TaskCoreEntry,
     ThreadCoreEntry,
     ThreadInfoX86,
+    ThreadSasEntry,
     UserX86FpregsEntry,
     UserX86RegsEntry,
     UserX86XsaveEntry,
@@ -46,6 +47,7 @@ from formats.signals import (
 from injector.maps import Mapping, holds_data, own_copies
 from injector.process import Process
 from injector.regs import X86Regs
+from injector.threads import ThreadExtras
 
 __all__ = [
     "TaskEntries",
@@ -207,7 +209,7 @@ def _status(m: Mapping) -> tuple[int, int]:
 
 
 def _core(
-    process: Process, tid: int, leader: bool, comm: str, tid_addresses: dict[int, int]
+    process: Process, tid: int, leader: bool, comm: str, extras: dict[int, ThreadExtras]
 ) -> CoreEntry:
     regs = process.get_regs(tid)
     gp = UserX86RegsEntry(mode=1)
@@ -220,15 +222,17 @@ def _core(
         fpregs.xsave = UserX86XsaveEntry(**xs)
     core = CoreEntry(
         mtype=1,
-        thread_info=ThreadInfoX86(
-            clear_tid_addr=tid_addresses.get(tid, 0), gpregs=gp, fpregs=fpregs
-        ),
+        thread_info=ThreadInfoX86(clear_tid_addr=extras[tid].clear_tid, gpregs=gp, fpregs=fpregs),
     )
-    # The robust futex list and the tid address are what a re-created thread needs (the
-    # leader is never re-created: its tid address is left out, which saves injected calls).
+    # The robust futex list, the tid address and the sigaltstack are what a thread created
+    # again needs (applier.executor.threads), as CRIU records them.
     head, length = process.robust_list(tid)
+    sp, size, flags = extras[tid].altstack
     core.thread_core = ThreadCoreEntry(
-        futex_rla=head, futex_rla_len=length, comm=comm if leader else process.comm(tid)
+        futex_rla=head,
+        futex_rla_len=length,
+        comm=comm if leader else process.comm(tid),
+        sas=ThreadSasEntry(ss_sp=sp, ss_size=size, ss_flags=flags),
     )
     rseq = process.rseq_config(tid)
     if rseq is not None:
@@ -342,8 +346,8 @@ def task_entries(process: Process, maps: list[Mapping]) -> TaskEntries:
         mm_saved_auxv=process.auxv(),
         vmas=vmas,
     )
-    addresses = process.tid_addresses([t for t in process.tids if t != pid])
-    cores = {tid: _core(process, tid, tid == pid, comm, addresses) for tid in process.tids}
+    extras = process.thread_extras(process.tids)
+    cores = {tid: _core(process, tid, tid == pid, comm, extras) for tid in process.tids}
     tc = cores[pid].tc
     assert tc is not None
     _task_signals(process, tc)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from injector.fdinfo import Descriptor
     from injector.fds import FsState
+    from injector.threads import ThreadExtras
 
 __all__ = ["IovIO", "Process"]
 
@@ -104,15 +105,23 @@ class Process(Protocol):
         """(head, length) of the thread's robust futex list."""
         ...
 
-    def tid_addresses(self, tids: Iterable[int]) -> dict[int, int]:
-        """The clear_child_tid address of each thread (injected PR_GET_TID_ADDRESS)."""
+    def thread_extras(self, tids: Iterable[int]) -> dict[int, ThreadExtras]:
+        """Each thread's clear_child_tid address and alternate signal stack (injected)."""
         ...
 
     def end_thread(self, tid: int) -> None:
         """End a thread other than the leader (an ``exit`` run in it); no longer held."""
         ...
 
-    def new_thread(self, *, tls: int = 0, clear_tid: int = 0, tid: int = 0, name: str = "") -> int:
+    def new_thread(
+        self,
+        *,
+        tls: int = 0,
+        clear_tid: int = 0,
+        tid: int = 0,
+        name: str = "",
+        altstack: tuple[int, int, int] | None = None,
+    ) -> int:
         """A new thread (``clone3`` with pthread's flags), held stopped before its first
         instruction with every signal blocked; ``tid``: the id it must get. Its id."""
         ...

@@ -48,7 +48,17 @@ from injector.process import IovIO
 from injector.regs import X86Regs
 from injector.signals import parse_status_signals
 from injector.syscalls import NR, syscall_name
-from injector.threads import CLONE_ARGS_SIZE, run_clone, run_exit, thread_clone_args
+from injector.threads import (
+    CLONE_ARGS_SIZE,
+    SS_DISABLE,
+    STACK_T_SIZE,
+    ThreadExtras,
+    pack_stack_t,
+    run_clone,
+    run_exit,
+    thread_clone_args,
+    unpack_stack_t,
+)
 from injector.tracer import Tracer, _errno, _signals_deferred, _status_fields
 
 if TYPE_CHECKING:
@@ -70,7 +80,7 @@ _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTR
 # other threads stay stopped meanwhile). ``brk(0)`` only asks for the break.
 _LAYOUT_NEUTRAL: Final = frozenset(
     {"close", "lseek", "fcntl", "dup", "dup2", "getpid", "gettid", "getppid", "rt_sigprocmask",
-     "set_robust_list", "rseq", "set_tid_address"}
+     "set_robust_list", "rseq", "set_tid_address", "sigaltstack"}
 )  # fmt: skip
 _PR_GET_TID_ADDRESS: Final = 40
 _PR_SET_NAME: Final = 15
@@ -504,21 +514,27 @@ class Session(Tracer, NamedCalls):
                 raise TargetExited(self.pid, "exited during the session", errno.ESRCH) from exc
             raise InjectorError(self.pid, f"get_robust_list of {tid} refused", _errno(exc)) from exc
 
-    def tid_addresses(self, tids: Iterable[int]) -> dict[int, int]:
-        """The clear_child_tid address of each of ``tids`` (an injected PR_GET_TID_ADDRESS
-        in each: where the kernel writes 0 and wakes a futex when the thread ends, what
-        pthread_join waits on)."""
+    def thread_extras(self, tids: Iterable[int]) -> dict[int, ThreadExtras]:
+        """What each of ``tids`` alone can say about itself, with injected calls in it: its
+        clear_child_tid address (PR_GET_TID_ADDRESS: where the kernel writes 0 and wakes a
+        futex when the thread ends, what pthread_join waits on) and its alternate signal
+        stack (``sigaltstack``). One scratch page for all."""
         tids = [self.check(t) for t in tids]
-        out: dict[int, int] = {}
+        slot = 8 + STACK_T_SIZE
         if not tids:
-            return out
-        with self.scratch(bytes(8 * len(tids))) as where:
+            return {}
+        with self.scratch(bytes(slot * len(tids))) as where:
             for i, tid in enumerate(tids):
-                self.prctl(_PR_GET_TID_ADDRESS, where + 8 * i, tid=tid)
-            raw = self.read(where, 8 * len(tids))
-        for i, tid in enumerate(tids):
-            out[tid] = int.from_bytes(raw[8 * i : 8 * i + 8], "little")
-        return out
+                self.prctl(_PR_GET_TID_ADDRESS, where + slot * i, tid=tid)
+                self.call("sigaltstack", 0, where + slot * i + 8, tid=tid)
+            raw = self.read(where, slot * len(tids))
+        return {
+            tid: ThreadExtras(
+                int.from_bytes(raw[slot * i : slot * i + 8], "little"),
+                unpack_stack_t(raw[slot * i + 8 : slot * (i + 1)]),
+            )
+            for i, tid in enumerate(tids)
+        }
 
     def end_thread(self, tid: int) -> None:
         """End thread ``tid`` (not the leader) with an ``exit(0)`` run in it
@@ -553,12 +569,21 @@ class Session(Tracer, NamedCalls):
             os.stat(f"{_PROC}/self/ns/pid").st_ino == os.stat(f"{_PROC}/{self.pid}/ns/pid").st_ino
         )
 
-    def new_thread(self, *, tls: int = 0, clear_tid: int = 0, tid: int = 0, name: str = "") -> int:
+    def new_thread(
+        self,
+        *,
+        tls: int = 0,
+        clear_tid: int = 0,
+        tid: int = 0,
+        name: str = "",
+        altstack: tuple[int, int, int] | None = None,
+    ) -> int:
         """A new thread of the process, created by a ``clone3`` with pthread's flags run in
         the leader, held stopped before its first instruction with every signal blocked
         (``injector.threads.run_clone``); its id. ``tls``: its TLS base (CLONE_SETTLS);
         ``clear_tid``: its clear_child_tid address; ``name``: its comm (PR_SET_NAME in it,
-        else it has the leader's); ``tid``: the id it must have. That id
+        else it has the leader's); ``altstack``: its (ss_sp, ss_size, ss_flags), set with
+        ``sigaltstack`` in it (a new thread has none); ``tid``: the id it must have. That id
         is asked for with ``set_tid`` where the target may (CAP_CHECKPOINT_RESTORE), else
         through ns_last_pid (applier's privilege, same pid namespace); a thread that got
         another id is ended again and the call fails."""
@@ -572,9 +597,11 @@ class Session(Tracer, NamedCalls):
             data = thread_clone_args(
                 tls=tls, clear_tid=clear_tid, set_tid_at=CLONE_ARGS_SIZE if want else 0
             )
-            name_at = CLONE_ARGS_SIZE + 8
+            stack_at, name_at = CLONE_ARGS_SIZE + 8, CLONE_ARGS_SIZE + 8 + STACK_T_SIZE
             blob = data + b"".join(t.to_bytes(4, "little", signed=True) for t in want)
-            blob = blob.ljust(name_at, b"\0") + name.encode()[:15] + b"\0"
+            stack = altstack if altstack is not None else (0, 0, SS_DISABLE)
+            blob = blob.ljust(stack_at, b"\0") + pack_stack_t(*stack)
+            blob += name.encode()[:15] + b"\0"
             with self.scratch(blob) as where:
                 args = bytearray(data)
                 if want:  # the set_tid pointer is absolute: patch it in
@@ -594,8 +621,11 @@ class Session(Tracer, NamedCalls):
                     raise InjectorError(
                         self.pid, f"cannot ask for thread id {tid} ({_NS_LAST_PID})", _errno(exc)
                     ) from exc
-                if name and (not tid or got == tid):
-                    self.prctl(_PR_SET_NAME, where + name_at, tid=got)
+                if not tid or got == tid:
+                    if name:
+                        self.prctl(_PR_SET_NAME, where + name_at, tid=got)
+                    if not stack[2] & SS_DISABLE:
+                        self.call("sigaltstack", where + stack_at, 0, tid=got)
             if tid and got != tid:
                 self.end_thread(got)
                 raise InjectorError(

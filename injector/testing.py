@@ -54,6 +54,7 @@ from injector.maps import (
 from injector.process import IovIO
 from injector.regs import REG_NAMES, Arch, X86Regs
 from injector.syscalls import NR, syscall_name
+from injector.threads import SS_DISABLE, ThreadExtras
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -68,6 +69,7 @@ _MM_MAP_ORDER = (
 )  # fmt: skip
 _UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
 _NAMES = {nr: name for name, nr in NR[Arch.X86_64].items()}
+_NO_SS = (0, 0, SS_DISABLE)
 
 
 @attrs.define
@@ -141,6 +143,7 @@ class FakeProcess(NamedCalls):
         self._caller = pid  # the thread an injected call runs in
         self.taken_tids: dict[int, str] = {}  # tid -> why a new thread cannot have it
         self.thread_names: dict[int, str] = {}
+        self.altstacks: dict[int, tuple[int, int, int]] = {}  # (ss_sp, ss_size, ss_flags)
 
     # ---- building the fake ---------------------------------------------------------------
 
@@ -370,8 +373,11 @@ class FakeProcess(NamedCalls):
     def robust_list(self, tid: int) -> tuple[int, int]:
         return self.robust.get(self._thread(tid), (0, 0))
 
-    def tid_addresses(self, tids: Iterable[int]) -> dict[int, int]:
-        return {t: self.tid_addr.get(self._thread(t), 0) for t in tids}
+    def thread_extras(self, tids: Iterable[int]) -> dict[int, ThreadExtras]:
+        return {
+            t: ThreadExtras(self.tid_addr.get(self._thread(t), 0), self.altstacks.get(t, _NO_SS))
+            for t in tids
+        }
 
     def end_thread(self, tid: int) -> None:
         if self._thread(tid) == self._pid:
@@ -382,11 +388,20 @@ class FakeProcess(NamedCalls):
         del self.regs[tid], self.xstate[tid], self.rseq[tid], self.sigmasks[tid]
         self.robust.pop(tid, None)
         self.tid_addr.pop(tid, None)
+        self.altstacks.pop(tid, None)
 
     def tid_unavailable(self, tid: int) -> str | None:
         return self.taken_tids.get(tid)
 
-    def new_thread(self, *, tls: int = 0, clear_tid: int = 0, tid: int = 0, name: str = "") -> int:
+    def new_thread(
+        self,
+        *,
+        tls: int = 0,
+        clear_tid: int = 0,
+        tid: int = 0,
+        name: str = "",
+        altstack: tuple[int, int, int] | None = None,
+    ) -> int:
         self._alive()
         self._failing("clone3")
         new = tid or max(self._tids) + 1
@@ -400,6 +415,7 @@ class FakeProcess(NamedCalls):
         self.sigmasks[new] = _U64 & ~_UNBLOCKABLE
         self.tid_addr[new] = clear_tid
         self.thread_names[new] = name
+        self.altstacks[new] = altstack or _NO_SS
         return new
 
     def _sys_rseq(self, area: int, size: int, flags: int, sig: int) -> int:

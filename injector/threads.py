@@ -21,6 +21,8 @@ import struct
 import time
 from typing import Final
 
+import attrs
+
 from injector import _libc
 from injector.errors import InjectedSyscallError, InjectorError, TargetExited
 from injector.inject import _injected_regs, _wait_syscall_exit
@@ -28,10 +30,15 @@ from injector.tracer import OTHER_EVENT, SIGNAL_STOP, SYSCALL_STOP, Tracer
 
 __all__ = [
     "CLONE_THREAD_FLAGS",
+    "SS_DISABLE",
+    "STACK_T_SIZE",
+    "ThreadExtras",
     "clone_args",
+    "pack_stack_t",
     "run_clone",
     "run_exit",
     "thread_clone_args",
+    "unpack_stack_t",
 ]
 
 _MASK64: Final = (1 << 64) - 1
@@ -53,6 +60,28 @@ CLONE_THREAD_FLAGS: Final = (
     CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 )
 CLONE_ARGS_SIZE: Final = 88  # CLONE_ARGS_SIZE_VER2: up to cgroup
+STACK_T_SIZE: Final = 24  # stack_t: ss_sp, ss_flags (int, padded), ss_size
+SS_DISABLE: Final = 2
+
+
+@attrs.frozen
+class ThreadExtras:
+    """Kernel state of a thread that only the thread itself can read (injected calls):
+    its clear_child_tid address and its alternate signal stack (ss_sp, ss_size, ss_flags),
+    as CRIU's ``thread_info.clear_tid_addr`` and ``thread_core.sas`` hold them."""
+
+    clear_tid: int
+    altstack: tuple[int, int, int] = (0, 0, SS_DISABLE)
+
+
+def pack_stack_t(sp: int, size: int, flags: int) -> bytes:
+    return struct.pack("<QiiQ", sp, flags, 0, size)
+
+
+def unpack_stack_t(data: bytes) -> tuple[int, int, int]:
+    """(ss_sp, ss_size, ss_flags) of a ``stack_t``."""
+    sp, flags, _, size = struct.unpack("<QiiQ", data[:STACK_T_SIZE])
+    return sp, size, flags & 0xFFFFFFFF
 
 
 def clone_args(

@@ -80,9 +80,12 @@ def test_pool_that_grew_loses_the_new_threads(pool: Target, tmp_path: Path) -> N
 
 def test_pool_that_shrank_gets_its_threads_back(pool: Target, tmp_path: Path) -> None:
     """Two workers joined after the checkpoint come back with their ids, registers, TLS,
-    robust list, rseq area and tid address: all four answer, and the program can join all
-    four (pthread_join waits on the tid address the kernel clears). Twice in a row."""
+    robust list, rseq area, sigaltstack and tid address: all four answer, and the program can
+    join all four (pthread_join waits on the tid address the kernel clears). Twice in a row."""
     assert _grow(pool, 4) == 4
+    assert _ping(pool)[:2] == [4, 4]
+    alts = command(pool, "alts", "alts")
+    assert "(nil)" not in alts and len(set(alts)) == 4
     image, tasks, before = _checkpoint(pool, tmp_path / "img")
     workers = command(pool, "tids", "tids")
     names = _names(pool.pid)
@@ -98,6 +101,7 @@ def test_pool_that_shrank_gets_its_threads_back(pool: Target, tmp_path: Path) ->
         assert _ping(pool)[:2] == [4, 4]
         assert command(pool, "tids", "tids") == workers
         assert _names(pool.pid) == names
+        assert command(pool, "alts", "alts") == alts  # their sigaltstacks came back too
     assert _quit(pool) == 0
 
 
@@ -125,8 +129,8 @@ def test_grown_and_shrunk_at_once_and_the_cli_shows_each_step(pool: Target, tmp_
 
 
 def test_dump_records_what_a_thread_needs_to_be_created_again(pool: Target, tmp_path: Path) -> None:
-    """Every non-leader core has the thread's tid address and robust list (as CRIU writes
-    them: thread_info.clear_tid_addr, thread_core.futex_rla), its name and rseq area."""
+    """Every core has the thread's tid address, robust list and sigaltstack (as CRIU writes
+    them: thread_info.clear_tid_addr, thread_core.futex_rla, thread_core.sas)."""
     _grow(pool, 2)
     dump(pool.pid, tmp_path / "img")
     image = ImageDir.open(tmp_path / "img")
@@ -136,7 +140,12 @@ def test_dump_records_what_a_thread_needs_to_be_created_again(pool: Target, tmp_
         core = image.core(tid)
         assert core.thread_core is not None and core.thread_info is not None
         assert core.thread_core.futex_rla != 0 and core.thread_core.futex_rla_len == 24
-        if tid != pool.pid:
+        sas = core.thread_core.sas
+        assert sas is not None
+        if tid == pool.pid:
+            assert sas.ss_flags & 2  # SS_DISABLE: the main thread has none
+        else:
+            assert sas.ss_sp != 0 and sas.ss_size > 0 and sas.ss_flags == 0  # the worker's
             # glibc: the tid address is &pthread->tid, the robust list head is inside the
             # same struct pthread, a few hundred bytes on
             tid_addr = core.thread_info.clear_tid_addr

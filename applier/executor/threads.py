@@ -1,7 +1,8 @@
 """The thread steps: a thread started since the checkpoint is ended (an ``exit`` run in it), a
 thread gone since is created again with the state CRIU's restorer gives a thread
 (``criu/pie/restorer.c``): its id (clone3 ``set_tid``), TLS base, tid address, robust futex
-list, rseq area, name, blocked signals, registers and FP state from ``core-<tid>.img``.
+list, rseq area, name, alternate signal stack, blocked signals, registers and FP state from
+``core-<tid>.img``.
 
 Both are undone by the other: the undo log keeps what an ended thread needs to be created
 again, and a created thread is ended by a rollback.
@@ -17,7 +18,7 @@ from applier.executor.context import Context
 from applier.executor.registers import image_regs, verify_regs
 from applier.plan import EndThread, NewThread, SetRegs
 from applier.undo.log import UndoThreadCreated, UndoThreadEnded
-from formats.core import CoreEntry, ThreadCoreEntry
+from formats.core import CoreEntry, ThreadCoreEntry, ThreadSasEntry
 from injector.process import Process
 
 __all__ = [
@@ -42,6 +43,7 @@ def validate_end(ctx: Context, step: EndThread) -> None:
 
 def end_thread(ctx: Context, step: EndThread) -> None:
     p, tid = ctx.process, step.tid
+    extras = p.thread_extras([tid])[tid]
     ctx.undo.add(
         UndoThreadEnded(
             tid,
@@ -50,8 +52,9 @@ def end_thread(ctx: Context, step: EndThread) -> None:
             p.get_sigmask(tid),
             p.rseq_config(tid),
             p.robust_list(tid),
-            p.tid_addresses([tid])[tid],
+            extras.clear_tid,
             p.comm(tid),
+            extras.altstack,
         )
     )
     p.end_thread(tid)
@@ -111,6 +114,7 @@ def new_thread(ctx: Context, step: NewThread) -> None:
         clear_tid=core.thread_info.clear_tid_addr,
         tid=step.tid,
         name=tc.comm if tc is not None and tc.comm else "",
+        altstack=None if tc is None or tc.sas is None else _altstack(tc.sas),
     )
     ctx.undo.add(UndoThreadCreated(tid))
     if tc is not None:
@@ -127,6 +131,10 @@ def new_thread(ctx: Context, step: NewThread) -> None:
     ctx.stats.threads_created += 1
     ctx.stats.threads += 1
     ctx.stats.syscalls_restarted += rewound
+
+
+def _altstack(sas: ThreadSasEntry) -> tuple[int, int, int]:
+    return int(sas.ss_sp), int(sas.ss_size), int(sas.ss_flags)
 
 
 def _blocked(core: CoreEntry) -> int:
@@ -151,7 +159,11 @@ def verify_new(ctx: Context, step: NewThread) -> None:
 def recreate(process: Process, rec: UndoThreadEnded) -> None:
     """Rollback of an ended thread: the same thread again, as it was when it was ended."""
     tid = process.new_thread(
-        tls=rec.regs.fs_base, clear_tid=rec.clear_tid, tid=rec.tid, name=rec.name
+        tls=rec.regs.fs_base,
+        clear_tid=rec.clear_tid,
+        tid=rec.tid,
+        name=rec.name,
+        altstack=rec.altstack,
     )
     head, length = rec.robust
     if head:

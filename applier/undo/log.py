@@ -184,6 +184,7 @@ class UndoThreadEnded(_NothingSpooled):
     robust: tuple[int, int]
     clear_tid: int
     name: str
+    altstack: tuple[int, int, int]  # (ss_sp, ss_size, ss_flags)
 
 
 @attrs.frozen

@@ -5,10 +5,12 @@
 //   ping      -> every worker must take the new round and count it, within 5 s;
 //                "pong <workers> <answers> <sum of rounds seen>"
 //   tids      -> "tids <tid of worker 0> <tid of worker 1> ..." (as each saw gettid())
+//   alts      -> "alts <sigaltstack of worker 0> ..." (as each saw it at the last ping)
 //   touch     -> writes a byte of memory; "touched"
 //   quit      -> joins every worker, then exits 0 (a worker that cannot be joined hangs it)
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,7 @@ struct worker {
     volatile int leave;
     volatile long tid;
     long rounds_seen;
+    void *alt;  // its sigaltstack's ss_sp, as it saw it at its last round
 };
 
 static struct worker pool[MAX];
@@ -36,6 +39,8 @@ static unsigned char scratch[4096];
 static void *work(void *arg) {
     struct worker *w = arg;
     long seen = 0;
+    stack_t ss = {.ss_sp = malloc(SIGSTKSZ), .ss_size = SIGSTKSZ, .ss_flags = 0};
+    sigaltstack(&ss, NULL);  // each worker its own alternate signal stack
     w->tid = syscall(SYS_gettid);
     pthread_mutex_lock(&lock);
     seen = round_no;
@@ -44,6 +49,9 @@ static void *work(void *arg) {
         if (w->leave) break;
         seen = round_no;
         w->rounds_seen += 1;
+        stack_t now;
+        sigaltstack(NULL, &now);
+        w->alt = now.ss_flags & SS_DISABLE ? NULL : now.ss_sp;
         answers += 1;
         pthread_cond_broadcast(&done);
     }
@@ -103,6 +111,11 @@ int main(void) {
         } else if (!strcmp(line, "tids\n")) {
             printf("tids");
             for (int i = 0; i < workers; i++) printf(" %ld", pool[i].tid);
+            printf("\n");
+            fflush(stdout);
+        } else if (!strcmp(line, "alts\n")) {
+            printf("alts");
+            for (int i = 0; i < workers; i++) printf(" %p", pool[i].alt);
             printf("\n");
             fflush(stdout);
         } else if (!strcmp(line, "touch\n")) {
