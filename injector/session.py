@@ -12,6 +12,7 @@ Every method needs an entered session and must be called from the thread that en
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -607,25 +608,35 @@ class Session(Tracer, NamedCalls):
                 if want:  # the set_tid pointer is absolute: patch it in
                     args[64:72] = (where + CLONE_ARGS_SIZE).to_bytes(8, "little")
                     self.write(where, bytes(args))
-                try:
-                    if tid and not via_set_tid:
+                if tid and not via_set_tid:
+                    try:
                         with open(_NS_LAST_PID, "w") as fh:
                             fh.write(str(tid - 1))
+                    except OSError as exc:
+                        raise InjectorError(
+                            self.pid,
+                            f"cannot ask for thread id {tid} ({_NS_LAST_PID})",
+                            _errno(exc),
+                        ) from exc
+                try:
                     with _signals_deferred():
                         got = run_clone(self, self.pid, insn, where)
                 except InjectedSyscallError as exc:
                     if tid and via_set_tid and exc.errno == errno.EPERM:
                         continue  # the target may not choose its ids: try ns_last_pid
                     raise
-                except OSError as exc:  # ns_last_pid not writable
-                    raise InjectorError(
-                        self.pid, f"cannot ask for thread id {tid} ({_NS_LAST_PID})", _errno(exc)
-                    ) from exc
                 if not tid or got == tid:
-                    if name:
-                        self.prctl(_PR_SET_NAME, where + name_at, tid=got)
-                    if not stack[2] & SS_DISABLE:
-                        self.call("sigaltstack", where + stack_at, 0, tid=got)
+                    try:
+                        if name:
+                            self.prctl(_PR_SET_NAME, where + name_at, tid=got)
+                        if not stack[2] & SS_DISABLE:
+                            self.call("sigaltstack", where + stack_at, 0, tid=got)
+                    except BaseException:
+                        # never leave a half-made thread: it would run the leader's
+                        # injected registers once let go
+                        with contextlib.suppress(InjectorError):
+                            self.end_thread(got)
+                        raise
             if tid and got != tid:
                 self.end_thread(got)
                 raise InjectorError(

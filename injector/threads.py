@@ -16,6 +16,7 @@ caller sets the one it wants).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import time
@@ -174,6 +175,12 @@ def run_clone(t: Tracer, tid: int, insn: int, args: int, size: int = CLONE_ARGS_
                 break
             t.request(_libc.PTRACE_INTERRUPT, tid)
             t.request(_libc.PTRACE_CONT, tid, 0, sig if kind == SIGNAL_STOP else 0)
+    except BaseException:
+        # A thread made but not handed back would run the injected registers once let go.
+        if new_tid and new_tid in t.tids:
+            with contextlib.suppress(InjectorError):
+                run_exit(t, new_tid, insn)
+        raise
     finally:
         t.request(_libc.PTRACE_SETOPTIONS, tid, 0, t.options)
         t.set_raw_regs(tid, saved)
