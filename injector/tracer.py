@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from injector import _libc
 from injector.errors import (
@@ -38,7 +38,7 @@ from injector.regs import Arch, UserRegsStruct
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Tracer"]
+__all__ = ["Tracer", "signal_deferred"]
 
 _PROC: Final = "/proc"
 _MASK64: Final = (1 << 64) - 1
@@ -65,18 +65,54 @@ OTHER_EVENT: Final = 3  # another PTRACE_EVENT_* stop (the event number is the s
 _PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 
+_deferring = 0  # depth of the sections that hold signals back
+_held_back: list[int] = []  # signals that arrived inside one, to raise again at its end
+
+
+def _hold_back(signum: int, frame: object) -> None:
+    _held_back.append(signum)
+
+
+def signal_deferred(signum: int) -> bool:
+    """For a Python signal handler: whether ``signum`` arrived while ptrace state is half
+    changed; it is then kept and raised again when that section ends, and the handler
+    should return at once. (Blocking the signal in the main thread is not enough: another
+    thread of the process, numpy's OpenBLAS pool for one, may take it, and Python then runs
+    the handler in the main thread anyway.)"""
+    if _deferring:
+        _held_back.append(signum)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold back Ctrl-C and friends while ptrace state is half changed (main thread only:
-    Python runs signal handlers there); they are delivered right after."""
+    Python runs signal handlers there); they are delivered right after. Handlers that ask
+    :func:`signal_deferred` (applier's command line) and Python's own KeyboardInterrupt
+    handler are held back whichever thread the kernel gives the signal to."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _deferring  # noqa: PLW0603 - one per process, like signal handlers
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    swapped: dict[int, Any] = {}
+    if not _deferring:
+        for sig in _DEFERRED_SIGNALS:
+            if signal.getsignal(sig) is signal.default_int_handler:
+                swapped[sig] = signal.signal(sig, _hold_back)
+    _deferring += 1
     try:
         yield
     finally:
+        _deferring -= 1
+        for signum, handler in swapped.items():
+            signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if not _deferring and _held_back:
+            first = _held_back[0]
+            _held_back.clear()
+            signal.raise_signal(first)  # its handler runs now, outside the section
 
 
 @contextlib.contextmanager
@@ -230,9 +266,10 @@ class Tracer:
             return  # the group stop is in effect already
         self.resume_on_detach = True
         deadline = time.monotonic() + self.timeout
-        self._send(signal.SIGSTOP)
-        for tid in self._order:  # the leader first: it takes SIGSTOP and starts the stop
-            self._to_group_stop(tid, deadline)
+        with _signals_deferred():
+            self._send(signal.SIGSTOP)
+            for tid in self._order:  # the leader first: it takes SIGSTOP and starts the stop
+                self._to_group_stop(tid, deadline)
 
     def _to_group_stop(self, tid: int, deadline: float) -> None:
         """Resume ``tid`` from its interrupt stop until it reports the group stop."""

@@ -113,6 +113,9 @@ _received: list[int] = []  # the stopping signals that arrived, in order
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
+    tracer = sys.modules.get("injector.tracer")  # (not loaded: nothing is traced yet)
+    if tracer is not None and tracer.signal_deferred(signum):
+        return  # ptrace state half changed: raised again when it is whole
     _received.append(signum)
     raise Interrupted(signum)
 
