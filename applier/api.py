@@ -37,7 +37,16 @@ from applier.model import ImageTask, Kind, LiveTask, SavedPages
 from applier.overrides import NONE as NO_OVERRIDES
 from applier.overrides import Overrides
 from applier.parts import Part
-from applier.plan import NewThread, Plan, SavedRuns, SetRegs, WritePages, make_plan
+from applier.plan import (
+    NewThread,
+    Plan,
+    ResetFd,
+    SavedRuns,
+    SetRegs,
+    Step,
+    WritePages,
+    make_plan,
+)
 from applier.ranges import member
 from applier.trackfile import load_tracking, save_tracking
 from applier.trust import (
@@ -177,7 +186,7 @@ class _Image:
             self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges,
             keep_fds=keep,
         )  # fmt: skip
-        return plan, live
+        return _unshared(process, plan), live
 
 
 @contextlib.contextmanager
@@ -215,6 +224,30 @@ def _opened(
             where=img.path,
         )
         yield _Image(img, image, scope, chosen)
+
+
+def _unshared(process: Process, plan: Plan) -> Plan:
+    """The plan without position and status-flag changes to open files another process
+    shares (an inherited stdout or log file: the parent's, pytest's capture file): they
+    belong to the open file description, and setting them back would move the other
+    process's writes too. Close-on-exec is the descriptor's own and is still set."""
+    steps: list[Step] = []
+    notes = list(plan.notes)
+    for step in plan.steps:
+        if isinstance(step, ResetFd) and (step.pos is not None or step.flags is not None):
+            other = process.file_shared_with(step.fd)
+            if other is not None:
+                notes.append(
+                    f"fd {step.fd} ({step.path or step.kind.lower()}): its open file is shared "
+                    f"with pid {other}: position and status flags left as they are"
+                )
+                if step.cloexec is None:
+                    continue
+                step = attrs.evolve(step, pos=None, flags=None)
+        steps.append(step)
+    if len(notes) == len(plan.notes):
+        return plan
+    return attrs.evolve(plan, steps=tuple(steps), notes=tuple(notes))
 
 
 def _narrowed(process: Process, plan: Plan, cores: dict[int, CoreEntry]) -> Plan:

@@ -75,7 +75,19 @@ class Memcached:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("memcached did not start") from None
                 time.sleep(0.001)
-        self.fds = self.fd_count()
+        self.fds = self.stable_fd_count()
+
+    def stable_fd_count(self) -> int:
+        """The descriptor count once it has not changed for 50 ms (memcached opens some of
+        its own after it starts to accept, and closes a client's a moment after it left)."""
+        count, since = self.fd_count(), time.monotonic()
+        deadline = since + 5
+        while time.monotonic() - since < 0.05 and time.monotonic() < deadline:
+            time.sleep(0.002)
+            now = self.fd_count()
+            if now != count:
+                count, since = now, time.monotonic()
+        return count
 
     @property
     def pid(self) -> int:

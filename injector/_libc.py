@@ -183,13 +183,13 @@ def pidfd_getfd(pidfd: int, remote_fd: int) -> int:
     return fd
 
 
-def kcmp_files(pid: int, fd_a: int, fd_b: int) -> int:
-    """``kcmp(pid, pid, KCMP_FILE, fd_a, fd_b)``: 0 when both descriptors of ``pid`` share one
-    open file description (1 or 2 order them otherwise)."""
+def kcmp_files(pid: int, fd_a: int, fd_b: int, other: int | None = None) -> int:
+    """``kcmp(pid, other, KCMP_FILE, fd_a, fd_b)`` (``other`` defaults to ``pid``): 0 when
+    the two descriptors share one open file description (1 or 2 order them otherwise)."""
     got: int = _syscall(
         ctypes.c_long(_SYS_KCMP),
         ctypes.c_long(pid),
-        ctypes.c_long(pid),
+        ctypes.c_long(pid if other is None else other),
         ctypes.c_long(KCMP_FILE),
         ctypes.c_long(fd_a),
         ctypes.c_long(fd_b),

@@ -178,6 +178,11 @@ class Process(Protocol):
         """cwd, root and umask (``injector.fds.read_fs``)."""
         ...
 
+    def file_shared_with(self, fd: int) -> int | None:
+        """Another process (an ancestor or a child) whose descriptor shares the open file
+        description of ``fd``, or None."""
+        ...
+
     def same_open_file(self, fd_a: int, fd_b: int) -> bool:
         """Whether two descriptors share one open file description (kcmp KCMP_FILE)."""
         ...

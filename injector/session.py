@@ -46,6 +46,7 @@ from injector.maps import (
 )
 from injector.memory import MemoryIO
 from injector.process import IovIO
+from injector.procfs import read_stat
 from injector.regs import X86Regs
 from injector.signals import parse_status_signals
 from injector.syscalls import NR, syscall_name
@@ -671,6 +672,47 @@ class Session(Tracer, NamedCalls):
             raise InjectorError(
                 self.pid, f"cannot compare descriptors {fd_a} and {fd_b}", _errno(exc)
             ) from exc
+
+    def file_shared_with(self, fd: int) -> int | None:
+        """Another process whose descriptor shares the open file description of the
+        target's ``fd`` (its position and status flags), or None: its ancestors and its
+        children are asked (kcmp KCMP_FILE on the descriptors that name the same file), where
+        an inherited stdout or log file lives."""
+        self.check()
+        try:
+            link = os.readlink(f"{_PROC}/{self.pid}/fd/{fd}")
+        except OSError:
+            return None
+        for other in self._relatives():
+            try:
+                names = os.listdir(f"{_PROC}/{other}/fd")
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    if os.readlink(f"{_PROC}/{other}/fd/{name}") != link:
+                        continue
+                    if _libc.kcmp_files(self.pid, fd, int(name), other) == 0:
+                        return other
+                except OSError:
+                    continue
+        return None
+
+    def _relatives(self) -> list[int]:
+        """The target's ancestors (up to, not including, init) and children."""
+        out: list[int] = []
+        pid = self.pid
+        while True:
+            try:
+                ppid = int(read_stat(pid)[1])
+            except (OSError, ValueError, IndexError):
+                break
+            if ppid <= 1 or ppid in out:
+                break
+            out.append(ppid)
+            pid = ppid
+        out.extend(child for child, _, _ in self.children() if child not in out)
+        return out
 
     def pidfd_getfd(self, remote_fd: int) -> int:
         """A duplicate, in this process, of the target's descriptor ``remote_fd`` (the caller

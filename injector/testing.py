@@ -143,6 +143,7 @@ class FakeProcess(NamedCalls):
         self._caller = pid  # the thread an injected call runs in
         self.taken_tids: dict[int, str] = {}  # tid -> why a new thread cannot have it
         self.thread_names: dict[int, str] = {}
+        self.shared_files: dict[int, int] = {}  # fd -> a process sharing its open file
         self.altstacks: dict[int, tuple[int, int, int]] = {}  # (ss_sp, ss_size, ss_flags)
 
     # ---- building the fake ---------------------------------------------------------------
@@ -485,6 +486,9 @@ class FakeProcess(NamedCalls):
     def fs_state(self) -> FsState:
         root = PathInfo("/", False, None)
         return FsState(cwd=root, root=root, umask=0o22)
+
+    def file_shared_with(self, fd: int) -> int | None:
+        return self.shared_files.get(fd)
 
     def same_open_file(self, fd_a: int, fd_b: int) -> bool:
         return fd_a == fd_b

@@ -723,3 +723,35 @@ def test_duplicated_descriptors_share_one_file_entry(server: Server, tmp_path: P
     by_fd = {e.fd: e.id for e in img.fdinfo(server.t.pid)}
     assert by_fd[a] == by_fd[b] != by_fd[c]
     assert sorted(by_fd) == sorted(server.fds())
+
+
+def test_a_log_file_shared_with_the_parent_keeps_its_position(tmp_path: Path) -> None:
+    """The target's stdout is this test's own file (an inherited log, as under pytest's
+    capture): its position belongs to the shared open file, so the apply leaves it and says
+    so, instead of rewinding this process's writes."""
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(build_c("apply_target.c"))], stdin=subprocess.PIPE, stdout=out,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while b"ready" not in log.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            dump(proc.pid, tmp_path / "img")
+            out.write(b"written by the parent after the checkpoint\n")
+            out.flush()
+            ours = os.lseek(out.fileno(), 0, os.SEEK_CUR)
+            result = apply(tmp_path / "img", proc.pid)
+            assert os.lseek(out.fileno(), 0, os.SEEK_CUR) == ours  # not rewound
+            assert not [s for s in result.plan.of(ResetFd) if s.fd == 1 and s.pos is not None]
+            assert any(
+                f"fd 1 ({log}): its open file is shared with pid {os.getpid()}" in note
+                for note in result.plan.notes
+            ), result.plan.notes
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()
+    assert log.read_bytes().endswith(b"written by the parent after the checkpoint\n")
