@@ -41,6 +41,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from types import FrameType
 from typing import Any
 
@@ -70,11 +71,19 @@ def _drop_log_handlers() -> None:
 
 class _Applier:
     """applier's command line, loaded into the holder once (``warm``) and run for ``apply``
-    requests with this holder's tracker (``applier.holder.serve_here``)."""
+    requests with this holder's tracker (``applier.holder.serve_here``). It loads on a
+    thread of its own while the holder already serves the tracker (``info``, ``get``): an
+    ``apply`` waits for it, nothing else does."""
 
     def __init__(self, config: dict[str, Any], info: dict[str, Any], uffd: int) -> None:
         self.main: Any = None
         self.error = ""
+        self._loader = threading.Thread(
+            target=self._load, args=(config, info, uffd), name="applier-load", daemon=True
+        )
+        self._loader.start()
+
+    def _load(self, config: dict[str, Any], info: dict[str, Any], uffd: int) -> None:
         paths = [str(p) for p in config.get("sys_path") or []]
         if not paths:
             self.error = "this holder was started without applier's import path"
@@ -82,7 +91,6 @@ class _Applier:
         sys.path[:0] = [p for p in paths if p not in sys.path]
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy: no thread pool here
         try:
-            # loaded now, so that the first apply is as fast as the next ones
             from applier import api, holder, remote  # noqa: PLC0415
             from applier.cli import main  # noqa: PLC0415
 
@@ -93,6 +101,11 @@ class _Applier:
             self.error = f"applier could not be loaded here ({exc!r})"
             return
         self.main = main
+
+    def ready(self) -> bool:
+        """Wait until applier is loaded; whether it could be."""
+        self._loader.join()
+        return self.main is not None
 
     def run(self, conn: socket.socket, data: bytes) -> None:
         """One ``apply`` request (``applier.remote.request``): its output, then its status."""
@@ -148,7 +161,7 @@ def _serve(config: dict[str, Any], uffd: int, pidfd: int, listener: socket.socke
                         continue
                     data = conn.recv(65536)
                     if data.startswith(b"apply\0"):
-                        if runner is None or runner.main is None or peer != os.getuid():
+                        if runner is None or not runner.ready() or peer != os.getuid():
                             why = "not served here" if runner is None else runner.error
                             conn.send(json.dumps({"ok": False, "why": why or "other uid"}).encode())
                             continue

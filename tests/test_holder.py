@@ -61,6 +61,13 @@ def _stat(pid: int) -> list[str]:
     return raw[raw.rindex(")") + 2 :].split()  # [0] state, [1] ppid, [3] session, [4] tty
 
 
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads")
+
+
 def _tracer(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("TracerPid:"):
@@ -116,9 +123,10 @@ def test_tracked_dump_leaves_no_descriptor_in_the_target(untracked: Target, tmp_
     assert info is not None and info.holder == held
     state = json.loads((tmp_path / "ck" / TRACKING_FILE).read_text())
     assert state["remote_fd"] == -1 and state["inode"] == info.inode
-    deadline = time.monotonic() + 2
-    while _stat(held)[0] != "S" and time.monotonic() < deadline:
-        time.sleep(0.01)  # it may still be finishing the answer to status()
+    deadline = time.monotonic() + 10
+    while (_stat(held)[0] != "S" or _threads(held) > 1) and time.monotonic() < deadline:
+        time.sleep(0.01)  # finishing the answer to status(), or still loading applier
+    assert _threads(held) == 1  # applier loaded (on a thread of its own, now gone)
     cpu = _stat(held)[11:13]  # utime, stime
     time.sleep(0.2)
     state_, ppid, _, session, tty = _stat(held)[:5]
