@@ -70,6 +70,7 @@ from formats.imagedir import ImageDir
 from injector.errors import InjectorError
 from injector.process import Process
 from injector.session import attach
+from injector.tracer import signals_deferred
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
 
 __all__ = [
@@ -618,18 +619,19 @@ def _apply_image(
         try:
             if not dry_run:
                 was_stopped = stale.was_stopped if stale is not None else process.was_stopped
-                journal = Journal.begin(
-                    pid,
-                    image.dir.path,
-                    task=task,
-                    parts=image.parts.labels(),
-                    only_dirty=only_dirty,
-                    leave_shared=leave_shared,
-                    was_stopped=was_stopped,
-                )
-                process.hold()
-                journal.mark_held()
-                process.resume_on_detach = not was_stopped
+                with signals_deferred():  # the journal, then the hold: both or neither
+                    journal = Journal.begin(
+                        pid,
+                        image.dir.path,
+                        task=task,
+                        parts=image.parts.labels(),
+                        only_dirty=only_dirty,
+                        leave_shared=leave_shared,
+                        was_stopped=was_stopped,
+                    )
+                    process.hold()
+                    journal.mark_held()
+                    process.resume_on_detach = not was_stopped
             tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
             result = _apply_held(
                 image, process, log, tracker, dirty,

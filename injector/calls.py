@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from injector.regs import Arch
 from injector.syscalls import NR
+from injector.tracer import signals_deferred
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -158,13 +159,14 @@ class NamedCalls:
         """``data`` in a fresh anonymous mapping of the target, for calls that take a
         pointer; unmapped afterwards."""
         length = max(PAGE, -(-len(data) // PAGE) * PAGE)
-        addr = self.mmap(0, length, 3, MAP_PRIVATE | MAP_ANONYMOUS, tid=tid)
-        try:
-            if data:
-                self.write(addr, data)
-            yield addr
-        finally:
-            self.munmap(addr, length, tid=tid)
+        with signals_deferred():  # never stopped between the mmap and the munmap
+            addr = self.mmap(0, length, 3, MAP_PRIVATE | MAP_ANONYMOUS, tid=tid)
+            try:
+                if data:
+                    self.write(addr, data)
+                yield addr
+            finally:
+                self.munmap(addr, length, tid=tid)
 
     def openat(
         self, path: str, flags: int = O_RDONLY | O_CLOEXEC, mode: int = 0, *, tid: int | None = None

@@ -38,7 +38,7 @@ from injector.regs import Arch, UserRegsStruct
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Tracer", "signal_deferred"]
+__all__ = ["Tracer", "signal_deferred", "signals_deferred"]
 
 _PROC: Final = "/proc"
 _MASK64: Final = (1 << 64) - 1
@@ -113,6 +113,13 @@ def _signals_deferred() -> Iterator[None]:
             first = _held_back[0]
             _held_back.clear()
             signal.raise_signal(first)  # its handler runs now, outside the section
+
+
+def signals_deferred() -> contextlib.AbstractContextManager[None]:
+    """A section whose stopping signals wait for its end (see ``_signals_deferred``): for
+    work that must not stop half-way, such as a layout step, whose result is needed to undo
+    it, or a rollback."""
+    return _signals_deferred()
 
 
 @contextlib.contextmanager

@@ -154,9 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (Exception, KeyboardInterrupt) as exc:
-        if _received and not isinstance(exc, KeyboardInterrupt):
+        if _received and not isinstance(exc, KeyboardInterrupt) and exit_code(exc) is None:
             # The signal's exception was turned into another one on its way up (an import
-            # in C that it interrupted raises ImportError): it is still an interruption.
+            # in C that it interrupted raises ImportError): it is still an interruption. An
+            # error of applier's own (a rollback that failed after the interruption) says
+            # more and keeps its exit code.
             exc = Interrupted(_received[0])
         code = exit_code(exc)
         if code is None or args.debug:

@@ -51,6 +51,7 @@ from applier.undo.log import UndoLog
 from formats.core import CoreEntry
 from injector.errors import TargetExited
 from injector.process import Process
+from injector.tracer import signals_deferred
 
 __all__ = ["ApplyStats", "Executor", "UndoKeeper"]
 
@@ -100,6 +101,10 @@ _VERIFY: dict[type[Step], Handler] = {
     EndThread: threads.verify_end,
     NewThread: threads.verify_new,
 }
+
+
+# Steps a signal may stop half-way: long page writes, which record their undo batch by batch.
+_INTERRUPTIBLE = (WritePages, WriteShared)
 
 
 class UndoKeeper(Protocol):
@@ -160,7 +165,13 @@ class Executor:
                 check(self.ctx, step)
 
     def _do(self, step: Step) -> None:
-        _RUN[type(step)](self.ctx, step)
+        if isinstance(step, _INTERRUPTIBLE):
+            _RUN[type(step)](self.ctx, step)
+            return
+        # A few injected calls whose results the undo needs (an address, a descriptor, a
+        # thread): a signal waits for the step's end, the rollback then undoes all of it.
+        with signals_deferred():
+            _RUN[type(step)](self.ctx, step)
 
     def run(self) -> ApplyStats:
         """Validate, then every step; on any failure roll back and raise (see the module)."""
@@ -214,7 +225,8 @@ class Executor:
             except VerifyFailed as exc:
                 if not undo.enabled:
                     raise
-                rollback(self.ctx.process, undo)
+                with signals_deferred():
+                    rollback(self.ctx.process, undo)
                 raise VerifyFailed(
                     f"{exc}; pid {self.pid} was rolled back to its state before the apply"
                 ) from exc
@@ -225,7 +237,8 @@ class Executor:
             kept = keep.write("applied")
         except Exception as exc:
             try:
-                rollback(self.ctx.process, undo)
+                with signals_deferred():
+                    rollback(self.ctx.process, undo)
             except Exception as rb_exc:
                 raise RollbackFailed(
                     f"could not write the undo image to {keep.where} ({exc}) and rolling back "
@@ -250,7 +263,8 @@ class Executor:
                 f"pid {pid} may be inconsistent",
             ) from exc
         try:
-            rollback(self.ctx.process, self.ctx.undo)
+            with signals_deferred():  # a second Ctrl-C does not stop the rollback
+                rollback(self.ctx.process, self.ctx.undo)
         except TargetExited as rb_exc:
             raise TargetGone(f"pid {pid} exited during the apply ({exc})") from rb_exc
         except Exception as rb_exc:
