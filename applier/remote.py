@@ -123,8 +123,11 @@ def apply_in_holder(argv: Sequence[str]) -> int | None:
             return None  # an older holder, or one that does not apply: nothing ran
         while frame[:1] != STATUS:
             stream = sys.stdout if frame[:1] == OUT else sys.stderr
-            stream.flush()
-            os.write(stream.fileno(), frame[1:])
+            try:
+                stream.flush()
+                os.write(stream.fileno(), frame[1:])
+            except OSError:
+                pass  # a reader that went away (``| head``): the apply goes on all the same
             try:
                 frame = sock.recv(1 << 16)
             except OSError:
