@@ -19,11 +19,12 @@ SCM_RIGHTS), ``set`` (a new baseline token and image), ``stop``, and ``apply``.
 
 ``apply`` runs an ``applier apply`` command line for the target here, in a process that has
 applier imported already and keeps the tracker itself (``applier.remote``): a reset from the
-command line then costs what the apply costs, not the 200-300 ms of starting applier. Its
-output comes back as ``{"stream", "data"}`` messages, then ``{"rc"}``; a peer of another uid
-than the holder's own is not served (the apply would run with the holder's rights). Once the
-holder serves, it loads applier (``config["sys_path"]``; until then it has the standard
-library only) so that the first ``apply`` is as fast as the next ones.
+command line then costs what the apply costs, not the 300-400 ms of starting applier. The
+request and the replies are ``applier.remote``'s frames (its output, then its exit status);
+a peer of another uid than the holder's own is not served (the apply would run with the
+holder's rights). Once the holder serves, it loads applier on a thread
+(``config["sys_path"]``; until then it has the standard library only) so that the first
+``apply`` is as fast as the next ones.
 
 With ``UFFD_FEATURE_WP_ASYNC`` the kernel resolves every write-protect fault itself, so no one
 ever needs to read the userfaultfd: the target never waits on this process.
@@ -62,7 +63,9 @@ _CHUNK = 32768  # bytes of output per message
 def _drop_log_handlers() -> None:
     import logging  # noqa: PLC0415 - loaded with applier
 
-    for name in ("applier", "formats", "injector"):
+    from applier.cli import LOGGERS  # noqa: PLC0415
+
+    for name in LOGGERS:
         logger = logging.getLogger(name)
         for handler in logger.handlers:
             handler.close()

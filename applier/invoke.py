@@ -562,10 +562,9 @@ def _run(s: Session, tid: int, address: int, args: Sequence[int], timeout: float
                 out.timed_out = True
                 break
             if kind == OTHER_EVENT and sig == _libc.PTRACE_EVENT_CLONE:
-                msg = ctypes.c_ulong(0)
-                s.request(_libc.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
-                if s.adopt(int(msg.value), deadline):
-                    out.threads.append(int(msg.value))
+                new = s.event_message(tid)
+                if s.adopt(new, deadline):
+                    out.threads.append(new)
                 s.request(_libc.PTRACE_CONT, tid)
                 continue
             if kind == SIGNAL_STOP and sig in _CRASH_SIGNALS:

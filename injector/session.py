@@ -61,7 +61,7 @@ from injector.threads import (
     thread_clone_args,
     unpack_stack_t,
 )
-from injector.tracer import Tracer, _errno, _signals_deferred, _status_fields
+from injector.tracer import Tracer, _errno, _status_fields, signals_deferred
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -73,8 +73,6 @@ _PAGE: Final = 4096
 _XSTATE_MAX: Final = 1 << 16
 _PTRACE_GET_RSEQ_CONFIGURATION: Final = 0x420F
 _PTRACE_PEEKSIGINFO: Final = 0x4209
-_PTRACE_GETSIGMASK: Final = 0x420A
-_PTRACE_SETSIGMASK: Final = 0x420B
 _PEEKSIGINFO_SHARED: Final = 1
 _SIGINFO_SIZE: Final = 128
 _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTRACE_DETACH})
@@ -332,18 +330,6 @@ class Session(Tracer, NamedCalls):
 
     # ---- signal state that ptrace shows ---------------------------------------------------
 
-    def get_sigmask(self, tid: int) -> int:
-        """The thread's blocked signals (PTRACE_GETSIGMASK): bit N-1 for signal N."""
-        mask = ctypes.c_uint64(0)
-        self.request(_PTRACE_GETSIGMASK, self.check(tid), 8, ctypes.addressof(mask))
-        return int(mask.value)
-
-    def set_sigmask(self, tid: int, mask: int) -> None:
-        """Replace the thread's blocked signals (PTRACE_SETSIGMASK; the kernel never blocks
-        SIGKILL and SIGSTOP, whatever the mask says)."""
-        value = ctypes.c_uint64(mask & ((1 << 64) - 1))
-        self.request(_PTRACE_SETSIGMASK, self.check(tid), 8, ctypes.addressof(value))
-
     def sig_dispositions(self) -> tuple[int, int]:
         """(ignored, caught) masks of the process's handler table, from /proc/PID/status
         (SigIgn, SigCgt): which signals are ignored or handled, without injecting anything."""
@@ -496,7 +482,7 @@ class Session(Tracer, NamedCalls):
         keep, epoch = (self._maps, self._epoch) if neutral else (None, self._epoch + 1)
         self._maps = None  # whatever the call does, the layout may change
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 result = run_syscall(self, tid, nr, args, insn)
         finally:
             self._maps, self._epoch = keep, epoch
@@ -543,7 +529,7 @@ class Session(Tracer, NamedCalls):
         (``injector.threads.run_exit``); it is reaped and no longer held."""
         self.check(tid)
         insn = self.syscall_site()
-        with _signals_deferred():
+        with signals_deferred():
             run_exit(self, tid, insn)
 
     def tid_unavailable(self, tid: int) -> str | None:
@@ -620,7 +606,7 @@ class Session(Tracer, NamedCalls):
                             _errno(exc),
                         ) from exc
                 try:
-                    with _signals_deferred():
+                    with signals_deferred():
                         got = run_clone(self, self.pid, insn, where)
                 except InjectedSyscallError as exc:
                     if tid and via_set_tid and exc.errno == errno.EPERM:

@@ -27,7 +27,7 @@ import attrs
 from injector import _libc
 from injector.errors import InjectedSyscallError, InjectorError, TargetExited
 from injector.inject import _injected_regs, _wait_syscall_exit
-from injector.tracer import OTHER_EVENT, SIGNAL_STOP, SYSCALL_STOP, Tracer
+from injector.tracer import OTHER_EVENT, SYSCALL_STOP, Tracer
 
 __all__ = [
     "CLONE_THREAD_FLAGS",
@@ -107,24 +107,13 @@ def thread_clone_args(*, tls: int, clear_tid: int, set_tid_at: int = 0) -> bytes
     )
 
 
-def _getmask(t: Tracer, tid: int) -> int:
-    mask = ctypes.c_uint64(0)
-    t.request(0x420A, tid, 8, ctypes.addressof(mask))  # PTRACE_GETSIGMASK
-    return int(mask.value)
-
-
-def _setmask(t: Tracer, tid: int, mask: int) -> None:
-    value = ctypes.c_uint64(mask & _MASK64)
-    t.request(0x420B, tid, 8, ctypes.addressof(value))  # PTRACE_SETSIGMASK
-
-
 def run_exit(t: Tracer, tid: int, insn: int) -> None:
     """End thread ``tid`` (not the leader): block its signals, run ``exit(0)`` in it through
     the ``syscall`` instruction at ``insn`` and reap it."""
     if tid == t.pid:
         raise InjectorError(t.pid, "the leader cannot be ended alone")
     deadline = time.monotonic() + t.timeout
-    _setmask(t, tid, _ALL_SIGNALS)
+    t.set_sigmask(tid, _ALL_SIGNALS)
     regs = _injected_regs(t.raw_regs(tid), _NR_EXIT, (0,), insn)
     t.set_raw_regs(tid, regs)
     t.request(_libc.PTRACE_CONT, tid)
@@ -143,8 +132,8 @@ def run_clone(t: Tracer, tid: int, insn: int, args: int, size: int = CLONE_ARGS_
     stopped before its first instruction, with every signal blocked. Its tid."""
     deadline = time.monotonic() + t.timeout
     saved = t.raw_regs(tid)
-    mask = _getmask(t, tid)
-    _setmask(t, tid, _ALL_SIGNALS)
+    mask = t.get_sigmask(tid)
+    t.set_sigmask(tid, _ALL_SIGNALS)
     t.request(_libc.PTRACE_SETOPTIONS, tid, 0, t.options | _libc.PTRACE_O_TRACECLONE)
     new_tid = 0
     try:
@@ -156,9 +145,7 @@ def run_clone(t: Tracer, tid: int, insn: int, args: int, size: int = CLONE_ARGS_
         t.request(_libc.PTRACE_SYSCALL, tid)
         kind, event = t.wait(tid, deadline)
         if kind == OTHER_EVENT and event == _libc.PTRACE_EVENT_CLONE:
-            msg = ctypes.c_ulong(0)
-            t.request(_libc.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
-            new_tid = int(msg.value)
+            new_tid = t.event_message(tid)
             t.request(_libc.PTRACE_SYSCALL, tid)
             _wait_syscall_exit(t, tid, deadline)
         elif kind != SYSCALL_STOP:
@@ -169,12 +156,7 @@ def run_clone(t: Tracer, tid: int, insn: int, args: int, size: int = CLONE_ARGS_
         # back to an interrupt stop before user mode, as after any injected call
         t.request(_libc.PTRACE_INTERRUPT, tid)
         t.request(_libc.PTRACE_CONT, tid)
-        while True:
-            kind, sig = t.wait(tid, deadline)
-            if kind not in (SIGNAL_STOP, OTHER_EVENT):
-                break
-            t.request(_libc.PTRACE_INTERRUPT, tid)
-            t.request(_libc.PTRACE_CONT, tid, 0, sig if kind == SIGNAL_STOP else 0)
+        t.wait_event_stop(tid, deadline)
     except BaseException:
         # A thread made but not handed back would run the injected registers once let go.
         if new_tid and new_tid in t.tids:
@@ -184,7 +166,7 @@ def run_clone(t: Tracer, tid: int, insn: int, args: int, size: int = CLONE_ARGS_
     finally:
         t.request(_libc.PTRACE_SETOPTIONS, tid, 0, t.options)
         t.set_raw_regs(tid, saved)
-        _setmask(t, tid, mask)
+        t.set_sigmask(tid, mask)
     if -4095 <= result < 0:
         raise InjectedSyscallError(t.pid, "clone3", -result)
     if result != new_tid:

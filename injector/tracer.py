@@ -63,6 +63,8 @@ OTHER_EVENT: Final = 3  # another PTRACE_EVENT_* stop (the event number is the s
 
 
 _PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+_PTRACE_GETSIGMASK: Final = 0x420A
+_PTRACE_SETSIGMASK: Final = 0x420B
 
 
 _deferring = 0  # depth of the sections that hold signals back
@@ -86,9 +88,10 @@ def signal_deferred(signum: int) -> bool:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C and friends while ptrace state is half changed (main thread only:
-    Python runs signal handlers there); they are delivered right after. Handlers that ask
+def signals_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C and friends while ptrace state is half changed, or in work that must
+    not stop half-way (a layout step whose result its undo needs, a rollback); main thread
+    only: Python runs signal handlers there. They are delivered right after. Handlers that ask
     :func:`signal_deferred` (applier's command line) and Python's own KeyboardInterrupt
     handler are held back whichever thread the kernel gives the signal to."""
     if threading.current_thread() is not threading.main_thread():
@@ -113,13 +116,6 @@ def _signals_deferred() -> Iterator[None]:
             first = _held_back[0]
             _held_back.clear()
             signal.raise_signal(first)  # its handler runs now, outside the section
-
-
-def signals_deferred() -> contextlib.AbstractContextManager[None]:
-    """A section whose stopping signals wait for its end (see ``_signals_deferred``): for
-    work that must not stop half-way, such as a layout step, whose result is needed to undo
-    it, or a rollback."""
-    return _signals_deferred()
 
 
 @contextlib.contextmanager
@@ -204,7 +200,7 @@ class Tracer:
         if self.arch is not Arch.X86_64:
             raise InjectorError(self.pid, f"architecture {self.arch.value} is not implemented")
         self._owner = threading.get_ident()
-        with _signals_deferred():
+        with signals_deferred():
             try:
                 self._open_target()
                 self._stop_all()
@@ -235,7 +231,7 @@ class Tracer:
             return
         if threading.get_ident() != self._owner:
             raise InjectorError(self.pid, "detach must come from the thread that attached")
-        with _signals_deferred(), _undisturbed(len(self._order) + len(self._unreaped) > 1):
+        with signals_deferred(), _undisturbed(len(self._order) + len(self._unreaped) > 1):
             try:
                 self._release()
                 if self._held and self.resume_on_detach:
@@ -273,7 +269,7 @@ class Tracer:
             return  # the group stop is in effect already
         self.resume_on_detach = True
         deadline = time.monotonic() + self.timeout
-        with _signals_deferred():
+        with signals_deferred():
             self._send(signal.SIGSTOP)
             for tid in self._order:  # the leader first: it takes SIGSTOP and starts the stop
                 self._to_group_stop(tid, deadline)
@@ -521,6 +517,24 @@ class Tracer:
                 on_signal()
             self.request(_libc.PTRACE_INTERRUPT, tid)
             self.request(_libc.PTRACE_CONT, tid, 0, sig if kind == SIGNAL_STOP else 0)
+
+    def event_message(self, tid: int) -> int:
+        """PTRACE_GETEVENTMSG: for a PTRACE_EVENT_CLONE stop, the new thread's id."""
+        msg = ctypes.c_ulong(0)
+        self.request(_libc.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
+        return int(msg.value)
+
+    def get_sigmask(self, tid: int) -> int:
+        """The thread's blocked signals (PTRACE_GETSIGMASK): bit N-1 for signal N."""
+        mask = ctypes.c_uint64(0)
+        self.request(_PTRACE_GETSIGMASK, self.check(tid), 8, ctypes.addressof(mask))
+        return int(mask.value)
+
+    def set_sigmask(self, tid: int, mask: int) -> None:
+        """Replace the thread's blocked signals (PTRACE_SETSIGMASK; the kernel never blocks
+        SIGKILL and SIGSTOP, whatever the mask says)."""
+        value = ctypes.c_uint64(mask & _MASK64)
+        self.request(_PTRACE_SETSIGMASK, self.check(tid), 8, ctypes.addressof(value))
 
     def adopt(self, tid: int, deadline: float) -> bool:
         """Hold a thread the kernel attached to us (PTRACE_O_TRACECLONE): wait for its first

@@ -1,4 +1,4 @@
-"""While ptrace state is half changed (``injector.tracer._signals_deferred``), a stopping
+"""While ptrace state is half changed (``injector.tracer.signals_deferred``), a stopping
 signal waits for the section's end even when another thread of the process takes it: numpy's
 OpenBLAS pool is such a thread, and Python then runs the handler in the main thread anyway,
 which once let an interrupted apply leave its target with an injected ip (kill tests of
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from injector.tracer import _signals_deferred, signal_deferred
+from injector.tracer import signal_deferred, signals_deferred
 
 
 def _sender(sig: signal.Signals) -> Iterator[threading.Event]:
@@ -55,7 +55,7 @@ def test_a_handler_that_asks_runs_after_the_section(other_thread: threading.Even
 
     old = signal.signal(signal.SIGHUP, handler)
     try:
-        with _signals_deferred():
+        with signals_deferred():
             other_thread.set()
             deadline = time.monotonic() + 0.3
             while time.monotonic() < deadline:  # bytecodes run: Python checks its signals
@@ -85,7 +85,7 @@ def test_keyboard_interrupt_waits_for_the_section(other_thread_int: threading.Ev
     KeyboardInterrupt comes once the section is over."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     reached = False
-    with pytest.raises(KeyboardInterrupt), _signals_deferred():
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
         other_thread_int.set()
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:

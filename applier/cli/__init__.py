@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_LEVEL = 2
+LOGGERS = ("applier", "formats", "injector")  # the loggers the command line sets up
 # criu's verbosity levels (criu(8), -v): 0 no output, 1 errors, 2 warnings, 3 info, 4 debug
 _LEVELS = {0: logging.CRITICAL + 10, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}
 
@@ -93,7 +94,7 @@ def setup_logging(level: int, quiet: bool, log_file: str | None = None) -> None:
             "%(asctime)s %(name)s: %(message)s" if log_file else "applier: %(message)s"
         )
     )
-    for name in ("applier", "formats", "injector"):
+    for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(threshold)

@@ -15,7 +15,7 @@ from applier.plan import SetSigactions, SetSigmask
 from applier.plan.steps import signal_name
 from applier.undo.log import UndoSigactions, UndoSigmask
 
-__all__ = ["set_sigactions", "set_sigmask", "verify_sigactions", "verify_sigmask"]
+__all__ = ["check_sigmask", "set_sigactions", "set_sigmask", "verify_sigactions", "verify_sigmask"]
 
 _UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
 
@@ -50,5 +50,10 @@ def set_sigmask(ctx: Context, step: SetSigmask) -> None:
 
 
 def verify_sigmask(ctx: Context, step: SetSigmask) -> None:
-    if ctx.process.get_sigmask(step.tid) != step.new & ~_UNBLOCKABLE:
-        raise VerifyFailed(f"thread {step.tid}: blocked signals not restored")
+    check_sigmask(ctx, step.tid, step.new)
+
+
+def check_sigmask(ctx: Context, tid: int, mask: int) -> None:
+    """Raise VerifyFailed unless thread ``tid`` blocks ``mask`` (less what cannot be)."""
+    if ctx.process.get_sigmask(tid) != mask & ~_UNBLOCKABLE:
+        raise VerifyFailed(f"thread {tid}: blocked signals not restored")

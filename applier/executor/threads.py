@@ -16,6 +16,7 @@ from applier import xsave
 from applier.errors import MismatchError, VerifyFailed
 from applier.executor.context import Context
 from applier.executor.registers import image_regs, verify_regs
+from applier.executor.signals import check_sigmask
 from applier.plan import EndThread, NewThread, SetRegs
 from applier.undo.log import UndoThreadCreated, UndoThreadEnded
 from formats.core import CoreEntry, ThreadCoreEntry, ThreadSasEntry
@@ -30,8 +31,6 @@ __all__ = [
     "verify_end",
     "verify_new",
 ]
-
-_UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
 
 
 def validate_end(ctx: Context, step: EndThread) -> None:
@@ -118,11 +117,11 @@ def new_thread(ctx: Context, step: NewThread) -> None:
     )
     ctx.undo.add(UndoThreadCreated(tid))
     if tc is not None:
-        if tc.futex_rla:
-            p.call("set_robust_list", tc.futex_rla, tc.futex_rla_len, tid=tid)
-        if tc.rseq_entry is not None:
-            r = tc.rseq_entry
-            p.call("rseq", r.rseq_abi_pointer, r.rseq_abi_size, 0, r.signature, tid=tid)
+        r = tc.rseq_entry
+        _register(
+            p, tid, (tc.futex_rla, tc.futex_rla_len),
+            None if r is None else (r.rseq_abi_pointer, r.rseq_abi_size, r.signature),
+        )  # fmt: skip
     fpregs = core.thread_info.fpregs
     if fpregs is not None:
         p.set_xstate(tid, xsave.fpregs_into_xstate(fpregs, p.get_xstate(tid)))
@@ -131,6 +130,17 @@ def new_thread(ctx: Context, step: NewThread) -> None:
     ctx.stats.threads_created += 1
     ctx.stats.threads += 1
     ctx.stats.syscalls_restarted += rewound
+
+
+def _register(
+    p: Process, tid: int, robust: tuple[int, int], rseq: tuple[int, int, int] | None
+) -> None:
+    """What a new thread registers with the kernel itself, run in it: its robust futex list
+    (head, length) and its rseq area (address, size, signature)."""
+    if robust[0]:
+        p.call("set_robust_list", *robust, tid=tid)
+    if rseq is not None:
+        p.call("rseq", rseq[0], rseq[1], 0, rseq[2], tid=tid)
 
 
 def _altstack(sas: ThreadSasEntry) -> tuple[int, int, int]:
@@ -152,8 +162,7 @@ def verify_new(ctx: Context, step: NewThread) -> None:
         raise VerifyFailed(f"thread {step.tid} was not created")
     verify_regs(ctx, _as_regs(step))
     core, _ = _thread_core(ctx, step.tid)
-    if ctx.process.get_sigmask(step.tid) != _blocked(core) & ~_UNBLOCKABLE:
-        raise VerifyFailed(f"thread {step.tid}: blocked signals not restored")
+    check_sigmask(ctx, step.tid, _blocked(core))
 
 
 def recreate(process: Process, rec: UndoThreadEnded) -> None:
@@ -165,11 +174,7 @@ def recreate(process: Process, rec: UndoThreadEnded) -> None:
         name=rec.name,
         altstack=rec.altstack,
     )
-    head, length = rec.robust
-    if head:
-        process.call("set_robust_list", head, length, tid=tid)
-    if rec.rseq is not None:
-        process.call("rseq", rec.rseq[0], rec.rseq[1], 0, rec.rseq[2], tid=tid)
+    _register(process, tid, rec.robust, rec.rseq)
     process.set_xstate(tid, rec.xstate)
     process.set_regs(tid, rec.regs)
     process.set_sigmask(tid, rec.sigmask)
