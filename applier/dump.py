@@ -67,7 +67,7 @@ from formats.mm import VmaStatus as S
 from formats.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from injector import attach
 from injector.maps import Mapping
-from injector.memory import buffer_address
+from injector.memory import aligned_buffer, buffer_address
 from injector.process import Process
 from injector.tracking import (
     DirtyTracker,
@@ -429,10 +429,10 @@ def _shared_data(
                 if off in done:
                     continue
                 done.add(off)
-                buf = bytearray(n)
-                s.read_into(m.start + (off - m.offset), memoryview(buf))
+                buf = aligned_buffer(n, np.uint8)
+                s.read_into(m.start + (off - m.offset), buf.data)
                 stats.pages += n // page
-                yield off, n // page, PE_PRESENT, bytes(buf)
+                yield off, n // page, PE_PRESENT, buf.tobytes()
 
 
 Holes = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]

@@ -12,5 +12,5 @@ IOV_BATCH = 1024  # iovecs per process_vm_readv/writev call: IOV_MAX
 # (one memfd kept at most); 0 disables the pool.
 POOL_BYTES = 256 << 20
 # An in-memory undo spool grows to at most this (and a quarter of MemAvailable); past it the
-# spool moves to a file in $TMPDIR or /var/tmp and grows there.
+# spool goes on in a file in $TMPDIR or /var/tmp (what the memory holds stays there).
 MEMORY_SPOOL_BYTES = 1 << 30

@@ -202,8 +202,9 @@ def test_undo_page_table_restores_through_write_iov() -> None:
 
 
 def test_undo_spool_moves_to_disk_past_its_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past MEMORY_SPOOL_BYTES the spool continues in a file on disk, at the same offsets;
-    what was saved before and after reads back."""
+    """Past MEMORY_SPOOL_BYTES the spool continues in a file on disk, at the offsets that
+    follow, and the memfd keeps what it held; what was saved before and after reads back,
+    also in one read across the two."""
     monkeypatch.setattr(undo, "_pool", [])
     monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", 3 * PAGE)
     log = undo.UndoLog.create()
@@ -213,10 +214,27 @@ def test_undo_spool_moves_to_disk_past_its_memory_bound(monkeypatch: pytest.Monk
         assert log.append(memoryview(b"a" * 2 * PAGE)) == 0
         assert log.spilled is None
         assert log.append(memoryview(b"b" * 2 * PAGE)) == 2 * PAGE
-        assert log.spilled is not None and not log.pooled
-        assert not os.readlink(f"/proc/self/fd/{log.spool.fileno()}").startswith("/memfd:")
+        assert log.spilled is not None and log.disk is not None and log.split == 2 * PAGE
+        assert os.readlink(f"/proc/self/fd/{log.spool.fileno()}").startswith("/memfd:")
+        assert not os.readlink(f"/proc/self/fd/{log.disk.fileno()}").startswith("/memfd:")
+        assert os.fstat(log.disk.fileno()).st_size == 2 * PAGE  # nothing copied
         saved = (undo.SavedRange(0x1000, 2 * PAGE, 0), undo.SavedRange(0x9000, 2 * PAGE, 2 * PAGE))
         assert dict(log.iter_saved(saved)) == {0x1000: b"a" * 2 * PAGE, 0x9000: b"b" * 2 * PAGE}
+        assert log.read(PAGE, 2 * PAGE) == b"a" * PAGE + b"b" * PAGE
+        assert log.append(memoryview(b"c" * PAGE)) == 4 * PAGE
+        table = undo.UndoPageTable(
+            np.array([0x1000, 0x9000, 0x20000], dtype=np.uint64),
+            np.array([PAGE, PAGE, PAGE], dtype=np.uint64),
+            np.array([PAGE, 3 * PAGE, 4 * PAGE], dtype=np.uint64),
+        )
+        seen: dict[int, bytes] = {}
+
+        def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
+            for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
+                seen[ra] = ctypes.string_at(lb, ln)
+
+        log.restore_table(table, write_iov)
+        assert seen == {0x1000: b"a" * PAGE, 0x9000: b"b" * PAGE, 0x20000: b"c" * PAGE}
     finally:
         log.close()
     assert len(undo._pool) == 1  # the memfd went back to the pool when the spool moved

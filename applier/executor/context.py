@@ -15,6 +15,7 @@ from applier.plan import Plan
 from applier.undo.log import SavedRange, UndoLog
 from formats.core import CoreEntry
 from injector.fdinfo import Descriptor
+from injector.memory import aligned_buffer
 from injector.process import Process
 
 __all__ = ["U64", "ApplyStats", "Context"]
@@ -80,11 +81,12 @@ class Context:
     def scratch(self, which: int) -> U64:
         """CHUNK-byte buffers: 0 and 1 for target memory read (old contents, read-back; two
         so that one batch is read while the one before is handled), 2 for image pages
-        gathered for a compare. Taken from a per-process pool on first use and given back by
-        ``close``: an apply every test would otherwise fault 24 MiB of fresh pages in."""
+        gathered for a compare; page-aligned (``aligned_buffer``). Taken from a per-process
+        pool on first use and given back by ``close``: an apply every test would otherwise
+        fault 24 MiB of fresh pages in."""
         while len(self._buffers) <= which:
             with _POOL_LOCK:
-                self._buffers.append(_POOL.pop() if _POOL else np.empty(CHUNK // 8, np.uint64))
+                self._buffers.append(_POOL.pop() if _POOL else aligned_buffer(CHUNK))
         return self._buffers[which]
 
     def close(self) -> None:

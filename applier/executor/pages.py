@@ -25,7 +25,7 @@ from applier.undo.log import UndoPageTable
 from formats.pagemap import PageRun
 from formats.pages import PagesFile
 from injector.arrays import sorted_unique
-from injector.memory import buffer_address
+from injector.memory import aligned_buffer, buffer_address
 from injector.process import IovIO, Process
 
 __all__ = [
@@ -420,7 +420,7 @@ def differing_pages(
     ``skip`` ranges (regions the plan maps anew) are not read."""
     pieces = Pieces(step.runs, page)
     found: list[npt.NDArray[np.uint64]] = []
-    live = np.empty(CHUNK // 8, dtype=np.uint64)
+    live = aligned_buffer(CHUNK)
     want_buf = np.empty(CHUNK // 8, dtype=np.uint64)
     keep = np.ones(len(pieces.vaddr), dtype=bool)
     for a, b in skip:

@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from injector.arrays import sorted_unique
 from injector.errors import InjectorError
+from injector.memory import aligned_buffer
 from injector.process import Process
 from injector.tracking.base import (
     PAGE_SIZE,
@@ -53,7 +54,7 @@ class ContentTracker(DirtyTracker):
     def __init__(self, session: Process, chunk: int = CHUNK) -> None:
         super().__init__(session)
         self._chunk = max(PAGE_SIZE, chunk - chunk % PAGE_SIZE)
-        self._buffer = np.empty(self._chunk, dtype=np.uint8)
+        self._buffer = aligned_buffer(self._chunk, np.uint8)
         self._copies: list[_Copy] = []
 
     @classmethod
@@ -74,7 +75,7 @@ class ContentTracker(DirtyTracker):
         writable, _ = tracked_ranges(self.session.maps())
         copies: list[_Copy] = []
         for start, end in writable:
-            data = np.empty(end - start, dtype=np.uint8)
+            data = aligned_buffer(end - start, np.uint8)
             if self._read(start, data):
                 copies.append(_Copy(start, end, data))
         # Unreadable ranges have no copy and count as written at every scan.
