@@ -108,6 +108,10 @@ for _fn in (_process_vm_readv, _process_vm_writev):
         ctypes.c_ulong,
     ]
 
+_memcmp = _libc.memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
@@ -115,6 +119,13 @@ _syscall.restype = ctypes.c_long
 def _raise_errno() -> None:
     err = ctypes.get_errno()
     raise OSError(err, os.strerror(err))
+
+
+def memequal(a: int, b: int, n: int) -> bool:
+    """Whether the ``n`` bytes at local addresses ``a`` and ``b`` are equal: one memcmp, with
+    the GIL released (numpy's ``array_equal`` of 8 MiB builds a temporary array first: 3x
+    slower here)."""
+    return n <= 0 or _memcmp(a, b, n) == 0
 
 
 def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from applier import executor as execute
 from applier.api import apply
+from applier.dump import dump
 from applier.errors import ApplyFailed, VerifyFailed
 from applier.executor import pages
 from applier.executor.context import Context
@@ -141,6 +143,41 @@ def test_verify_catches_a_page_that_differs_after_writing(
 
 
 @pytest.mark.live
+def test_verify_catches_a_change_inside_a_large_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of a whole CHUNK are compared in place (one memcmp each): a word changed
+    inside one after the write is still caught, named and rolled back."""
+    with spawn(build_c("hold_target.c"), "16") as t:
+        (addr,) = t.expect("ready")
+        base = int(addr, 16)
+        t.send("fill 1")
+        t.expect("filled")
+        image = tmp_path / "ckpt"
+        dump(t.pid, image)
+        t.send("fill 2")
+        t.expect("filled")
+        t.send("hash")
+        before = t.expect("hash")
+        real = pages.write_pages
+        spoiled = base + (3 << 20) + 5 * PAGE
+
+        def spoil(ctx: Context, step: WritePages) -> None:
+            big = [r for r in step.runs if r.vaddr <= spoiled < r.vaddr + r.nr_pages * PAGE]
+            assert big and big[0].nr_pages * PAGE >= 8 << 20  # one run: whole-CHUNK pieces
+            real(ctx, step)
+            ctx.process.write(spoiled + 64, b"\xff" * 8)
+
+        monkeypatch.setitem(execute._RUN, WritePages, spoil)
+        with pytest.raises(VerifyFailed) as info:
+            apply(image, t.pid, undo=True)
+        assert f"page {spoiled:#x} differs" in str(info.value)
+        t.send("hash")
+        assert t.expect("hash") == before
+        assert_untouched(t)
+
+
+@pytest.mark.live
 def test_only_dirty_without_undo_compares_and_skips(target: Target, tmp_path: Path) -> None:
     """--only-dirty --no-undo (content compare in a scratch buffer): identical pages are
     skipped, the result equals the checkpoint."""
@@ -155,16 +192,28 @@ def test_only_dirty_without_undo_compares_and_skips(target: Target, tmp_path: Pa
 
 
 def test_undo_spool_is_pooled_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A closed in-memory log leaves its memfd to the next one (cut down to POOL_BYTES);
-    the next log starts empty and appends at offset 0."""
+    """A closed in-memory log leaves its memfd to the next one, whole for POOL_IDLE seconds
+    and then cut down to POOL_BYTES; the next log starts empty and appends at offset 0."""
     monkeypatch.setattr(undo, "_pool", [])
     monkeypatch.setattr(undo, "POOL_BYTES", 2 * PAGE)
+    monkeypatch.setattr(undo, "POOL_IDLE", 0.3)
     first = undo.UndoLog.create()
     assert first.spool is not None
     fd = first.spool.fileno()
     assert first.append(memoryview(b"a" * 3 * PAGE)) == 0
     first.close()
     assert not first.enabled
+    assert os.fstat(fd).st_size == 3 * PAGE  # kept whole while the next apply may come
+    again = undo.UndoLog.create()
+    assert again.spool is not None and again.spool.fileno() == fd
+    assert again.capacity == 3 * PAGE and again.end == 0
+    time.sleep(0.5)  # the trim finds nothing in the pool: the memfd is in use
+    assert os.fstat(fd).st_size == 3 * PAGE
+    again.close()
+    deadline = time.monotonic() + 10
+    while os.fstat(fd).st_size != 2 * PAGE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.fstat(fd).st_size == 2 * PAGE  # idle: cut to POOL_BYTES
     second = undo.UndoLog.create()
     assert second.spool is not None and second.spool.fileno() == fd
     assert second.capacity == 2 * PAGE and second.end == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from injector import MemoryAccessError, attach
+from injector._libc import memequal
 from injector.maps import (
     PAGEMAP_PRESENT,
     PROT_READ,
@@ -18,6 +19,7 @@ from injector.maps import (
     parse_maps,
     parse_smaps_vmflags,
 )
+from injector.memory import aligned_buffer
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
@@ -221,4 +223,31 @@ def test_unmapped_memory_raises_memory_access_error(target_bin: Path) -> None:
             s.memory.force_via_proc_mem = False
             with pytest.raises(MemoryAccessError, match="not mapped"):
                 s.write(hole, b"x")
+        assert_untouched(t)
+
+
+def test_aligned_buffer_starts_on_a_page_and_reads_target_memory(target_bin: Path) -> None:
+    """Transfer buffers start on a page boundary (a malloc'd one sits 16 bytes past one,
+    which made every page copied from the target straddle two local pages), are zeroed and
+    writable, and process_vm_readv fills them byte for byte."""
+    for nbytes, dtype in ((1, np.uint8), (3 * PAGE + 8, np.uint64), (8 << 20, np.uint64)):
+        buf = aligned_buffer(nbytes, dtype)
+        assert buf.ctypes.data % mmap.PAGESIZE == 0
+        assert buf.nbytes == nbytes // np.dtype(dtype).itemsize * np.dtype(dtype).itemsize
+        assert buf.flags.writeable and not buf.any()
+    with spawn(target_bin) as t:
+        ready(t)
+        with attach(t.pid) as s:
+            base = s.mmap(0, 4 * PAGE, PROT_READ | PROT_WRITE, 0x22)
+            source = np.random.default_rng(3).integers(0, 256, 4 * PAGE, dtype=np.uint8)
+            s.write(base, source.tobytes())
+            buf = aligned_buffer(4 * PAGE, np.uint8)
+            rows = np.array([[buf.ctypes.data, 4 * PAGE]], dtype=np.uint64)
+            s.read_iov(rows, np.array([[base, 4 * PAGE]], dtype=np.uint64))
+            assert buf.tobytes() == source.tobytes()
+            assert memequal(buf.ctypes.data, source.ctypes.data, 4 * PAGE)
+            source[PAGE + 5] ^= 1
+            assert not memequal(buf.ctypes.data, source.ctypes.data, 4 * PAGE)
+            assert memequal(buf.ctypes.data, source.ctypes.data, PAGE + 5)
+            s.munmap(base, 4 * PAGE)
         assert_untouched(t)

@@ -24,6 +24,7 @@ from applier.progress import Progress
 from applier.undo.log import UndoPageTable
 from formats.pagemap import PageRun
 from formats.pages import PagesFile
+from injector._libc import memequal
 from injector.arrays import sorted_unique
 from injector.memory import aligned_buffer, buffer_address
 from injector.process import IovIO, Process
@@ -183,13 +184,6 @@ class Pieces:
             self.files[f].release(lo, hi - lo)
         self._span.clear()
         self._unreleased = 0
-
-    def image_words(self, k: int) -> U64:
-        """The image's bytes of piece ``k`` as uint64 words: a view of the mapping, no copy."""
-        view = self._views[int(self.file[k])]
-        return np.frombuffer(
-            view, dtype=np.uint64, count=int(self.length[k]) // 8, offset=int(self.offset[k])
-        )
 
     def image_rows(
         self, i: int, j: int, into: U64, mask: npt.NDArray[np.bool_] | None = None
@@ -384,11 +378,14 @@ def verify_pages(ctx: Context, step: WritePages) -> None:
         for i, j, buf in read_ahead(ctx, pieces, read):
             length = pieces.length[i:j]
             pos = np.cumsum(length) - length
+            base = buf.ctypes.data
             if (
                 j - i <= DIRECT_MAX
                 and all(  # few large pieces: compare in place
-                    np.array_equal(buf[p // 8 : (p + n) // 8], pieces.image_words(k))
-                    for k, p, n in zip(range(i, j), pos.tolist(), length.tolist(), strict=True)
+                    memequal(base + p, local, n)
+                    for local, p, n in zip(
+                        pieces.local[i:j].tolist(), pos.tolist(), length.tolist(), strict=True
+                    )
                 )
             ):
                 pieces.used(i, j)

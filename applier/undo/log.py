@@ -6,8 +6,9 @@ Every step records its inverse *before* it changes anything. Page contents go to
 inverses newest first.
 
 The in-memory spool is a memfd. Allocating shared memory is slow on some machines (0.5-1 GB/s
-measured), so a closed log hands its memfd to a small per-process pool and the next log starts
-with pages that are already there: a fixture reset every test pays the allocation once, and
+measured), so a closed log hands its memfd to a per-process pool and the next log starts with
+pages that are already there: a fixture reset every test pays the allocation once (the pool
+keeps a memfd whole for ``POOL_IDLE`` seconds, then cuts it to ``POOL_BYTES``), and
 the spool grows by ``fallocate`` before each write past its end (a pwrite into a hole
 allocates page by page: 0.66-1.9 s for 1 GiB here, against 0.55 s with the fallocate). It is
 bounded (``MEMORY_SPOOL_BYTES``, and a quarter of the memory available when the log is made):
@@ -30,7 +31,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.limits import CHUNK, IOV_BATCH, MEMORY_SPOOL_BYTES, POOL_BYTES
+from applier.limits import CHUNK, IOV_BATCH, MEMORY_SPOOL_BYTES, POOL_BYTES, POOL_IDLE
 from applier.model import Region
 from injector.memory import aligned_buffer
 from injector.regs import X86Regs
@@ -71,6 +72,27 @@ def _mem_available() -> int:
 
 _pool: list[BinaryIO] = []
 _pool_lock = threading.Lock()
+_trim: list[threading.Timer] = []  # the pending trim, if any
+
+
+def _trim_pool() -> None:
+    """Cut a pooled memfd left idle down to POOL_BYTES (one in use is not in the pool)."""
+    with _pool_lock:
+        for spool in _pool:
+            with contextlib.suppress(OSError):
+                if os.fstat(spool.fileno()).st_size > POOL_BYTES:
+                    os.ftruncate(spool.fileno(), POOL_BYTES)
+
+
+def _trim_later() -> None:
+    """Trim the pool POOL_IDLE seconds from now (called with _pool_lock held)."""
+    while _trim:
+        _trim.pop().cancel()
+    timer = threading.Timer(POOL_IDLE, _trim_pool)
+    timer.daemon = True
+    timer.start()
+    _trim.append(timer)
+
 
 IovWriter = Callable[[npt.NDArray[np.uint64], npt.NDArray[np.uint64]], None]
 
@@ -298,13 +320,12 @@ class UndoLog:
         if spool is None:
             return
         if self.pooled and POOL_BYTES > 0:
-            with contextlib.suppress(OSError):
-                if self.capacity > POOL_BYTES:
-                    os.ftruncate(spool.fileno(), POOL_BYTES)
-                with _pool_lock:
-                    if not _pool:
-                        _pool.append(spool)
-                        return
+            with _pool_lock:
+                if not _pool:
+                    _pool.append(spool)
+                    if self.capacity > POOL_BYTES:
+                        _trim_later()
+                    return
         spool.close()
 
     def _spool(self) -> BinaryIO:
