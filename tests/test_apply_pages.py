@@ -24,6 +24,7 @@ from applier.plan.memory import clip_saved
 from applier.plan.steps import SetRegs
 from applier.undo import log as undo
 from injector import attach
+from injector.memory import MemoryIO
 from tests.live_state import assert_same, checkpoint, command, snapshot
 from tests.procs import Target, assert_untouched, build_c, spawn
 
@@ -174,6 +175,69 @@ def test_verify_catches_a_change_inside_a_large_piece(
         assert f"page {spoiled:#x} differs" in str(info.value)
         t.send("hash")
         assert t.expect("hash") == before
+        assert_untouched(t)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("spoil_written", [False, True])
+def test_only_dirty_verifies_only_the_pages_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spoil_written: bool
+) -> None:
+    """--only-dirty without a tracker compares every saved page and writes the few that
+    differ; verification reads back those pages only (not the 16 MiB compared), and still
+    catches one of them changed after the write."""
+    with spawn(build_c("hold_target.c"), "16") as t:
+        (addr,) = t.expect("ready")
+        base = int(addr, 16)
+        t.send("fill 1")
+        t.expect("filled")
+        image = tmp_path / "ckpt"
+        dump(t.pid, image)
+        t.send("hash")
+        at_image = t.expect("hash")
+        changed = [base + k * PAGE for k in (3, 4, 5, 700, 2048, 4095)]
+        with attach(t.pid) as s:
+            for a in changed:
+                s.write(a + 128, b"\x5a" * 8)  # (the hash reads every 64th byte)
+        read: list[int] = []
+        verifying: list[bool] = []
+        real_read = MemoryIO.read_iov
+
+        def counting(self: MemoryIO, local: np.ndarray, remote: np.ndarray) -> None:
+            if verifying:
+                read.append(int(remote[:, 1].sum()))
+            real_read(self, local, remote)
+
+        real_write, real_verify = pages.write_pages, pages.verify_pages
+
+        def write(ctx: Context, step: WritePages) -> None:
+            real_write(ctx, step)
+            if spoil_written:
+                ctx.process.write(changed[-2] + 8, b"\xff")
+
+        def verify(ctx: Context, step: WritePages) -> None:
+            verifying.append(True)
+            try:
+                real_verify(ctx, step)
+            finally:
+                verifying.clear()
+
+        monkeypatch.setattr(MemoryIO, "read_iov", counting)
+        monkeypatch.setitem(execute._RUN, WritePages, write)
+        monkeypatch.setitem(execute._VERIFY, WritePages, verify)
+        if spoil_written:
+            with pytest.raises(VerifyFailed, match=f"page {changed[-2]:#x} differs"):
+                apply(image, t.pid, only_dirty=True, undo=True)
+            assert 0 < sum(read) <= 64 * PAGE  # of the 4,000 pages compared
+            t.send("hash")
+            assert t.expect("hash") != at_image  # rolled back: the changes are there again
+        else:
+            result = apply(image, t.pid, only_dirty=True, undo=False)
+            st = result.stats
+            assert len(changed) <= st.pages_written <= 64 < st.pages_skipped and st.verified
+            assert sum(read) == st.pages_written * PAGE
+            t.send("hash")
+            assert t.expect("hash") == at_image
         assert_untouched(t)
 
 

@@ -65,6 +65,10 @@ class Context:
     # What a step read back while it ran, for verification after the page writes (when
     # nothing may be injected any more): the dispositions of a sigaction step.
     read_back: dict[object, dict[int, tuple[int, int, int, int]]] = attrs.field(factory=dict)
+    # Pages a WritePages step left alone because they equal the image already (--only-dirty):
+    # per step, per batch (first piece), which of the batch's pages it wrote. Verification
+    # reads back only those; a batch not listed was written whole.
+    written: dict[int, dict[int, npt.NDArray[np.bool_]]] = attrs.field(factory=dict)  # id(step)
     _buffers: list[U64] = attrs.field(factory=list, init=False, repr=False)
     # per thread: (live XSAVE buffer, it with the image's FP state), as validation found them
     # (the thread is stopped: the set step that follows reuses them)

@@ -186,22 +186,31 @@ class Pieces:
         self._unreleased = 0
 
     def image_rows(
-        self, i: int, j: int, into: U64, mask: npt.NDArray[np.bool_] | None = None
+        self,
+        i: int,
+        j: int,
+        into: U64,
+        mask: npt.NDArray[np.bool_] | None = None,
+        pages: npt.NDArray[np.bool_] | None = None,
     ) -> U64:
-        """The image's bytes of pieces ``i:j`` (``mask`` selects some), one row per page:
-        an (n, page // 8) uint64 array, gathered into the start of ``into``."""
+        """The image's bytes of pieces ``i:j`` (``mask`` selects some pieces, ``pages`` some
+        of their pages), one row per page: an (n, page // 8) uint64 array, gathered into the
+        start of ``into``."""
         offset, length, file = self.offset[i:j], self.length[i:j], self.file[i:j]
         if mask is not None:
             offset, length, file = offset[mask], length[mask], file[mask]
         page, words = self.page, self.page // 8
         page_off = expand_ranges(offset, length, page)
-        out = into[: len(page_off) * words].reshape(-1, words)
         files = sorted_unique(file).tolist()
         page_file = (
             None
             if len(files) == 1
             else np.repeat(file, (length // np.uint64(page)).astype(np.intp))
         )
+        if pages is not None:
+            page_off = page_off[pages]
+            page_file = None if page_file is None else page_file[pages]
+        out = into[: len(page_off) * words].reshape(-1, words)
         for f in files:
             flat = np.frombuffer(self._views[f], dtype=np.uint8)
             offs = page_off if page_file is None else page_off[page_file == f]
@@ -297,6 +306,7 @@ def write_pages(ctx: Context, step: WritePages) -> None:
         # Pieces in regions this apply created hold nothing worth keeping.
         olds = ~inside_any(ctx.plan.recreated(), pieces.vaddr, pieces.length)
         read_old = ctx.undo.enabled or ctx.only_dirty
+        partial = ctx.written[id(step)] = {}  # batches written in part, for verify_pages
 
         def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64 | None:
             """The old contents of batch ``i:j`` (its pieces to keep), or None."""
@@ -324,7 +334,9 @@ def write_pages(ctx: Context, step: WritePages) -> None:
                     offset = ctx.undo.append(old.data)
                     ctx.undo.add(UndoPageTable(addr, length, pos + np.uint64(offset)))
                 if ctx.only_dirty:
-                    local, remote = _differing(ctx, pieces, (i, j), keep, old)
+                    local, remote, wrote = _differing(ctx, pieces, (i, j), keep, old)
+                    if not wrote.all():
+                        partial[i] = wrote
             if remote is None:
                 remote = iov_rows(pieces.vaddr[i:j], pieces.length[i:j])
             if len(remote):
@@ -341,42 +353,62 @@ def write_pages(ctx: Context, step: WritePages) -> None:
 
 def _differing(
     ctx: Context, pieces: Pieces, batch: tuple[int, int], keep: npt.NDArray[np.bool_], old: U64
-) -> tuple[U64, U64]:
+) -> tuple[U64, U64, npt.NDArray[np.bool_]]:
     """(local, remote) iovecs of what batch ``i:j`` must write with --only-dirty: the
     pieces without old contents (``keep`` false) whole, and of the others (whose old
-    contents are in ``old``, back to back) the pages that differ from the image."""
+    contents are in ``old``, back to back) the pages that differ from the image; and, per
+    page of the batch, whether it is written."""
     i, j = batch
     page = ctx.page
     want = pieces.image_rows(i, j, ctx.scratch(2), keep)
     differs = (want != old.reshape(want.shape)).any(axis=1)
     length = pieces.length[i:j]
+    wrote = np.ones(int(length.sum()) // page, dtype=bool)
+    wrote[np.repeat(keep, (length // np.uint64(page)).astype(np.intp))] = differs
     page_addr = expand_ranges(pieces.vaddr[i:j][keep], length[keep], page)[differs]
     page_local = expand_ranges(pieces.local[i:j][keep], length[keep], page)[differs]
     remote = np.concatenate((pieces.vaddr[i:j][~keep], page_addr))
     local = np.concatenate((pieces.local[i:j][~keep], page_local))
     sizes = np.concatenate((length[~keep], np.full(len(page_addr), page, dtype=np.uint64)))
     order = np.argsort(remote, kind="stable")
-    return coalesce(remote[order], local[order], sizes[order])
+    local_iov, remote_iov = coalesce(remote[order], local[order], sizes[order])
+    return local_iov, remote_iov, wrote
 
 
 def verify_pages(ctx: Context, step: WritePages) -> None:
-    """Read every written piece back (one process_vm_readv per batch) and compare it with
-    the image, one numpy compare per batch."""
+    """Read every written page back (one process_vm_readv per batch) and compare it with
+    the image, one numpy compare per batch. Pages --only-dirty found equal and left alone
+    (``Context.written``) are not read again."""
     page = ctx.page
     pieces = Pieces(step.runs, page, keep_mapped=ctx.keep_mapped)
     rows = ctx.scratch(2)
+    partial = ctx.written.get(id(step), {})
 
     def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64:
         length = pieces.length[i:j]
-        pos = np.cumsum(length) - length
         buf = ctx.scratch(slot)
         base = np.uint64(buf.ctypes.data)
+        wrote = partial.get(i)
+        if wrote is not None:
+            addr = expand_ranges(pieces.vaddr[i:j], length, page)[wrote]
+            if len(addr):
+                sizes = np.full(len(addr), page, dtype=np.uint64)
+                pos = np.arange(len(addr), dtype=np.uint64) * np.uint64(page)
+                local, remote = coalesce(addr, base + pos, sizes)
+                read_iov(local, remote)
+            return buf
+        pos = np.cumsum(length) - length
         read_iov(iov_rows(base + pos, length), iov_rows(pieces.vaddr[i:j], length))
         return buf
 
     try:
         for i, j, buf in read_ahead(ctx, pieces, read):
             length = pieces.length[i:j]
+            wrote = partial.get(i)
+            if wrote is not None:
+                _compare_written(ctx, pieces, (i, j), buf, wrote=wrote, rows=rows)
+                pieces.used(i, j)
+                continue
             pos = np.cumsum(length) - length
             base = buf.ctypes.data
             if (
@@ -390,18 +422,34 @@ def verify_pages(ctx: Context, step: WritePages) -> None:
             ):
                 pieces.used(i, j)
                 continue
-            want = pieces.image_rows(i, j, rows)
-            have = buf[: want.size].reshape(want.shape)
-            if not np.array_equal(want, have):
-                bad = int(np.argmax((want != have).any(axis=1)))
-                addr = expand_ranges(pieces.vaddr[i:j], length, page)[bad]
-                raise VerifyFailed(
-                    f"pid {ctx.process.pid}: page {int(addr):#x} differs from the image "
-                    "after writing",
-                )
+            _compare_written(ctx, pieces, (i, j), buf, wrote=None, rows=rows)
             pieces.used(i, j)
     finally:
         pieces.close()
+
+
+def _compare_written(
+    ctx: Context,
+    pieces: Pieces,
+    batch: tuple[int, int],
+    buf: U64,
+    *,
+    wrote: npt.NDArray[np.bool_] | None,
+    rows: U64,
+) -> None:
+    """The pages of batch ``i:j`` read back into ``buf`` (those of ``wrote``, or all), back to
+    back, equal the image's; VerifyFailed names the first that does not."""
+    i, j = batch
+    want = pieces.image_rows(i, j, rows, pages=wrote)
+    have = buf[: want.size].reshape(want.shape)
+    if not np.array_equal(want, have):
+        bad = int(np.argmax((want != have).any(axis=1)))
+        addr = expand_ranges(pieces.vaddr[i:j], pieces.length[i:j], ctx.page)
+        if wrote is not None:
+            addr = addr[wrote]
+        raise VerifyFailed(
+            f"pid {ctx.process.pid}: page {int(addr[bad]):#x} differs from the image after writing",
+        )
 
 
 def differing_pages(
