@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +145,26 @@ def test_verify_catches_a_page_that_differs_after_writing(
     assert_untouched(target)
 
 
+@contextlib.contextmanager
+def _dumped_hold_target(tmp_path: Path) -> Iterator[tuple[Target, int, Path]]:
+    """tests/targets/hold_target.c with 16 MiB filled and dumped: (target, its region's
+    address, the image)."""
+    with spawn(build_c("hold_target.c"), "16") as t:
+        (addr,) = t.expect("ready")
+        t.send("fill 1")
+        t.expect("filled")
+        image = tmp_path / "ckpt"
+        dump(t.pid, image)
+        yield t, int(addr, 16), image
+
+
 @pytest.mark.live
 def test_verify_catches_a_change_inside_a_large_piece(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pieces of a whole CHUNK are compared in place (one memcmp each): a word changed
     inside one after the write is still caught, named and rolled back."""
-    with spawn(build_c("hold_target.c"), "16") as t:
-        (addr,) = t.expect("ready")
-        base = int(addr, 16)
-        t.send("fill 1")
-        t.expect("filled")
-        image = tmp_path / "ckpt"
-        dump(t.pid, image)
+    with _dumped_hold_target(tmp_path) as (t, base, image):
         t.send("fill 2")
         t.expect("filled")
         t.send("hash")
@@ -186,13 +195,7 @@ def test_only_dirty_verifies_only_the_pages_it_wrote(
     """--only-dirty without a tracker compares every saved page and writes the few that
     differ; verification reads back those pages only (not the 16 MiB compared), and still
     catches one of them changed after the write."""
-    with spawn(build_c("hold_target.c"), "16") as t:
-        (addr,) = t.expect("ready")
-        base = int(addr, 16)
-        t.send("fill 1")
-        t.expect("filled")
-        image = tmp_path / "ckpt"
-        dump(t.pid, image)
+    with _dumped_hold_target(tmp_path) as (t, base, image):
         t.send("hash")
         at_image = t.expect("hash")
         changed = [base + k * PAGE for k in (3, 4, 5, 700, 2048, 4095)]
