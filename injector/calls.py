@@ -60,6 +60,14 @@ class NamedCalls:
     def write(self, address: int, data: Buffer) -> None:
         raise NotImplementedError
 
+    def _layout_mark(self) -> object:
+        """An opaque mark of the layout as known now (``_layout_back``)."""
+        return None
+
+    def _layout_back(self, mark: object, calls: int) -> None:
+        """The layout is what it was at ``mark`` after ``calls`` injected calls (nothing to do
+        where no layout is cached)."""
+
     def read(self, address: int, size: int) -> bytes:
         raise NotImplementedError
 
@@ -160,6 +168,7 @@ class NamedCalls:
         pointer; unmapped afterwards."""
         length = max(PAGE, -(-len(data) // PAGE) * PAGE)
         with signals_deferred():  # never stopped between the mmap and the munmap
+            mark = self._layout_mark()
             addr = self.mmap(0, length, 3, MAP_PRIVATE | MAP_ANONYMOUS, tid=tid)
             try:
                 if data:
@@ -167,6 +176,9 @@ class NamedCalls:
                 yield addr
             finally:
                 self.munmap(addr, length, tid=tid)
+            # A fresh anonymous mapping, gone again: no other mapping changed (it cannot merge
+            # with a userfaultfd-registered one, and its removal undoes any merge it made).
+            self._layout_back(mark, 2)
 
     def openat(
         self, path: str, flags: int = O_RDONLY | O_CLOEXEC, mode: int = 0, *, tid: int | None = None

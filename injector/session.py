@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 
@@ -79,14 +80,21 @@ _RESUMING: Final = frozenset({_libc.PTRACE_CONT, _libc.PTRACE_SYSCALL, _libc.PTR
 # Calls that never change the address space: an injected one keeps the cached layout (the
 # other threads stay stopped meanwhile). ``brk(0)`` only asks for the break.
 _LAYOUT_NEUTRAL: Final = frozenset(
-    {"close", "lseek", "fcntl", "dup", "dup2", "getpid", "gettid", "getppid", "rt_sigprocmask",
-     "set_robust_list", "rseq", "set_tid_address", "sigaltstack"}
+    {"close", "lseek", "fcntl", "dup", "dup2", "dup3", "getpid", "gettid", "getppid",
+     "openat", "rt_sigprocmask", "rt_sigaction", "set_robust_list", "rseq", "set_tid_address",
+     "sigaltstack"}
 )  # fmt: skip
 _PR_GET_TID_ADDRESS: Final = 40
 _PR_SET_NAME: Final = 15
 _CAP_SYS_ADMIN: Final = 21
 _CAP_CHECKPOINT_RESTORE: Final = 40
 _NS_LAST_PID: Final = "/proc/sys/kernel/ns_last_pid"
+
+
+@attrs.frozen
+class _LayoutMark:
+    maps: list[Mapping] | None
+    epoch: int
 
 
 def attach(pid: int, *, timeout: float = 10.0) -> Session:
@@ -452,6 +460,18 @@ class Session(Tracer, NamedCalls):
         if self._insn is None:
             raise InjectorError(self.pid, "no syscall instruction found in the vDSO or any text")
         return self._insn
+
+    def _layout_mark(self) -> object:
+        return _LayoutMark(self._maps, self._epoch)
+
+    def _layout_back(self, mark: object, calls: int) -> None:
+        """``calls`` injected calls since ``mark`` left the layout as it was (a scratch mapping
+        made and removed): the layout cached then, and its epoch, hold again. Not if anything
+        else could have changed it meanwhile (another call, the target run)."""
+        if not isinstance(mark, _LayoutMark):
+            return
+        if self._epoch == mark.epoch + calls:
+            self._maps, self._epoch = mark.maps, mark.epoch
 
     def request(self, request: int, tid: int, addr: int = 0, data: int = 0) -> int:
         if request in _RESUMING:  # the target runs: the cached layout may go stale

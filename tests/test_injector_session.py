@@ -326,3 +326,28 @@ def test_session_from_another_thread_is_refused(target_bin: Path) -> None:
             assert s.get_regs(t.pid).ip  # still fine from the owner
         assert len(errors) == 1 and "attaching thread" in str(errors[0])
         assert_untouched(t)
+
+
+def test_scratch_memory_keeps_the_layout_and_its_epoch(target_bin: Path) -> None:
+    """Calls that only borrow scratch memory (made and removed again) leave the cached
+    layout and the layout epoch as they were, so the tracker's reset needs no rescan; a call
+    that maps memory, inside a scratch or not, moves the epoch, and the layout read then is
+    the real one."""
+    with spawn(target_bin, "read", "1") as t:
+        ready(t)
+        with attach(t.pid) as s:
+            before, epoch = s.maps(), s.layout_epoch
+            actions = s.sigactions([signal.SIGUSR1, signal.SIGTERM])
+            assert set(actions) == {signal.SIGUSR1, signal.SIGTERM}
+            assert s.layout_epoch == epoch and s.maps() == before
+            fd = s.openat("/dev/null")
+            s.close(fd)
+            assert s.layout_epoch == epoch and s.maps() == before
+            with s.scratch(b"x") as where:  # a mapping made inside: the epoch moves
+                extra = s.mmap(0, 4096, 3, 0x22)
+                assert where != extra
+            assert s.layout_epoch != epoch
+            assert any(m.start == extra for m in s.maps())
+            s.munmap(extra, 4096)
+            assert s.maps() == before
+        assert_untouched(t)
