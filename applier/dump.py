@@ -422,6 +422,7 @@ def _shared_data(
     """pagemap-shmem runs of one object: vaddr = offset in the object, data read through the
     target's mapping. Offsets seen through several mappings are dumped once."""
     done: set[int] = set()
+    buf = aligned_buffer(CHUNK_PAGES * page, np.uint8)  # one, reused: each run is a copy of it
     for m in windows:
         for a, b in _data_ranges(s, m, page):
             for off in range(a, b, CHUNK_PAGES * page):
@@ -429,10 +430,9 @@ def _shared_data(
                 if off in done:
                     continue
                 done.add(off)
-                buf = aligned_buffer(n, np.uint8)
-                s.read_into(m.start + (off - m.offset), buf.data)
+                s.read_into(m.start + (off - m.offset), buf[:n].data)
                 stats.pages += n // page
-                yield off, n // page, PE_PRESENT, buf.tobytes()
+                yield off, n // page, PE_PRESENT, buf[:n].tobytes()
 
 
 Holes = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]

@@ -228,17 +228,14 @@ class ServerFloor:
             for a, b in self.ranges:
                 self.scanner.scan(a, b, flags=_uffd.PM_SCAN_WP_MATCHING, category_mask=written,
                                   return_mask=written)  # fmt: skip
-        except BaseException:
+            # untimed: a SIGSTOP queued while every thread is in its ptrace stop, so that each
+            # stops again on its way out of it, before any of its code runs
+            t_kill = time.perf_counter()
+            os.kill(self.pid, signal.SIGSTOP)
+            t_kill = time.perf_counter() - t_kill
+        finally:
             for tid in self.tids:
                 libc.ptrace(PTRACE_DETACH, tid, None, None)
-            raise
-        # untimed: a SIGSTOP queued while every thread is in its ptrace stop, so that each
-        # stops again on its way out of it, before any of its code runs
-        t_kill = time.perf_counter()
-        os.kill(self.pid, signal.SIGSTOP)
-        t_kill = time.perf_counter() - t_kill
-        for tid in self.tids:
-            libc.ptrace(PTRACE_DETACH, tid, None, None)
         return time.perf_counter() - t0 - t_kill, len(pages)
 
     def settle(self, cp: Checkpoint) -> None:

@@ -443,15 +443,14 @@ def _compare_written(
     want = pieces.image_rows(i, j, rows, pages=wrote)
     if memequal(want.ctypes.data, buf.ctypes.data, want.nbytes):  # both back to back
         return
-    have = buf[: want.size].reshape(want.shape)
-    if not np.array_equal(want, have):  # (the memcmp said they differ: find where)
-        bad = int(np.argmax((want != have).any(axis=1)))
-        addr = expand_ranges(pieces.vaddr[i:j], pieces.length[i:j], ctx.page)
-        if wrote is not None:
-            addr = addr[wrote]
-        raise VerifyFailed(
-            f"pid {ctx.process.pid}: page {int(addr[bad]):#x} differs from the image after writing",
-        )
+    have = buf[: want.size].reshape(want.shape)  # they differ: find the first page that does
+    bad = int(np.argmax((want != have).any(axis=1)))
+    addr = expand_ranges(pieces.vaddr[i:j], pieces.length[i:j], ctx.page)
+    if wrote is not None:
+        addr = addr[wrote]
+    raise VerifyFailed(
+        f"pid {ctx.process.pid}: page {int(addr[bad]):#x} differs from the image after writing",
+    )
 
 
 def differing_pages(

@@ -419,7 +419,7 @@ class UndoLog:
     def restore_table(self, record: UndoPageTable, write_iov: IovWriter) -> None:
         """Write the ranges of ``record`` back with ``write_iov`` straight from the spool
         (mapped read-only, a CHUNK of spool at a time; each of its two files on its own)."""
-        on_disk = record.spool_offset >= np.uint64(min(self.split, 1 << 62))
+        on_disk = record.spool_offset >= np.uint64(self.split)
         parts = [(~on_disk, self._spool().fileno(), 0)]
         if self.disk is not None:
             parts.append((on_disk, self.disk.fileno(), self.split))
