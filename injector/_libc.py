@@ -128,6 +128,20 @@ def memequal(a: int, b: int, n: int) -> bool:
     return n <= 0 or _memcmp(a, b, n) == 0
 
 
+def memequal_rows(a: list[int], b: list[int], n: list[int]) -> bool:
+    """Whether every row's ``n[k]`` bytes at ``a[k]`` and ``b[k]`` are equal: one memcmp per
+    row (the GIL released for each), stopping at the first that differs."""
+    return not any(map(_memcmp, a, b, n))
+
+
+def first_unequal(a: list[int], b: list[int], n: list[int]) -> int:
+    """The index of the first row of ``memequal_rows`` that differs, -1 if none does."""
+    for k, differs in enumerate(map(_memcmp, a, b, n)):
+        if differs:
+            return k
+    return -1
+
+
 def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     """One ``ptrace(2)`` request with integer arguments; raises ``OSError`` on failure."""
     ctypes.set_errno(0)

@@ -262,6 +262,8 @@ def test_undo_spool_is_pooled_and_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     """A closed in-memory log leaves its memfd to the next one, whole for POOL_IDLE seconds
     and then cut down to POOL_BYTES; the next log starts empty and appends at offset 0."""
     monkeypatch.setattr(undo, "_pool", [])
+    monkeypatch.setattr(undo, "_heads", [])
+    monkeypatch.setattr(undo, "HEAD_BYTES", 0)  # everything in the memfd
     monkeypatch.setattr(undo, "POOL_BYTES", 2 * PAGE)
     monkeypatch.setattr(undo, "POOL_IDLE", 0.3)
     first = undo.UndoLog.create()
@@ -322,6 +324,8 @@ def test_undo_spool_moves_to_disk_past_its_memory_bound(monkeypatch: pytest.Monk
     follow, and the memfd keeps what it held; what was saved before and after reads back,
     also in one read across the two."""
     monkeypatch.setattr(undo, "_pool", [])
+    monkeypatch.setattr(undo, "_heads", [])
+    monkeypatch.setattr(undo, "HEAD_BYTES", 0)
     monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", 3 * PAGE)
     log = undo.UndoLog.create()
     try:
@@ -354,6 +358,59 @@ def test_undo_spool_moves_to_disk_past_its_memory_bound(monkeypatch: pytest.Monk
     finally:
         log.close()
     assert len(undo._pool) == 1  # the memfd went back to the pool when the spool moved
+    undo._pool.pop().close()
+
+
+def test_undo_spool_head_is_read_into_and_continues_in_the_memfd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first HEAD_BYTES of an in-memory spool are this process's memory: ``reserve``
+    gives the place to read into and ``append`` of that view copies nothing; an append that
+    does not fit closes the head and the memfd goes on from its offset 0; reads and
+    ``restore_table`` see one range of offsets across head, memfd and disk; the head is
+    pooled."""
+    monkeypatch.setattr(undo, "_pool", [])
+    monkeypatch.setattr(undo, "_heads", [])
+    monkeypatch.setattr(undo, "HEAD_BYTES", 3 * PAGE)
+    monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", 6 * PAGE)
+    log = undo.UndoLog.create()
+    try:
+        assert log.head is not None and log.spool is not None and log.base == 3 * PAGE
+        head = log.head
+        room = log.reserve(2 * PAGE)
+        assert room is not None and room.ctypes.data == head.ctypes.data
+        room[:] = ord("a")
+        assert log.append(room.data) == 0 and log.end == 2 * PAGE
+        assert log.reserve(2 * PAGE) is None  # does not fit in what is left
+        assert log.append(memoryview(b"b" * 2 * PAGE)) == 2 * PAGE  # closes the head
+        assert log.base == 2 * PAGE and log.capacity == 2 * PAGE
+        assert os.pread(log.spool.fileno(), 2 * PAGE, 0) == b"b" * 2 * PAGE
+        assert log.reserve(PAGE) is None  # the head stays closed
+        assert log.append(memoryview(b"c" * 3 * PAGE)) == 4 * PAGE  # past the bound: disk
+        assert log.disk is not None and log.split == 4 * PAGE
+        assert log.read(PAGE, 5 * PAGE) == b"a" * PAGE + b"b" * 2 * PAGE + b"c" * 2 * PAGE
+        table = undo.UndoPageTable(
+            np.array([0x1000, 0x9000, 0x20000], dtype=np.uint64),
+            np.array([PAGE, PAGE, PAGE], dtype=np.uint64),
+            np.array([5 * PAGE, PAGE, 3 * PAGE], dtype=np.uint64),
+        )
+        seen: dict[int, bytes] = {}
+
+        def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
+            for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
+                seen[ra] = ctypes.string_at(lb, ln)
+
+        log.restore_table(table, write_iov)
+        assert seen == {0x1000: b"c" * PAGE, 0x9000: b"a" * PAGE, 0x20000: b"b" * PAGE}
+    finally:
+        log.close()
+    again = undo.UndoLog.create()
+    try:
+        assert again.head is head and again.base == 3 * PAGE and again.end == 0
+        assert again.append(memoryview(b"d" * PAGE)) == 0  # a copy into the head
+        assert bytes(head[:PAGE]) == b"d" * PAGE
+    finally:
+        again.close()
     undo._pool.pop().close()
 
 

@@ -24,7 +24,7 @@ from applier.progress import Progress
 from applier.undo.log import UndoPageTable
 from formats.pagemap import PageRun
 from formats.pages import PagesFile
-from injector._libc import memequal
+from injector._libc import first_unequal, memequal_rows
 from injector.arrays import sorted_unique
 from injector.memory import aligned_buffer, buffer_address
 from injector.process import IovIO, Process
@@ -49,7 +49,6 @@ RELEASE_SPAN = 2 << 30  # ... or pages-file bytes spanned, for sparse page data
 
 T = TypeVar("T")
 Reader = Callable[[int, int, int, IovIO], T]  # (first, end, buffer slot, read_iov)
-DIRECT_MAX = 8  # batches of at most this many pieces are compared piece by piece, in place
 
 
 def page_source(source: object) -> PageRun:
@@ -309,13 +308,16 @@ def write_pages(ctx: Context, step: WritePages) -> None:
         partial = ctx.written[id(step)] = {}  # batches written in part, for verify_pages
 
         def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64 | None:
-            """The old contents of batch ``i:j`` (its pieces to keep), or None."""
+            """The old contents of batch ``i:j`` (its pieces to keep), or None: read straight
+            into the undo spool's head where they fit there."""
             keep = olds[i:j]
             if not (read_old and keep.any()):
                 return None
             length = pieces.length[i:j][keep]
             pos = np.cumsum(length) - length
-            old = ctx.scratch(slot)[: int(length.sum()) // 8]
+            nbytes = int(length.sum())
+            room = ctx.undo.reserve(nbytes) if ctx.undo.enabled else None
+            old = ctx.scratch(slot)[: nbytes // 8] if room is None else room.view(np.uint64)
             base = np.uint64(old.ctypes.data)
             read_iov(iov_rows(base + pos, length), iov_rows(pieces.vaddr[i:j][keep], length))
             return old
@@ -381,7 +383,6 @@ def verify_pages(ctx: Context, step: WritePages) -> None:
     (``Context.written``) are not read again."""
     page = ctx.page
     pieces = Pieces(step.runs, page, keep_mapped=ctx.keep_mapped)
-    rows = ctx.scratch(2)
     partial = ctx.written.get(id(step), {})
 
     def read(i: int, j: int, slot: int, read_iov: IovIO) -> U64:
@@ -403,26 +404,7 @@ def verify_pages(ctx: Context, step: WritePages) -> None:
 
     try:
         for i, j, buf in read_ahead(ctx, pieces, read):
-            length = pieces.length[i:j]
-            wrote = partial.get(i)
-            if wrote is not None:
-                _compare_written(ctx, pieces, (i, j), buf, wrote=wrote, rows=rows)
-                pieces.used(i, j)
-                continue
-            pos = np.cumsum(length) - length
-            base = buf.ctypes.data
-            if (
-                j - i <= DIRECT_MAX
-                and all(  # few large pieces: compare in place
-                    memequal(base + p, local, n)
-                    for local, p, n in zip(
-                        pieces.local[i:j].tolist(), pos.tolist(), length.tolist(), strict=True
-                    )
-                )
-            ):
-                pieces.used(i, j)
-                continue
-            _compare_written(ctx, pieces, (i, j), buf, wrote=None, rows=rows)
+            _compare_written(ctx, pieces, (i, j), buf, partial.get(i))
             pieces.used(i, j)
     finally:
         pieces.close()
@@ -433,23 +415,44 @@ def _compare_written(
     pieces: Pieces,
     batch: tuple[int, int],
     buf: U64,
-    *,
     wrote: npt.NDArray[np.bool_] | None,
-    rows: U64,
 ) -> None:
     """The pages of batch ``i:j`` read back into ``buf`` (those of ``wrote``, or all), back to
-    back, equal the image's; VerifyFailed names the first that does not."""
+    back, equal the image's; VerifyFailed names the first that does not.
+
+    Compared in place, one memcmp per stretch that is contiguous both in the image and in
+    ``buf``: gathering the image's pages next to each other first (numpy ``take``) costs a
+    copy, and measured slower than a memcmp per page even for scattered single pages (1 GiB
+    with 1% written: 4.1 ms against 3.3)."""
     i, j = batch
-    want = pieces.image_rows(i, j, rows, pages=wrote)
-    if memequal(want.ctypes.data, buf.ctypes.data, want.nbytes):  # both back to back
-        return
-    have = buf[: want.size].reshape(want.shape)  # they differ: find the first page that does
-    bad = int(np.argmax((want != have).any(axis=1)))
-    addr = expand_ranges(pieces.vaddr[i:j], pieces.length[i:j], ctx.page)
+    page = ctx.page
+    length = pieces.length[i:j]
+    remote, image = pieces.vaddr[i:j], pieces.local[i:j]
     if wrote is not None:
-        addr = addr[wrote]
+        remote = expand_ranges(remote, length, page)[wrote]
+        image = expand_ranges(image, length, page)[wrote]
+        length = np.full(len(remote), page, dtype=np.uint64)
+    if not len(length):
+        return
+    here = np.uint64(buf.ctypes.data) + (np.cumsum(length) - length)
+    starts = np.ones(len(length), dtype=bool)  # rows that do not continue the row before
+    starts[1:] = (image[1:] != image[:-1] + length[:-1]) | (here[1:] != here[:-1] + length[:-1])
+    firsts = np.nonzero(starts)[0]
+    sizes = np.add.reduceat(length, firsts)
+    if memequal_rows(image[firsts].tolist(), here[firsts].tolist(), sizes.tolist()):
+        return
+    # They differ: find the first page that does (the error path, page by page).
+    pages = expand_ranges(image, length, page)
+    bad = first_unequal(
+        pages.tolist(),
+        (
+            np.uint64(buf.ctypes.data) + np.arange(len(pages), dtype=np.uint64) * np.uint64(page)
+        ).tolist(),
+        [page] * len(pages),
+    )
+    addr = expand_ranges(remote, length, page)[bad]
     raise VerifyFailed(
-        f"pid {ctx.process.pid}: page {int(addr[bad]):#x} differs from the image after writing",
+        f"pid {ctx.process.pid}: page {int(addr):#x} differs from the image after writing",
     )
 
 

@@ -10,7 +10,9 @@ measured), so a closed log hands its memfd to a per-process pool and the next lo
 pages that are already there: a fixture reset every test pays the allocation once (the pool
 keeps a memfd whole for ``POOL_IDLE`` seconds, then cuts it to ``POOL_BYTES``), and
 the spool grows by ``fallocate`` before each write past its end (a pwrite into a hole
-allocates page by page: 0.66-1.9 s for 1 GiB here, against 0.55 s with the fallocate). It is
+allocates page by page: 0.66-1.9 s for 1 GiB here, against 0.55 s with the fallocate). Its
+first ``HEAD_BYTES`` are this process's own memory (a pooled, page-aligned buffer) that the
+caller reads old pages straight into (``reserve``), so a small apply copies nothing. It is
 bounded (``MEMORY_SPOOL_BYTES``, and a quarter of the memory available when the log is made):
 what an apply overwrites past the bound goes on in a file on disk, at the offsets that follow
 (the memfd keeps what it holds: nothing is copied).
@@ -31,9 +33,16 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from applier.limits import CHUNK, IOV_BATCH, MEMORY_SPOOL_BYTES, POOL_BYTES, POOL_IDLE
+from applier.limits import (
+    CHUNK,
+    HEAD_BYTES,
+    IOV_BATCH,
+    MEMORY_SPOOL_BYTES,
+    POOL_BYTES,
+    POOL_IDLE,
+)
 from applier.model import Region
-from injector.memory import aligned_buffer
+from injector.memory import aligned_buffer, buffer_address
 from injector.regs import X86Regs
 
 __all__ = [
@@ -71,6 +80,7 @@ def _mem_available() -> int:
 
 
 _pool: list[BinaryIO] = []
+_heads: list[npt.NDArray[np.uint8]] = []  # one pooled head (under _pool_lock)
 _pool_lock = threading.Lock()
 _trim: list[threading.Timer] = []  # the pending trim, if any
 
@@ -265,9 +275,12 @@ UndoRecord = (
 class UndoLog:
     """Inverse operations, newest last, with page contents in a spool.
 
-    The spool is one range of offsets, ``[0, end)``, in two files: ``spool`` holds
-    ``[0, split)`` (all of it until the in-memory bound is passed) and ``disk``, once there is
-    one, ``[split, end)`` at ``offset - split``. One append never straddles the two."""
+    The spool is one range of offsets, ``[0, end)``, in up to three places: ``head`` (this
+    process's memory, an in-memory log only) holds ``[0, base)``, ``spool`` ``[base, split)``
+    at ``offset - base`` (all the rest until the in-memory bound is passed) and ``disk``, once
+    there is one, ``[split, end)`` at ``offset - split``. One append never straddles two: an
+    append that does not fit in what is left of the head closes it (``base`` becomes the
+    end)."""
 
     spool: BinaryIO | None  # None: a disabled log (``--no-undo``) that keeps nothing
     records: list[UndoRecord] = attrs.field(factory=list)
@@ -279,6 +292,8 @@ class UndoLog:
     spilled: Path | None = None  # the directory of the disk part, once there is one
     disk: BinaryIO | None = None  # offsets from ``split`` on
     split: int = 1 << 62  # where the disk part starts
+    head: npt.NDArray[np.uint8] | None = None  # offsets below ``base``, in this process
+    base: int = 0  # where the memfd's part starts (its offset 0); the head's size while open
 
     @classmethod
     def disabled(cls) -> UndoLog:
@@ -298,12 +313,20 @@ class UndoLog:
             return cls(tempfile.TemporaryFile(prefix="applier-undo-", dir=directory))
         with _pool_lock:
             spool = _pool.pop() if _pool else None
+            head = _heads.pop() if _heads else None
         if spool is None:
             fd = os.memfd_create("applier-undo", os.MFD_CLOEXEC)
             spool = os.fdopen(fd, "w+b", buffering=0)
+        if head is None:
+            head = aligned_buffer(HEAD_BYTES, np.uint8)
         bound = min(MEMORY_SPOOL_BYTES, _mem_available() // 4)
         return cls(
-            spool, capacity=os.fstat(spool.fileno()).st_size, pooled=True, memory_bound=bound
+            spool,
+            capacity=os.fstat(spool.fileno()).st_size,
+            pooled=True,
+            memory_bound=bound,
+            head=head,
+            base=min(len(head), bound),
         )
 
     def _spill(self) -> None:
@@ -315,8 +338,13 @@ class UndoLog:
     def close(self) -> None:
         spool, self.spool = self.spool, None
         disk, self.disk = self.disk, None
+        head, self.head = self.head, None
         if disk is not None:
             disk.close()
+        if head is not None:
+            with _pool_lock:
+                if not _heads:
+                    _heads.append(head)
         if spool is None:
             return
         if self.pooled and POOL_BYTES > 0:
@@ -334,30 +362,47 @@ class UndoLog:
         return self.spool
 
     def _file_at(self, offset: int) -> tuple[int, int]:
-        """(descriptor, offset in it) of spool offset ``offset``."""
+        """(descriptor, offset in it) of spool offset ``offset`` (at or past ``base``)."""
         if offset >= self.split and self.disk is not None:
             return self.disk.fileno(), offset - self.split
-        return self._spool().fileno(), offset
+        return self._spool().fileno(), offset - self.base
+
+    def reserve(self, nbytes: int) -> npt.NDArray[np.uint8] | None:
+        """The next ``nbytes`` of the spool when they fit in the head: a view of this
+        process's memory to read the bytes straight into, then ``append`` that view (which
+        copies nothing). None: they do not fit (read elsewhere; ``append`` copies)."""
+        if self.head is None or self.spool is None or self.end + nbytes > self.base:
+            return None
+        return self.head[self.end : self.end + nbytes]
 
     def append(self, data: memoryview) -> int:
-        """Store ``data`` at the end of the spool; returns its spool offset. A ``pwrite`` from
-        the caller's buffer: into a memfd that is a memcpy (plus the allocation of new pages,
-        done first by ``fallocate``), measured about twice as fast here as mapping the spool
-        and reading into it."""
+        """Store ``data`` at the end of the spool; returns its spool offset. Into the head
+        while it has room (nothing to do for the view ``reserve`` gave); past it a ``pwrite``
+        from the caller's buffer: into a memfd that is a memcpy (plus the allocation of new
+        pages, done first by ``fallocate``), measured about twice as fast here as mapping the
+        spool and reading into it."""
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        if self.pooled and self.disk is None and self.end + view.nbytes > self.memory_bound:
+        offset, n = self.end, view.nbytes
+        if self.head is not None and offset + n <= self.base:
+            room = self.head[offset : offset + n]
+            if room.ctypes.data != buffer_address(view):
+                room[:] = np.frombuffer(view, dtype=np.uint8)
+            self.end = offset + n
+            self.saved_bytes += n
+            return offset
+        self.base = min(self.base, offset)  # the head closes here: the memfd starts at it
+        if self.pooled and self.disk is None and offset + n > self.memory_bound:
             self._spill()
-        offset = self.end
         fd, at = self._file_at(offset)
-        if self.pooled and self.disk is None and offset + view.nbytes > self.capacity:
+        if self.pooled and self.disk is None and at + n > self.capacity:
             with contextlib.suppress(OSError):  # only an allocation ahead of the write
-                os.posix_fallocate(fd, self.capacity, offset + view.nbytes - self.capacity)
+                os.posix_fallocate(fd, self.capacity, at + n - self.capacity)
         done = 0
-        while done < view.nbytes:
+        while done < n:
             done += os.pwrite(fd, view[done:], at + done)
         self.end = offset + done
         if self.disk is None:
-            self.capacity = max(self.capacity, self.end)
+            self.capacity = max(self.capacity, at + done)
         self.saved_bytes += done
         return offset
 
@@ -377,13 +422,20 @@ class UndoLog:
             for addr in range(start, end, CHUNK)
         ]
         out: list[SavedRange] = []
-        buf = aligned_buffer(min(CHUNK, sum(n for _, n in pieces)), np.uint8).data
+        own: memoryview | None = None  # a buffer for what does not fit in the head
         i = 0
         while i < len(pieces):
             j, size = i + 1, pieces[i][1]
             while j < len(pieces) and j - i < IOV_BATCH and size + pieces[j][1] <= CHUNK:
                 size += pieces[j][1]
                 j += 1
+            room = self.reserve(size)
+            if room is not None:
+                buf = room.data
+            else:
+                if own is None:
+                    own = aligned_buffer(min(CHUNK, sum(n for _, n in pieces)), np.uint8).data
+                buf = own
             runs, places, pos = [], [], 0
             for addr, n in pieces[i:j]:
                 runs.append((addr, buf[pos : pos + n]))
@@ -406,8 +458,11 @@ class UndoLog:
         out = bytearray()
         while len(out) < length:
             pos = offset + len(out)
-            fd, at = self._file_at(pos)
             limit = length - len(out)
+            if pos < self.base and self.head is not None:
+                out += self.head[pos : min(pos + limit, self.base)].tobytes()
+                continue
+            fd, at = self._file_at(pos)
             if pos < self.split:
                 limit = min(limit, self.split - pos)
             got = os.pread(fd, limit, at)
@@ -417,10 +472,19 @@ class UndoLog:
         return bytes(out)
 
     def restore_table(self, record: UndoPageTable, write_iov: IovWriter) -> None:
-        """Write the ranges of ``record`` back with ``write_iov`` straight from the spool
-        (mapped read-only, a CHUNK of spool at a time; each of its two files on its own)."""
-        on_disk = record.spool_offset >= np.uint64(self.split)
-        parts = [(~on_disk, self._spool().fileno(), 0)]
+        """Write the ranges of ``record`` back with ``write_iov`` straight from the spool:
+        from the head where it is, the files mapped read-only, a CHUNK of spool at a time
+        (each file on its own)."""
+        offset = record.spool_offset
+        in_head = offset < np.uint64(self.base)
+        if self.head is not None and in_head.any():
+            local = np.uint64(self.head.ctypes.data) + offset[in_head]
+            length = record.length[in_head]
+            write_iov(
+                np.stack((local, length), axis=1), np.stack((record.addr[in_head], length), axis=1)
+            )
+        on_disk = offset >= np.uint64(self.split)
+        parts = [(~on_disk & ~in_head, self._spool().fileno(), self.base)]
         if self.disk is not None:
             parts.append((on_disk, self.disk.fileno(), self.split))
         for sel, fd, base_offset in parts:
