@@ -98,12 +98,18 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     global _deferring  # noqa: PLW0603 - one per process, like signal handlers
+    if _deferring:  # inside another section: the signals are blocked and caught already
+        _deferring += 1
+        try:
+            yield
+        finally:
+            _deferring -= 1
+        return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
     swapped: dict[int, Any] = {}
-    if not _deferring:
-        for sig in _DEFERRED_SIGNALS:
-            if signal.getsignal(sig) is signal.default_int_handler:
-                swapped[sig] = signal.signal(sig, _hold_back)
+    for sig in _DEFERRED_SIGNALS:
+        if signal.getsignal(sig) is signal.default_int_handler:
+            swapped[sig] = signal.signal(sig, _hold_back)
     _deferring += 1
     try:
         yield
