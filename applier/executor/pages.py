@@ -420,8 +420,8 @@ def _compare_written(
     """The pages of batch ``i:j`` read back into ``buf`` (those of ``wrote``, or all), back to
     back, equal the image's; VerifyFailed names the first that does not.
 
-    Compared in place, one memcmp per stretch that is contiguous both in the image and in
-    ``buf``: gathering the image's pages next to each other first (numpy ``take``) costs a
+    Compared in place, one memcmp per stretch that is contiguous in the image (``buf`` holds
+    the pages back to back): gathering the image's pages next to each other first (numpy ``take``) costs a
     copy, and measured slower than a memcmp per page even for scattered single pages (1 GiB
     with 1% written: 4.1 ms against 3.3)."""
     i, j = batch
@@ -436,7 +436,7 @@ def _compare_written(
         return
     here = np.uint64(buf.ctypes.data) + (np.cumsum(length) - length)
     starts = np.ones(len(length), dtype=bool)  # rows that do not continue the row before
-    starts[1:] = (image[1:] != image[:-1] + length[:-1]) | (here[1:] != here[:-1] + length[:-1])
+    starts[1:] = image[1:] != image[:-1] + length[:-1]
     firsts = np.nonzero(starts)[0]
     sizes = np.add.reduceat(length, firsts)
     if memequal_rows(image[firsts].tolist(), here[firsts].tolist(), sizes.tolist()):
