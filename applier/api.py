@@ -178,7 +178,8 @@ class _Image:
             process, self.task.page_size, dirty=dirty, read_only=read_only, signals=signals
         )
         if Part.FDS in self.parts and self.task.fds is not None:
-            live = attrs.evolve(live, fds=live_fds(process.descriptors(sock_diag=False)))
+            table = process.descriptors(sock_diag=False, only_sockets=True)
+            live = attrs.evolve(live, fds=live_fds(table))
         keep = set(self.keep_fds)
         if tracker is not None:  # the tracker's userfaultfd, opened after the checkpoint
             keep.add(tracker.state().remote_fd)

@@ -256,13 +256,16 @@ def _pidfd(pid: int) -> Iterator[int | None]:
 
 
 def _with_duplicates(
-    pid: int, table: list[Descriptor], namespaces: dict[int, int]
+    pid: int, table: list[Descriptor], namespaces: dict[int, int], *, only_sockets: bool = False
 ) -> list[Descriptor]:
     out = []
     with _pidfd(pid) as pidfd:
         allowed = pidfd is not None
         for descriptor in table:
-            if not (allowed and pidfd is not None and _wants_duplicate(descriptor)):
+            wanted = _wants_duplicate(descriptor) and (
+                not only_sockets or isinstance(descriptor.kind, Socket)
+            )
+            if not (allowed and pidfd is not None and wanted):
                 out.append(descriptor)
                 continue
             try:
@@ -330,11 +333,15 @@ def read_fds(
     *,
     duplicates: bool = True,
     sock_diag: bool = True,
+    only_sockets: bool = False,
 ) -> list[Descriptor]:
     """Every open descriptor of process ``pid``, in descriptor order.
 
     ``duplicates``: learn what /proc does not show from short-lived local duplicates (see the
-    module docstring; silently skipped where ``pidfd_getfd`` is not permitted). ``sock_diag``:
+    module docstring; silently skipped where ``pidfd_getfd`` is not permitted);
+    ``only_sockets``: of sockets only (their family and options), not of pipes, memfds and
+    anonymous inodes (queued bytes, seals, the owner: what a dump records, not what planning
+    an apply compares; memcached's 23 descriptors: 1.6-1.7 -> 1.3-1.4 ms). ``sock_diag``:
     ask sock_diag about the sockets, in the target's network namespace and in any other one a
     socket's duplicate says it lives in (a socket made before a ``setns``). Pass
     ``duplicates=False, sock_diag=False`` to read a saved procfs tree.
@@ -362,7 +369,7 @@ def read_fds(
     namespaces: dict[int, int] = {}  # netns inode -> descriptor, from the sockets' duplicates
     try:
         if duplicates:
-            table = _with_duplicates(pid, table, namespaces)
+            table = _with_duplicates(pid, table, namespaces, only_sockets=only_sockets)
         if sock_diag:
             table = _with_sockets(pid, procfs, table, namespaces)
     finally:

@@ -169,9 +169,12 @@ class Process(Protocol):
         """A local duplicate of the target's descriptor ``remote_fd`` (caller closes it)."""
         ...
 
-    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+    def descriptors(
+        self, *, sock_diag: bool = True, only_sockets: bool = False
+    ) -> list[Descriptor]:
         """The descriptor table (``injector.fds.read_fds``), in fd order; ``sock_diag=False``
-        skips the netlink queries about sockets (what planning an apply can do without)."""
+        skips the netlink queries about sockets and ``only_sockets`` the local duplicates of
+        other descriptors (what planning an apply can do without)."""
         ...
 
     def fs_state(self) -> FsState:

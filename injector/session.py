@@ -657,10 +657,12 @@ class Session(Tracer, NamedCalls):
             errno.EPERM,
         )
 
-    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+    def descriptors(
+        self, *, sock_diag: bool = True, only_sockets: bool = False
+    ) -> list[Descriptor]:
         """The descriptor table, read from /proc and sock_diag (``injector.fds.read_fds``)."""
         self.check()
-        return read_fds(self.pid, sock_diag=sock_diag)
+        return read_fds(self.pid, sock_diag=sock_diag, only_sockets=only_sockets)
 
     def fs_state(self) -> FsState:
         self.check()

@@ -479,7 +479,9 @@ class FakeProcess(NamedCalls):
     def pidfd_getfd(self, remote_fd: int) -> int:
         raise NotImplementedError("the fake has no descriptors to take")
 
-    def descriptors(self, *, sock_diag: bool = True) -> list[Descriptor]:
+    def descriptors(
+        self, *, sock_diag: bool = True, only_sockets: bool = False
+    ) -> list[Descriptor]:
         """The fake's descriptor table: ``fd_table`` (empty unless a test fills it)."""
         return list(self.fd_table)
 

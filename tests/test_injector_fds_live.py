@@ -391,6 +391,22 @@ def test_udp_on_ipv6_loopback(live: Live) -> None:
     assert kind.options.ip.v6only is True
 
 
+def test_only_sockets_takes_duplicates_of_sockets_alone(live: Live) -> None:
+    """``only_sockets``: sockets still learn their family and options from a duplicate, a
+    pipe keeps what /proc says (its pipe_id) without the queue a duplicate would tell, and
+    the table is the same descriptors in the same order."""
+    table = {d.fd: d for d in read_fds(live.target.pid, sock_diag=False, only_sockets=True)}
+    assert sorted(table) == sorted(live.table)
+    pipe = table[live.fd("pipe_r")].kind
+    assert isinstance(pipe, Pipe) and pipe.pipe_id == live.ino("pipe_r")
+    assert pipe.queued is None and pipe.capacity is None
+    full = live.table[live.fd("tcplisten")].kind
+    sock = table[live.fd("tcplisten")].kind
+    assert isinstance(sock, Socket) and isinstance(full, Socket)
+    assert (sock.family, sock.type, sock.options) == (full.family, full.type, full.options)
+    assert sock.KIND == "INETSK"
+
+
 def test_eventfd_count(live: Live) -> None:
     """The eventfd counter set at creation, not a semaphore, nonblocking."""
     d = live.entry("eventfd")

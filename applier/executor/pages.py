@@ -421,9 +421,9 @@ def _compare_written(
     back, equal the image's; VerifyFailed names the first that does not.
 
     Compared in place, one memcmp per stretch that is contiguous in the image (``buf`` holds
-    the pages back to back): gathering the image's pages next to each other first (numpy ``take``) costs a
-    copy, and measured slower than a memcmp per page even for scattered single pages (1 GiB
-    with 1% written: 4.1 ms against 3.3)."""
+    the pages back to back): gathering the image's pages next to each other first (numpy
+    ``take``) costs a copy, and measured slower than a memcmp per page even for scattered
+    single pages (1 GiB with 1% written: 4.1 ms against 3.3)."""
     i, j = batch
     page = ctx.page
     length = pieces.length[i:j]
