@@ -22,8 +22,8 @@ from applier.executor import pages
 from applier.executor.context import Context
 from applier.model import Kind, Region, SavedPages
 from applier.plan import SavedRuns, WritePages, restrict_to_pages
-from applier.plan.memory import clip_saved
-from applier.plan.steps import SetRegs
+from applier.plan.memory import clip_saved, code_writes
+from applier.plan.steps import CodeWrite, SetRegs
 from applier.undo import log as undo
 from injector import attach
 from injector.memory import MemoryIO
@@ -71,6 +71,46 @@ def test_restrict_and_clip_match_page_by_page_reference() -> None:
         assert _pages(clipped) == [
             (a, s) for a, s in _pages(saved) if any(r.start <= a < r.end for r in private)
         ]
+
+
+def test_code_writes_match_a_clip_per_region() -> None:
+    """code_writes, one clip for every executable private region, gives exactly what a clip
+    per region gives: the pieces by region in the order given, then by address, with the
+    file offset of each piece."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        saved, pos = [], 0
+        for i in range(int(rng.integers(0, 8))):
+            pos += int(rng.integers(0, 3))
+            n = int(rng.integers(1, 8))
+            saved.append(SavedPages(BASE + pos * PAGE, n, f"run{i}"))
+            pos += n
+        regions, at = [], 0
+        for i in range(int(rng.integers(1, 6))):
+            at += int(rng.integers(0, 3))
+            n = int(rng.integers(1, 6))
+            kind = (
+                Kind.FILE
+                if rng.random() < 0.5
+                else (Kind.ANON if rng.random() < 0.7 else Kind.SHARED_ANON)
+            )
+            prot = 5 if rng.random() < 0.6 else 3
+            path = f"/lib{i}.so" if kind is Kind.FILE else None
+            start, end = BASE + at * PAGE, BASE + (at + n) * PAGE
+            regions.append(Region(start, end, prot, kind, path=path, offset=i * 7 * PAGE))
+            at += n
+        order = list(rng.permutation(len(regions)))
+        shuffled = [regions[k] for k in order]
+        runs = SavedRuns.of(saved)
+        want = []
+        for r in shuffled:
+            if not r.prot & 4 or not r.kind.private:
+                continue
+            inside = clip_saved(runs, [r], PAGE)
+            for a, e in zip(inside.vaddr.tolist(), inside.ends(PAGE).tolist(), strict=True):
+                path = r.path if r.kind is Kind.FILE else None
+                want.append(CodeWrite(a, e, path, r.offset + (a - r.start)))
+        assert code_writes(runs, shuffled, PAGE) == tuple(want)
 
 
 def test_write_pages_step_keeps_runs_view() -> None:

@@ -106,15 +106,24 @@ def plan_shared(region: Region, image: ImageTask, page: int) -> WriteShared | No
 
 
 def code_writes(runs: SavedRuns, regions: Sequence[Region], page: int) -> tuple[CodeWrite, ...]:
-    """The parts of ``runs`` that fall into executable private mappings of the image."""
+    """The parts of ``runs`` that fall into executable private mappings of the image, by
+    region (in the order given), then by address: one clip for all of them (a clip per
+    region cost 0.1 ms each, on every apply)."""
+    code = [r for r in regions if r.prot & PROT_EXEC and r.kind.private]
+    if not code:
+        return ()
+    inside = clip_saved(runs, code, page)
+    by_start = sorted(range(len(code)), key=lambda k: code[k].start)
+    starts = [code[k].start for k in by_start]
+    pieces = []
+    for a, e in zip(inside.vaddr.tolist(), inside.ends(page).tolist(), strict=True):
+        k = by_start[bisect.bisect_right(starts, a) - 1]  # the region the piece was clipped to
+        pieces.append((k, a, e))
     out: list[CodeWrite] = []
-    for r in regions:
-        if not r.prot & PROT_EXEC or not r.kind.private:
-            continue
-        inside = clip_saved(runs, [r], page)
-        for a, e in zip(inside.vaddr.tolist(), inside.ends(page).tolist(), strict=True):
-            path = r.path if r.kind is Kind.FILE else None
-            out.append(CodeWrite(a, e, path, r.offset + (a - r.start)))
+    for k, a, e in sorted(pieces):
+        r = code[k]
+        path = r.path if r.kind is Kind.FILE else None
+        out.append(CodeWrite(a, e, path, r.offset + (a - r.start)))
     return tuple(out)
 
 
