@@ -284,14 +284,23 @@ class Tracer:
         deadline = time.monotonic() + self.timeout
         with signals_deferred():
             self._send(signal.SIGSTOP)
-            for tid in self._order:  # the leader first: it takes SIGSTOP and starts the stop
-                self._to_group_stop(tid, deadline)
+            leader, *others = self._order
+            self._to_group_stop(leader, deadline)  # it takes SIGSTOP and starts the stop
+            # The group stop is pending for all of them now: let every other thread go at
+            # once, then collect their stops, instead of a round trip each in turn.
+            for tid in others:
+                self.request(_libc.PTRACE_CONT, tid, 0, 0)
+            for tid in others:
+                self._to_group_stop(tid, deadline, resumed=True)
 
-    def _to_group_stop(self, tid: int, deadline: float) -> None:
-        """Resume ``tid`` from its interrupt stop until it reports the group stop."""
+    def _to_group_stop(self, tid: int, deadline: float, *, resumed: bool = False) -> None:
+        """Resume ``tid`` from its interrupt stop (``resumed``: the caller did) until it
+        reports the group stop."""
         inject = 0
         while True:
-            self.request(_libc.PTRACE_CONT, tid, 0, inject)
+            if not resumed:
+                self.request(_libc.PTRACE_CONT, tid, 0, inject)
+            resumed = False
             kind, sig = self.wait(tid, deadline)
             if kind == EVENT_STOP and sig in _GROUP_STOP_SIGNALS:
                 self._stop_signal[tid] = sig
