@@ -38,17 +38,24 @@ def _pages(runs: Any) -> list[tuple[int, object]]:
     return sorted((r.vaddr + k * PAGE, r.source) for r in runs for k in range(r.nr_pages))
 
 
+def _random_runs(rng: np.random.Generator, most: int) -> tuple[list[SavedPages], int]:
+    """Up to ``most - 1`` saved runs from BASE, sorted, with gaps of 0-2 pages, each of
+    1 to ``most - 1`` pages; and the page index past the last."""
+    saved, pos = [], 0
+    for i in range(int(rng.integers(0, most))):
+        pos += int(rng.integers(0, 3))
+        n = int(rng.integers(1, most))
+        saved.append(SavedPages(BASE + pos * PAGE, n, f"run{i}"))
+        pos += n
+    return saved, pos
+
+
 def test_restrict_and_clip_match_page_by_page_reference() -> None:
     """Array-based restrict_to_pages/clip_saved pick exactly the pages a per-page loop picks,
     each with the source run it came from."""
     rng = np.random.default_rng(5)
     for _ in range(500):
-        saved, pos = [], 0
-        for i in range(int(rng.integers(0, 6))):
-            pos += int(rng.integers(0, 3))
-            n = int(rng.integers(1, 6))
-            saved.append(SavedPages(BASE + pos * PAGE, n, f"run{i}"))
-            pos += n
+        saved, pos = _random_runs(rng, 6)
         every = dict(_pages(saved))
         dirty = np.unique(rng.integers(0, pos + 2, int(rng.integers(0, 12))))
         dirty_pages = (dirty * PAGE + BASE).astype(np.uint64)
@@ -79,12 +86,7 @@ def test_code_writes_match_a_clip_per_region() -> None:
     file offset of each piece."""
     rng = np.random.default_rng(11)
     for _ in range(300):
-        saved, pos = [], 0
-        for i in range(int(rng.integers(0, 8))):
-            pos += int(rng.integers(0, 3))
-            n = int(rng.integers(1, 8))
-            saved.append(SavedPages(BASE + pos * PAGE, n, f"run{i}"))
-            pos += n
+        saved, _ = _random_runs(rng, 8)
         regions, at = [], 0
         for i in range(int(rng.integers(1, 6))):
             at += int(rng.integers(0, 3))
@@ -337,23 +339,30 @@ def test_undo_spool_is_pooled_and_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     undo._pool.pop().close()
 
 
+def _restored(log: undo.UndoLog, addrs: list[int], offsets: list[int]) -> dict[int, bytes]:
+    """What ``restore_table`` hands write_iov for one page at each address, from each spool
+    offset: address -> bytes."""
+    table = undo.UndoPageTable(
+        np.array(addrs, dtype=np.uint64),
+        np.full(len(addrs), PAGE, dtype=np.uint64),
+        np.array(offsets, dtype=np.uint64),
+    )
+    seen: dict[int, bytes] = {}
+
+    def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
+        for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
+            seen[ra] = ctypes.string_at(lb, ln)
+
+    log.restore_table(table, write_iov)
+    return seen
+
+
 def test_undo_page_table_restores_through_write_iov() -> None:
     """UndoPageTable records hand write_iov the spool bytes of every range."""
     log = undo.UndoLog.create()
     try:
         off = log.append(memoryview(b"x" * PAGE + b"y" * PAGE))
-        rec = undo.UndoPageTable(
-            np.array([0x5000, 0x9000], dtype=np.uint64),
-            np.array([PAGE, PAGE], dtype=np.uint64),
-            np.array([off + PAGE, off], dtype=np.uint64),
-        )
-        seen: dict[int, bytes] = {}
-
-        def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
-            for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
-                seen[ra] = ctypes.string_at(lb, ln)
-
-        log.restore_table(rec, write_iov)
+        seen = _restored(log, [0x5000, 0x9000], [off + PAGE, off])
         assert seen == {0x5000: b"y" * PAGE, 0x9000: b"x" * PAGE}
     finally:
         log.close()
@@ -382,18 +391,7 @@ def test_undo_spool_moves_to_disk_past_its_memory_bound(monkeypatch: pytest.Monk
         assert dict(log.iter_saved(saved)) == {0x1000: b"a" * 2 * PAGE, 0x9000: b"b" * 2 * PAGE}
         assert log.read(PAGE, 2 * PAGE) == b"a" * PAGE + b"b" * PAGE
         assert log.append(memoryview(b"c" * PAGE)) == 4 * PAGE
-        table = undo.UndoPageTable(
-            np.array([0x1000, 0x9000, 0x20000], dtype=np.uint64),
-            np.array([PAGE, PAGE, PAGE], dtype=np.uint64),
-            np.array([PAGE, 3 * PAGE, 4 * PAGE], dtype=np.uint64),
-        )
-        seen: dict[int, bytes] = {}
-
-        def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
-            for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
-                seen[ra] = ctypes.string_at(lb, ln)
-
-        log.restore_table(table, write_iov)
+        seen = _restored(log, [0x1000, 0x9000, 0x20000], [PAGE, 3 * PAGE, 4 * PAGE])
         assert seen == {0x1000: b"a" * PAGE, 0x9000: b"b" * PAGE, 0x20000: b"c" * PAGE}
     finally:
         log.close()
@@ -429,18 +427,7 @@ def test_undo_spool_head_is_read_into_and_continues_in_the_memfd(
         assert log.append(memoryview(b"c" * 3 * PAGE)) == 4 * PAGE  # past the bound: disk
         assert log.disk is not None and log.split == 4 * PAGE
         assert log.read(PAGE, 5 * PAGE) == b"a" * PAGE + b"b" * 2 * PAGE + b"c" * 2 * PAGE
-        table = undo.UndoPageTable(
-            np.array([0x1000, 0x9000, 0x20000], dtype=np.uint64),
-            np.array([PAGE, PAGE, PAGE], dtype=np.uint64),
-            np.array([5 * PAGE, PAGE, 3 * PAGE], dtype=np.uint64),
-        )
-        seen: dict[int, bytes] = {}
-
-        def write_iov(local: np.ndarray, remote: np.ndarray) -> None:
-            for (lb, ln), (ra, _) in zip(local.tolist(), remote.tolist(), strict=True):
-                seen[ra] = ctypes.string_at(lb, ln)
-
-        log.restore_table(table, write_iov)
+        seen = _restored(log, [0x1000, 0x9000, 0x20000], [5 * PAGE, PAGE, 3 * PAGE])
         assert seen == {0x1000: b"c" * PAGE, 0x9000: b"a" * PAGE, 0x20000: b"b" * PAGE}
     finally:
         log.close()
