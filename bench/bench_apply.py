@@ -204,8 +204,8 @@ def main() -> None:
             # The defaults and the bare apply take turns, round by round, so that the two
             # medians see the same machine (its speed drifts by 2x over minutes here); these
             # cases are cheap, so three times the rounds.
-            floors: dict[bool, list[float]] = {True: [], False: []}
-            ours: dict[bool, list[float]] = {True: [], False: []}
+            turn_floors: dict[bool, list[float]] = {True: [], False: []}
+            turn_ours: dict[bool, list[float]] = {True: [], False: []}
             for round_ in range(args.warmup + 3 * args.repeat):
                 for safe in (True, False):
                     seed += 1
@@ -217,14 +217,17 @@ def main() -> None:
                     o = time.perf_counter() - t0
                     assert res.stats.pages_written >= len(pages), res.stats
                     if round_ >= args.warmup:  # the rounds before are the warm-up
-                        floors[safe].append(f)
-                        ours[safe].append(o)
+                        turn_floors[safe].append(f)
+                        turn_ours[safe].append(o)
             for safe in (True, False):
                 label = labels[permille, safe]
-                f, o = statistics.median(floors[safe]), statistics.median(ours[safe])
+                f, o = statistics.median(turn_floors[safe]), statistics.median(turn_ours[safe])
                 print(f"{label:<31}{f * 1e3:>10.2f}{o * 1e3:>12.2f}{o / f:>8.2f}x")
                 record("apply", f"API apply {label}, {args.mib} MiB", f * 1e3, o * 1e3)
-            safe_ms, bare_ms = statistics.median(ours[True]), statistics.median(ours[False])
+            safe_ms, bare_ms = (
+                statistics.median(turn_ours[True]),
+                statistics.median(turn_ours[False]),
+            )
             print(f"  undo + verify add {100 * (safe_ms / bare_ms - 1):.0f}% to the bare apply"
                   f" at {permille / 10:g}% (aim at 1%: 25%)")  # fmt: skip
             if permille == 10:
@@ -237,7 +240,8 @@ def main() -> None:
             (True, False, "100% (--no-undo)"),
             (False, False, "100% (--no-undo --no-verify)"),
         ):
-            floors, ours = [], []
+            floors: list[float] = []
+            ours: list[float] = []
             for round_ in range(args.warmup + max(2, args.repeat // 2)):
                 if round_ == args.warmup:
                     floors, ours = [], []
