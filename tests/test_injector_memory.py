@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from injector import MemoryAccessError, attach
+from injector import maps as maps_module
 from injector._libc import memequal
 from injector.maps import (
     PAGEMAP_PRESENT,
@@ -73,6 +74,29 @@ def test_parse_maps_fields_spaces_deleted_and_specials() -> None:
     assert guard.prot == 0 and guard.perms == "---p" and guard.is_anon
     assert stack.is_special and not stack.is_anon and stack.size == 0x21000
     assert vdso.is_special and vdso.path == "[vdso]"
+
+
+def test_parse_maps_reuses_the_mapping_of_a_line_seen_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line parsed once is not parsed again (the same immutable Mapping comes back), a
+    changed line is, and the cache starts over past its bound."""
+    monkeypatch.setattr(maps_module, "_PARSED", {})
+    monkeypatch.setattr(maps_module, "_PARSED_MAX", 7)  # the sample's 7 lines fill it
+    first = parse_maps(MAPS_SAMPLE)
+    again = parse_maps(MAPS_SAMPLE)
+    assert again == first and all(a is b for a, b in zip(again, first, strict=True))
+    moved = MAPS_SAMPLE.replace(
+        b"7f0000001000-7f0000002000 rw-p", b"7f0000001000-7f0000002000 r--p"
+    )
+    changed = parse_maps(moved)
+    assert changed[2].prot == PROT_READ and first[2].prot == PROT_READ | PROT_WRITE
+    assert changed[0] is first[0]  # seen before the changed line filled the cache
+    assert changed[3] == first[3] and changed[3] is not first[3]  # parsed again after it
+    assert len(maps_module._PARSED) <= 7
+    with pytest.raises(ValueError, match="unparsable"):
+        parse_maps(b"hello world\n")
+    assert b"hello world" not in maps_module._PARSED
 
 
 def test_parse_maps_rejects_garbage() -> None:
