@@ -15,6 +15,7 @@ from applier.errors import MismatchError, RollbackFailed
 from applier.fixture import Checkpoint
 from applier.journal import Journal
 from applier.plan.steps import SetRegs, Step
+from injector import attach
 from tests.live_state import assert_same, command, snapshot
 from tests.procs import Target, assert_untouched
 
@@ -129,3 +130,30 @@ def test_dry_runs_and_refusals_leak_no_descriptors(target: Target) -> None:
         # the tracker still works afterwards (registers left out: the thread stays)
         assert cp.restore(parts=["memory", "brk"]).pages_written > 0
     assert_untouched(target)
+
+
+XMM = slice(160, 416)  # xmm0-15 in the XSAVE area's legacy part
+
+
+def test_restores_put_the_sse_registers_back_every_time(target: Target) -> None:
+    """xmm0 changed behind the target's back (it sits in read(), so nothing else changes
+    them) is the checkpoint's again after a restore, and after a second one: each restore
+    lays the same image thread's FP state over a new live buffer."""
+    with Checkpoint.take(target.pid) as cp:
+        target.wait_in_syscall(0)
+        with attach(target.pid) as s:
+            saved = s.get_xstate(target.pid)
+        for fill in (0xAB, 0x5C):
+            with attach(target.pid) as s:
+                spoiled = bytearray(s.get_xstate(target.pid))
+                spoiled[XMM.start : XMM.start + 16] = bytes([fill]) * 16
+                s.set_xstate(target.pid, bytes(spoiled))
+                assert s.get_xstate(target.pid)[XMM] != saved[XMM]
+            cp.restore()
+            target.wait_in_syscall(0)
+            with attach(target.pid) as s:
+                got = s.get_xstate(target.pid)
+            assert got[XMM] == saved[XMM]
+            assert got[:32] == saved[:32]  # control and status words, MXCSR
+    assert_untouched(target)
+    assert command(target, "sum", "sum")
