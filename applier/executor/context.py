@@ -73,6 +73,10 @@ class Context:
     # per thread: (live XSAVE buffer, it with the image's FP state), as validation found them
     # (the thread is stopped: the set step that follows reuses them)
     xstates: dict[int, tuple[bytes, bytes]] = attrs.field(factory=dict, init=False, repr=False)
+    # image thread -> its registers, restart-adjusted, and whether rewound (``image_regs``)
+    image_regs: dict[int, tuple[dict[str, int], bool]] = attrs.field(
+        factory=dict, init=False, repr=False
+    )
 
     @property
     def page(self) -> int:

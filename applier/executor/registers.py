@@ -29,7 +29,11 @@ def _thread_info(ctx: Context, step: SetRegs) -> ThreadInfoX86:
 
 
 def image_regs(ctx: Context, step: SetRegs) -> tuple[dict[str, int], bool]:
-    """The registers to set (restart-adjusted) and whether an interrupted call is rewound."""
+    """The registers to set (restart-adjusted) and whether an interrupted call is rewound;
+    worked out once per apply and thread (validation, the write and its check ask again)."""
+    done = ctx.image_regs.get(step.image_tid)
+    if done is not None:
+        return dict(done[0]), done[1]
     try:
         values = regmod.gpregs_values(_thread_info(ctx, step).gpregs)
     except ValueError as exc:
@@ -40,7 +44,8 @@ def image_regs(ctx: Context, step: SetRegs) -> tuple[dict[str, int], bool]:
             f"thread {step.tid}: saved inside a syscall, but no syscall instruction "
             f"at {adjusted['ip']:#x} to restart it from",
         )
-    return adjusted, rewound
+    ctx.image_regs[step.image_tid] = (adjusted, rewound)
+    return dict(adjusted), rewound
 
 
 def _rseq_text(rseq: tuple[int, int] | None) -> str:
