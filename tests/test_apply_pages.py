@@ -442,27 +442,40 @@ def test_undo_spool_head_is_read_into_and_continues_in_the_memfd(
 
 
 @pytest.mark.live
-def test_rollback_from_a_spilled_spool(
-    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("where", ["head and disk", "head and memfd"])
+def test_rollback_from_a_spool_in_two_places(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """An apply whose undo spool moved to disk, failing after its page writes, is rolled
-    back exactly from that file."""
+    """An apply whose undo spool went on past its head (into a file on disk past the memory
+    bound, or into the memfd), failing after its page writes, is rolled back exactly from
+    both places (the layout steps' saved pages are in both; an apply whose page writes are
+    in the head rolls back in the verification tests above)."""
     image, _, _ = checkpoint(target, tmp_path)
     command(target, "scribble", "done")
     changed = snapshot(target.pid)
-    monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", 2 * PAGE)
+    # The scribbled target's apply appends 256 KiB, then 1 MiB and more: the first fits in a
+    # 512 KiB head, the rest goes past it.
+    head = 512 << 10
+    monkeypatch.setattr(undo, "_heads", [])
+    monkeypatch.setattr(undo, "HEAD_BYTES", head)
+    if where == "head and disk":
+        monkeypatch.setattr(undo, "MEMORY_SPOOL_BYTES", head)
     real = execute.Executor._do
-    spilled: list[Path | None] = []
+    seen: list[tuple[Path | None, int, int]] = []
 
     def failing(self: execute.Executor, step: Any) -> None:
         if isinstance(step, SetRegs):
-            spilled.append(self.ctx.undo.spilled)
+            log = self.ctx.undo
+            seen.append((log.spilled, log.base, log.end))
             raise OSError(5, "injected failure")
         real(self, step)
 
     monkeypatch.setattr(execute.Executor, "_do", failing)
     with pytest.raises(ApplyFailed, match="rolled back"):
         apply(image, target.pid)
-    assert spilled and spilled[0] is not None
+    assert seen
+    spilled, base, end = seen[0]
+    assert 0 < base <= head < end  # some of it in the head, more past it
+    assert (spilled is not None) == (where == "head and disk")
     assert_same(changed, snapshot(target.pid))
     assert_untouched(target)
