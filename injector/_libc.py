@@ -121,16 +121,10 @@ def _raise_errno() -> None:
     raise OSError(err, os.strerror(err))
 
 
-def memequal(a: int, b: int, n: int) -> bool:
-    """Whether the ``n`` bytes at local addresses ``a`` and ``b`` are equal: one memcmp, with
-    the GIL released (numpy's ``array_equal`` of 8 MiB builds a temporary array first: 3x
-    slower here)."""
-    return n <= 0 or _memcmp(a, b, n) == 0
-
-
 def memequal_rows(a: list[int], b: list[int], n: list[int]) -> bool:
     """Whether every row's ``n[k]`` bytes at ``a[k]`` and ``b[k]`` are equal: one memcmp per
-    row (the GIL released for each), stopping at the first that differs."""
+    row (the GIL released for each), stopping at the first that differs (numpy's
+    ``array_equal`` of 8 MiB builds a temporary array first: 3x slower here)."""
     return not any(map(_memcmp, a, b, n))
 
 

@@ -48,8 +48,9 @@ _SYSGOOD_SIG: Final = signal.SIGTRAP | 0x80  # PTRACE_O_TRACESYSGOOD
 _GROUP_STOP_SIGNALS: Final = frozenset(
     {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 )
-_DEFERRED_SIGNALS: Final = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-_DEFERRED_NUMBERS: Final = frozenset(int(s) for s in _DEFERRED_SIGNALS)
+_DEFERRED_SIGNALS: Final = frozenset(
+    int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+)
 try:  # the C module behind signal.py, whose wrappers turn every number into an enum member
     import _signal as _csignal  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - a Python without it
@@ -112,9 +113,9 @@ def signals_deferred() -> Iterator[None]:
         return
     # Through _signal: a section is entered for every injected call, and signal.py's enum
     # conversions made up most of its cost (27 -> 9 us a section, a loop of 4,000).
-    old = _csignal.pthread_sigmask(_csignal.SIG_BLOCK, _DEFERRED_NUMBERS)
+    old = _csignal.pthread_sigmask(_csignal.SIG_BLOCK, _DEFERRED_SIGNALS)
     swapped: dict[int, Any] = {}
-    for sig in _DEFERRED_NUMBERS:
+    for sig in _DEFERRED_SIGNALS:
         if _csignal.getsignal(sig) is _csignal.default_int_handler:
             swapped[sig] = _csignal.signal(sig, _hold_back)
     _deferring += 1

@@ -11,7 +11,7 @@ import pytest
 
 from injector import MemoryAccessError, attach
 from injector import maps as maps_module
-from injector._libc import memequal
+from injector._libc import memequal_rows
 from injector.maps import (
     PAGEMAP_PRESENT,
     PROT_READ,
@@ -269,9 +269,9 @@ def test_aligned_buffer_starts_on_a_page_and_reads_target_memory(target_bin: Pat
             rows = np.array([[buf.ctypes.data, 4 * PAGE]], dtype=np.uint64)
             s.read_iov(rows, np.array([[base, 4 * PAGE]], dtype=np.uint64))
             assert buf.tobytes() == source.tobytes()
-            assert memequal(buf.ctypes.data, source.ctypes.data, 4 * PAGE)
+            assert memequal_rows([buf.ctypes.data], [source.ctypes.data], [4 * PAGE])
             source[PAGE + 5] ^= 1
-            assert not memequal(buf.ctypes.data, source.ctypes.data, 4 * PAGE)
-            assert memequal(buf.ctypes.data, source.ctypes.data, PAGE + 5)
+            assert not memequal_rows([buf.ctypes.data], [source.ctypes.data], [4 * PAGE])
+            assert memequal_rows([buf.ctypes.data], [source.ctypes.data], [PAGE + 5])
             s.munmap(base, 4 * PAGE)
         assert_untouched(t)

@@ -190,11 +190,9 @@ class Pieces:
         j: int,
         into: U64,
         mask: npt.NDArray[np.bool_] | None = None,
-        pages: npt.NDArray[np.bool_] | None = None,
     ) -> U64:
-        """The image's bytes of pieces ``i:j`` (``mask`` selects some pieces, ``pages`` some
-        of their pages), one row per page: an (n, page // 8) uint64 array, gathered into the
-        start of ``into``."""
+        """The image's bytes of pieces ``i:j`` (``mask`` selects some of them), one row per
+        page: an (n, page // 8) uint64 array, gathered into the start of ``into``."""
         offset, length, file = self.offset[i:j], self.length[i:j], self.file[i:j]
         if mask is not None:
             offset, length, file = offset[mask], length[mask], file[mask]
@@ -206,9 +204,6 @@ class Pieces:
             if len(files) == 1
             else np.repeat(file, (length // np.uint64(page)).astype(np.intp))
         )
-        if pages is not None:
-            page_off = page_off[pages]
-            page_file = None if page_file is None else page_file[pages]
         out = into[: len(page_off) * words].reshape(-1, words)
         for f in files:
             flat = np.frombuffer(self._views[f], dtype=np.uint8)
@@ -379,7 +374,7 @@ def _differing(
 
 def verify_pages(ctx: Context, step: WritePages) -> None:
     """Read every written page back (one process_vm_readv per batch) and compare it with
-    the image, one numpy compare per batch. Pages --only-dirty found equal and left alone
+    the image in place (``_compare_written``). Pages --only-dirty found equal and left alone
     (``Context.written``) are not read again."""
     page = ctx.page
     pieces = Pieces(step.runs, page, keep_mapped=ctx.keep_mapped)
@@ -443,13 +438,8 @@ def _compare_written(
         return
     # They differ: find the first page that does (the error path, page by page).
     pages = expand_ranges(image, length, page)
-    bad = first_unequal(
-        pages.tolist(),
-        (
-            np.uint64(buf.ctypes.data) + np.arange(len(pages), dtype=np.uint64) * np.uint64(page)
-        ).tolist(),
-        [page] * len(pages),
-    )
+    read_back = expand_ranges(here, length, page)
+    bad = first_unequal(pages.tolist(), read_back.tolist(), [page] * len(pages))
     addr = expand_ranges(remote, length, page)[bad]
     raise VerifyFailed(
         f"pid {ctx.process.pid}: page {int(addr):#x} differs from the image after writing",
