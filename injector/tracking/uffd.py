@@ -342,11 +342,13 @@ class UffdWpTracker(DirtyTracker):
     ) -> tuple[list[Range], PageArray]:
         """Register what is not yet registered; scan for written pages inside ``wanted``.
 
-        Returns (tracked ranges, written pages of registered memory). One ``PAGEMAP_SCAN`` per
-        span answers both questions: it returns the pages that are written *or* sit in a
-        mapping without write-protection enabled (``PAGE_IS_WPALLOWED`` inverted). Without
-        ``written`` the scan asks only the second question, which the kernel answers per
-        mapping without walking the page tables of registered ones.
+        Returns (tracked ranges, written pages of registered memory). Two ``PAGEMAP_SCAN``
+        per span: the first finds what sits in a mapping without write-protection enabled
+        (``PAGE_IS_WPALLOWED`` inverted), which the kernel answers per mapping without
+        walking the page tables of registered ones; the second (skipped without ``written``)
+        asks for written pages in the rest and nothing else, the one query the kernel has a
+        fast path for (``pagemap_scan_pmd_entry``: a 1 GiB range in 0.30 ms here, against
+        0.71 ms for one query asking both questions, /tmp/w/scan_cmp.py on 2026-12-04).
         """
         maps = self.session.maps()
         writable, private = tracked_ranges(maps)
@@ -355,20 +357,23 @@ class UffdWpTracker(DirtyTracker):
         scan = tracked if wanted is None else intersect(tracked, wanted)
         unregistered: list[Range] = []
         found: list[PageArray] = []
-        query = (
-            {"category_anyof_mask": WRITTEN | WPALLOWED, "return_mask": WRITTEN | WPALLOWED}
-            if written
-            else {"category_mask": WPALLOWED, "return_mask": WPALLOWED}
-        )
         try:
             for start, end in scan:
-                regions = self._scanner.scan(start, end, category_inverted=WPALLOWED, **query)
-                if len(regions) == 0:
-                    continue
-                allowed = (regions[:, 2] & np.uint64(WPALLOWED)) != 0
-                found.append(_uffd.regions_to_pages(regions[allowed]))
-                if not allowed.all():
-                    unregistered.extend((int(s), int(e)) for s, e, _ in regions[~allowed].tolist())
+                regions = self._scanner.scan(
+                    start,
+                    end,
+                    category_mask=WPALLOWED,
+                    category_inverted=WPALLOWED,
+                    return_mask=WPALLOWED,
+                )
+                unregistered.extend((int(s), int(e)) for s, e, _ in regions.tolist())
+            if written:
+                for start, end in subtract(scan, merge(unregistered)):
+                    regions = self._scanner.scan(
+                        start, end, category_mask=WRITTEN, return_mask=WRITTEN
+                    )
+                    if len(regions):
+                        found.append(_uffd.regions_to_pages(regions))
         except OSError as exc:
             raise _os_error(self.pid, "uffd-wp scan", exc) from exc
         # With ``wanted`` given, ranges outside it are checked at the next full refresh (every
