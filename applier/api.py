@@ -69,6 +69,7 @@ from formats.core import CoreEntry
 from formats.imagedir import ImageDir
 from injector.errors import InjectorError
 from injector.process import Process
+from injector.procfs import read_start_time
 from injector.session import attach
 from injector.tracer import signals_deferred
 from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
@@ -606,7 +607,8 @@ def _apply_image(
         # with --undo, the spool is a (nameless) file in DIR
         log = UndoLog.create(undo_path) if undo else UndoLog.disabled()
         stack.callback(log.close)
-        stale = None if dry_run else Journal.find(pid)  # left by an applier that died
+        started = None if dry_run else read_start_time(pid)
+        stale = None if started is None else Journal.find(pid, started)  # left by one that died
         journal: Journal | None = None
         finished = False  # the journal goes once the target is detached and continued
 
@@ -629,6 +631,8 @@ def _apply_image(
                         only_dirty=only_dirty,
                         leave_shared=leave_shared,
                         was_stopped=was_stopped,
+                        start_time=started,
+                        replace=stale is not None,
                     )
                     process.hold()
                     journal.mark_held()

@@ -17,6 +17,7 @@ named after its pid and start time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -83,18 +84,33 @@ class Journal:
     applier_pid: int
     started: float  # time.time() when the apply began
 
-    @property
+    @functools.cached_property
     def path(self) -> Path:
         return _path(self.pid, self.start_time)
 
-    def write(self) -> None:
-        """Write (or replace) the journal atomically."""
+    def write(self, *, replace: bool = True) -> None:
+        """Write (or replace) the journal atomically. Without ``replace`` (there is no
+        journal to replace) it is created in place, which a reader never mistakes: one that
+        applier died writing does not parse, so it counts as none, and applier had not
+        held the target yet."""
         doc = {"format": FORMAT, **attrs.asdict(self)}
+        data = (json.dumps(doc, indent=1) + "\n").encode()
+        if not replace:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                pass  # one left half-written: replaced
+            else:
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                return
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.write_bytes(data)
         os.replace(tmp, self.path)
 
-    @property
+    @functools.cached_property
     def held_mark(self) -> Path:
         return self.path.with_suffix(".held")
 
@@ -120,11 +136,16 @@ class Journal:
         only_dirty: bool,
         leave_shared: bool,
         was_stopped: bool,
+        start_time: int | None = None,
+        replace: bool = True,
     ) -> Journal:
+        """Write the journal of an apply that starts now. ``start_time``: the target's, if
+        the caller has read it already; ``replace=False``: the caller found no journal for
+        it (``find``), so there is none to replace atomically."""
         journal = cls(
             pid=pid,
-            start_time=read_start_time(pid),
-            image=str(image.resolve()),
+            start_time=read_start_time(pid) if start_time is None else start_time,
+            image=os.path.abspath(image),
             task=task,
             parts=parts,
             only_dirty=only_dirty,
@@ -134,16 +155,16 @@ class Journal:
             started=time.time(),
         )
         _prune()
-        journal.write()
+        journal.write(replace=replace)
         return journal
 
     @classmethod
-    def find(cls, pid: int) -> Journal | None:
+    def find(cls, pid: int, start_time: int | None = None) -> Journal | None:
         """The journal of the process ``pid`` is now (None if there is none, if it belongs to
         an earlier process with that pid, or if its applier died before holding the target:
-        such a journal is removed)."""
+        such a journal is removed). ``start_time``: the process's, if the caller has read it."""
         try:
-            path = _path(pid, read_start_time(pid))
+            path = _path(pid, read_start_time(pid) if start_time is None else start_time)
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
