@@ -19,7 +19,7 @@ import numpy.typing as npt
 from applier import xsave
 from applier.fds import elf_build_id
 from applier.limits import PAGE
-from applier.model import Kind, LiveTask, Region, Sigaction, SignalState
+from applier.model import PROT_READ, PROT_WRITE, Kind, LiveTask, Region, Sigaction, SignalState
 from formats.core import (
     CoreEntry,
     RseqEntry,
@@ -161,12 +161,18 @@ def live_task(
     """
     pid = process.pid
     regions = sorted((region_from_mapping(m) for m in process.maps()), key=lambda r: r.start)
+    lent = None
     if dirty is None:
         present, anon = present_pages(process, regions, page)
     else:
         present = anon = np.asarray(dirty, dtype=np.uint64)
+        lent = _lendable(regions, present)
     exe = process.exe()
     brk = None if read_only else process.brk(0)
+    with process.lending(lent):
+        signal_state = (
+            None if signals is None else live_signals(process, signals, read_only=read_only)
+        )
     return LiveTask(
         pid=pid,
         regions=regions,
@@ -181,8 +187,28 @@ def live_task(
             (child, comm, ticks * 1_000_000 // _CLK_TCK)
             for child, comm, ticks in process.children()
         ),
-        signals=None if signals is None else live_signals(process, signals, read_only=read_only),
+        signals=signal_state,
     )
+
+
+_RW = PROT_READ | PROT_WRITE
+
+
+def _lendable(regions: list[Region], written: npt.NDArray[np.uint64]) -> int | None:
+    """A page the signal reads may borrow as scratch (``Process.lending``): one written
+    since the checkpoint (tracking already counts it written) of private anonymous memory
+    that can be read and written; None if there is none."""
+    if len(written) == 0:
+        return None
+    if len(written) > 1 and not bool(np.all(written[1:] >= written[:-1])):
+        written = np.sort(written)
+    for r in regions:
+        if r.kind is not Kind.ANON or r.growsdown or r.prot & _RW != _RW:
+            continue
+        i = int(np.searchsorted(written, np.uint64(r.start)))
+        if i < len(written) and int(written[i]) < r.end:
+            return int(written[i])
+    return None
 
 
 # ---- CRIU entries ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from injector.errors import InjectorError
 from injector.regs import Arch
 from injector.syscalls import NR
 from injector.tracer import signals_deferred
@@ -53,6 +54,7 @@ class NamedCalls:
     ``syscall`` and ``write``."""
 
     arch: Arch
+    _lent: int | None = None  # a page of the target's memory that ``scratch`` may borrow
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         raise NotImplementedError
@@ -163,9 +165,42 @@ class NamedCalls:
         return [struct.unpack_from("<QQQQ", data, i * size) for i in range(3)]
 
     @contextlib.contextmanager
+    def lending(self, page: int | None) -> Iterator[None]:
+        """Within the block, ``scratch`` of at most a page borrows the page at ``page`` (the
+        target's own private, writable memory, while it is stopped) instead of mapping one:
+        the bytes it uses are read first and written back afterwards, so the target's memory
+        ends as it was, with an injected mmap and munmap fewer (about 0.3 ms)."""
+        before, self._lent = self._lent, page
+        try:
+            yield
+        finally:
+            self._lent = before
+
+    def _borrowed(self, size: int) -> tuple[int, bytes] | None:
+        """(address, its bytes now) of the lent page for ``size`` bytes of scratch; None
+        when there is none, it is too small, or it cannot be read (it is not lent again)."""
+        if self._lent is None or not 0 < size <= PAGE:
+            return None
+        try:
+            return self._lent, self.read(self._lent, size)
+        except InjectorError:
+            self._lent = None
+            return None
+
+    @contextlib.contextmanager
     def scratch(self, data: bytes, *, tid: int | None = None) -> Iterator[int]:
         """``data`` in a fresh anonymous mapping of the target, for calls that take a
-        pointer; unmapped afterwards."""
+        pointer; unmapped afterwards. Inside ``lending``, in the lent page instead."""
+        lent = self._borrowed(len(data))
+        if lent is not None:
+            where, saved = lent
+            with signals_deferred():  # never stopped before its bytes are back
+                try:
+                    self.write(where, data)
+                    yield where
+                finally:
+                    self.write(where, saved)
+            return
         length = max(PAGE, -(-len(data) // PAGE) * PAGE)
         with signals_deferred():  # never stopped between the mmap and the munmap
             mark = self._layout_mark()

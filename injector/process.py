@@ -232,3 +232,8 @@ class Process(Protocol):
     ) -> contextlib.AbstractContextManager[int]:
         """``data`` in fresh anonymous memory of the target (its address), unmapped after."""
         ...
+
+    def lending(self, page: int | None) -> contextlib.AbstractContextManager[None]:
+        """Within the block ``scratch`` borrows ``page`` (private writable memory of the
+        target), putting its bytes back after each use, instead of mapping one."""
+        ...

@@ -307,6 +307,39 @@ def test_session_methods_outside_with_are_refused(target_bin: Path) -> None:
         assert_untouched(t)
 
 
+def test_a_lent_page_stands_in_for_scratch_memory(target_bin: Path) -> None:
+    """Inside ``lending(page)`` the calls that take a pointer use that page of the target's
+    own memory, with no injected mmap or munmap, and the page's bytes are back afterwards;
+    the answers are those a fresh mapping gives. A page that cannot be read is not used."""
+    with spawn(target_bin, "read", "1") as t:
+        ready(t)
+        with attach(t.pid) as s:
+            page = s.mmap(0, 4096, 3, 0x22)
+            pattern = bytes(range(256)) * 16
+            s.write(page, pattern)
+            wanted = [signal.SIGUSR1, signal.SIGTERM, signal.SIGCHLD]
+            plain = s.sigactions(wanted)
+            calls: list[int] = []
+            real = s.syscall
+
+            def counted(nr: int, *args: int, tid: int | None = None) -> int:
+                calls.append(nr)
+                return real(nr, *args, tid=tid)
+
+            s.syscall = counted  # type: ignore[method-assign]
+            with s.lending(page):
+                assert s.sigactions(wanted) == plain
+            assert calls == [s.nr("rt_sigaction")] * len(wanted)
+            assert s.read(page, 4096) == pattern
+            calls.clear()
+            with s.lending(0x1000):  # nothing mapped there: a fresh mapping after all
+                assert s.sigactions(wanted) == plain
+            assert calls[0] == s.nr("mmap") and calls[-1] == s.nr("munmap")
+            del s.syscall
+            s.munmap(page, 4096)
+        assert_untouched(t)
+
+
 def test_session_from_another_thread_is_refused(target_bin: Path) -> None:
     """ptrace belongs to the attaching thread: other threads get InjectorError, not chaos."""
     with spawn(target_bin) as t:
