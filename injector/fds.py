@@ -128,6 +128,26 @@ def _same_file(path: Path, st: FileStat) -> bool:
     return (other.st_dev, other.st_ino) == (st.dev, st.ino)
 
 
+# What parse_fdinfo made of the same inputs (a pure function; Descriptors are immutable, so
+# shared): from one read of a table to the next nearly every descriptor is the same.
+# Cleared when it grows past _PARSED_MAX entries.
+_PARSED: dict[tuple[int, bytes, bytes, FileStat | None, bool, bool | None], Descriptor] = {}
+_PARSED_MAX = 1 << 12
+
+
+def _parsed(
+    fd: int, link: bytes, text: bytes, st: FileStat | None, *, real_name: bool, memfd: bool | None
+) -> Descriptor:
+    key = (fd, link, text, st, real_name, memfd)
+    descriptor = _PARSED.get(key)
+    if descriptor is None:
+        descriptor = parse_fdinfo(fd, link, text, st, real_name=real_name, memfd=memfd)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = descriptor
+    return descriptor
+
+
 def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
     """One descriptor, or ``None`` if it was closed while being read."""
     base = f"{procfs}/{pid}"  # strings, not Paths: a table of many descriptors is read often
@@ -159,7 +179,7 @@ def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
             if link.startswith(MEMFD_PREFIX):
                 memfd = st.dev == _shmem_dev() and st.nlink == 0
         try:
-            descriptor = parse_fdinfo(fd, link, text, st, real_name=real_name, memfd=memfd)
+            descriptor = _parsed(fd, link, text, st, real_name=real_name, memfd=memfd)
         except ValueError as exc:
             raise InjectorError(pid, f"unparsable /proc/PID/fdinfo/{fd}: {exc}") from exc
         if st is not None and descriptor.ino is not None and descriptor.ino != st.ino:
