@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from injector.errors import InjectorError
@@ -58,6 +58,14 @@ class NamedCalls:
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         raise NotImplementedError
+
+    def syscalls(
+        self, calls: Sequence[tuple[int, tuple[int, ...]]], *, tid: int | None = None
+    ) -> list[int]:
+        """``syscall`` of each (nr, args) in turn, for calls independent of each other: a
+        failure raises (whether the calls after it ran is not said). A real session chains
+        them in the thread, which saves a ptrace stop a call."""
+        return [self.syscall(nr, *args, tid=tid) for nr, args in calls]
 
     def write(self, address: int, data: Buffer) -> None:
         raise NotImplementedError
@@ -136,9 +144,12 @@ class NamedCalls:
         out: dict[int, tuple[int, int, int, int]] = {}
         if not wanted:
             return out
+        nr = self.nr("rt_sigaction")
         with self.scratch(bytes(_SIGACTION.size * len(wanted))) as where:
-            for i, sig in enumerate(wanted):
-                self.call("rt_sigaction", sig, 0, where + i * _SIGACTION.size, SIGSET_SIZE)
+            size = _SIGACTION.size
+            self.syscalls(
+                [(nr, (sig, 0, where + i * size, SIGSET_SIZE)) for i, sig in enumerate(wanted)]
+            )
             data = self.read(where, _SIGACTION.size * len(wanted))
         for i, sig in enumerate(wanted):
             out[sig] = _SIGACTION.unpack_from(data, i * _SIGACTION.size)

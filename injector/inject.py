@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from injector import _libc
@@ -34,7 +34,7 @@ from injector.maps import Mapping
 from injector.regs import UserRegsStruct
 from injector.tracer import SIGNAL_STOP, SYSCALL_STOP, Tracer
 
-__all__ = ["find_syscall_site", "run_syscall"]
+__all__ = ["find_syscall_site", "run_syscall", "run_syscalls"]
 
 _MASK64: Final = (1 << 64) - 1
 _ARG_REGS: Final = ("di", "si", "dx", "r10", "r8", "r9")
@@ -67,10 +67,21 @@ def _injected_regs(
 def run_syscall(t: Tracer, tid: int, nr: int, args: tuple[int, ...], insn: int) -> int:
     """Run syscall ``nr`` once in the stopped thread ``tid`` through the ``syscall``
     instruction at ``insn``, then put every register back; the raw result (``ax``)."""
+    return run_syscalls(t, tid, [(nr, args)], insn)[0]
+
+
+def run_syscalls(
+    t: Tracer, tid: int, calls: Sequence[tuple[int, tuple[int, ...]]], insn: int
+) -> list[int]:
+    """``run_syscall`` of each of ``calls`` in turn, chained: from one call's syscall-exit
+    stop the thread goes straight on to the next (it runs the ``syscall`` instruction alone
+    in between), and back to an interrupt stop once, after the last (steps 3-4): two stops
+    a call instead of three. The raw results, in order."""
     deadline = time.monotonic() + t.timeout
     saved = t.raw_regs(tid)
     entered = False
     restored = False
+    results: list[int] = []
 
     def deliver_with_own_regs() -> None:
         # A signal-delivery stop after the call: the signal frame must hold the thread's
@@ -80,26 +91,28 @@ def run_syscall(t: Tracer, tid: int, nr: int, args: tuple[int, ...], insn: int) 
         restored = True
 
     try:
-        # 1-2: to the syscall-entry stop. A signal that arrives first is delivered with the
-        # thread's own registers back in place, then the injection starts over.
-        for _ in range(16):
-            t.set_raw_regs(tid, _injected_regs(saved, nr, args, insn))
+        for nr, args in calls:
+            # 1-2: to the syscall-entry stop. A signal that arrives first (also on the way
+            # from the previous call back to user mode) is delivered with the thread's own
+            # registers in place, then this call starts over from the interrupt stop.
+            for _ in range(16):
+                t.set_raw_regs(tid, _injected_regs(saved, nr, args, insn))
+                t.request(_libc.PTRACE_SYSCALL, tid)
+                kind, sig = t.wait(tid, deadline)
+                if kind == SYSCALL_STOP:
+                    entered = True
+                    break
+                if kind == SIGNAL_STOP:
+                    t.set_raw_regs(tid, saved)
+                    t.request(_libc.PTRACE_INTERRUPT, tid)
+                    t.request(_libc.PTRACE_CONT, tid, 0, sig)
+                    t.wait_event_stop(tid, deadline)
+                    saved = t.raw_regs(tid)
+            else:
+                raise InjectorError(t.pid, f"thread {tid} never entered the injected syscall")
             t.request(_libc.PTRACE_SYSCALL, tid)
-            kind, sig = t.wait(tid, deadline)
-            if kind == SYSCALL_STOP:
-                entered = True
-                break
-            if kind == SIGNAL_STOP:
-                t.set_raw_regs(tid, saved)
-                t.request(_libc.PTRACE_INTERRUPT, tid)
-                t.request(_libc.PTRACE_CONT, tid, 0, sig)
-                t.wait_event_stop(tid, deadline)
-                saved = t.raw_regs(tid)
-        else:
-            raise InjectorError(t.pid, f"thread {tid} never entered the injected syscall")
-        t.request(_libc.PTRACE_SYSCALL, tid)
-        _wait_syscall_exit(t, tid, deadline)
-        result = ctypes.c_int64(t.raw_regs(tid).ax).value
+            _wait_syscall_exit(t, tid, deadline)
+            results.append(ctypes.c_int64(t.raw_regs(tid).ax).value)
         # 3: back to an interrupt stop before user mode.
         t.request(_libc.PTRACE_INTERRUPT, tid)
         t.request(_libc.PTRACE_CONT, tid)
@@ -112,7 +125,7 @@ def run_syscall(t: Tracer, tid: int, nr: int, args: tuple[int, ...], insn: int) 
     # 4: the thread's own registers; the kernel restarts an interrupted syscall on resume.
     if not restored:
         t.set_raw_regs(tid, saved)
-    return result
+    return results
 
 
 def _wait_syscall_exit(t: Tracer, tid: int, deadline: float) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -34,7 +34,7 @@ from injector.errors import (
 )
 from injector.fdinfo import Descriptor
 from injector.fds import FsState, read_fds, read_fs
-from injector.inject import find_syscall_site, run_syscall
+from injector.inject import find_syscall_site, run_syscalls
 from injector.maps import (
     PROT_READ,
     PROT_WRITE,
@@ -482,33 +482,44 @@ class Session(Tracer, NamedCalls):
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Run syscall ``nr`` with up to six integer arguments in a stopped thread (default:
         the leader) and return its result; -4095..-1 raises InjectedSyscallError."""
-        if len(args) > 6:
+        return self.syscalls([(nr, args)], tid=tid)[0]
+
+    def syscalls(
+        self, calls: Sequence[tuple[int, tuple[int, ...]]], *, tid: int | None = None
+    ) -> list[int]:
+        """``syscall`` of each (nr, args) in turn, chained in the thread (``run_syscalls``:
+        two ptrace stops a call instead of three); every call runs, then the first that
+        failed raises InjectedSyscallError."""
+        if any(len(args) > 6 for _, args in calls):
             raise TypeError("a syscall takes at most six arguments")
         tid = self.check(self.pid if tid is None else tid)
         if not self.seccomp_suspended:
             mode = _status_fields(self.pid, tid).get("Seccomp", "0")
             if mode != "0":
+                names = ", ".join(f"{syscall_name(self.arch, nr)}()" for nr, _ in calls)
                 raise InjectorError(
                     self.pid,
                     f"thread {tid} runs under seccomp (mode {mode}) and seccomp could not be "
-                    f"suspended (needs CAP_SYS_ADMIN): an injected {syscall_name(self.arch, nr)}"
-                    "() could kill it",
+                    f"suspended (needs CAP_SYS_ADMIN): an injected {names} could kill it",
                 )
         insn = self.syscall_site()
         table = NR.get(self.arch, {})
-        neutral = any(table.get(n) == nr for n in _LAYOUT_NEUTRAL) or (
-            nr == table.get("brk") and args[:1] in ((), (0,))
+        neutral = all(
+            any(table.get(n) == nr for n in _LAYOUT_NEUTRAL)
+            or (nr == table.get("brk") and args[:1] in ((), (0,)))
+            for nr, args in calls
         )
-        keep, epoch = (self._maps, self._epoch) if neutral else (None, self._epoch + 1)
-        self._maps = None  # whatever the call does, the layout may change
+        keep, epoch = (self._maps, self._epoch) if neutral else (None, self._epoch + len(calls))
+        self._maps = None  # whatever the calls do, the layout may change
         try:
             with signals_deferred():
-                result = run_syscall(self, tid, nr, args, insn)
+                results = run_syscalls(self, tid, calls, insn)
         finally:
             self._maps, self._epoch = keep, epoch
-        if -4095 <= result < 0:
-            raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
-        return result
+        for (nr, _), result in zip(calls, results, strict=True):
+            if -4095 <= result < 0:
+                raise InjectedSyscallError(self.pid, syscall_name(self.arch, nr), -result)
+        return results
 
     # ---- threads -------------------------------------------------------------------------
 

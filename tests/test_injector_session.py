@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -320,13 +320,15 @@ def test_a_lent_page_stands_in_for_scratch_memory(target_bin: Path) -> None:
             wanted = [signal.SIGUSR1, signal.SIGTERM, signal.SIGCHLD]
             plain = s.sigactions(wanted)
             calls: list[int] = []
-            real = s.syscall
+            real = s.syscalls
 
-            def counted(nr: int, *args: int, tid: int | None = None) -> int:
-                calls.append(nr)
-                return real(nr, *args, tid=tid)
+            def counted(
+                batch: Sequence[tuple[int, tuple[int, ...]]], *, tid: int | None = None
+            ) -> list[int]:
+                calls.extend(nr for nr, _ in batch)
+                return real(batch, tid=tid)
 
-            s.syscall = counted  # type: ignore[method-assign]
+            s.syscalls = counted  # type: ignore[method-assign,assignment]
             with s.lending(page):
                 assert s.sigactions(wanted) == plain
             assert calls == [s.nr("rt_sigaction")] * len(wanted)
@@ -335,7 +337,7 @@ def test_a_lent_page_stands_in_for_scratch_memory(target_bin: Path) -> None:
             with s.lending(0x1000):  # nothing mapped there: a fresh mapping after all
                 assert s.sigactions(wanted) == plain
             assert calls[0] == s.nr("mmap") and calls[-1] == s.nr("munmap")
-            del s.syscall
+            del s.syscalls
             s.munmap(page, 4096)
         assert_untouched(t)
 

@@ -96,6 +96,31 @@ def test_registers_identical_after_injection(target_bin: Path) -> None:
         assert_untouched(t)
 
 
+def test_chained_calls_run_each_once_and_leave_every_register(target_bin: Path) -> None:
+    """``syscalls`` chains calls in a thread (from one call's exit straight to the next):
+    each runs once with its own result, a failing one raises once every call ran, and
+    every thread's registers are as before, its interrupted syscall restarting (no EINTR)."""
+    with spawn(target_bin, "busy", "1", "read", "1", "sleep", "1", "futex", "1") as t:
+        ready(t)
+        with attach(t.pid) as s:
+            before = {tid: s.get_regs(tid) for tid in s.tids}
+            xstate = {tid: s.get_xstate(tid) for tid in s.tids}
+            for tid in s.tids:
+                got = s.syscalls([(SYS_GETTID, ()), (SYS_GETPID, ()), (SYS_GETTID, ())], tid=tid)
+                assert got == [tid, t.pid, tid]
+            page = s.mmap(0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE_ANON)
+            with pytest.raises(InjectedSyscallError) as info:
+                # munmap of an unaligned address fails; the mprotect after it still runs
+                s.syscalls([(11, (123, PAGE)), (10, (page, PAGE, PROT_READ))])
+            assert info.value.syscall == "munmap" and info.value.errno == errno.EINVAL
+            assert next(m for m in s.maps() if m.start == page).writable is False
+            s.munmap(page, PAGE)
+            assert {tid: s.get_regs(tid) for tid in s.tids} == before
+            assert {tid: s.get_xstate(tid) for tid in s.tids} == xstate
+        assert_untouched(t)
+        no_eintr(t)
+
+
 def test_blocked_read_still_returns_the_data_after_injection(target_bin: Path) -> None:
     """Injected into threads blocked in read(), the reads later return the data, no EINTR."""
     with spawn(target_bin, "read", "2") as t:

@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -221,13 +221,15 @@ def test_diff_and_dry_run_inject_nothing(
     dump(target.pid, image)
     command(target, "scribble", "done")  # the heap grew, among others
     calls: list[int] = []
-    real = Session.syscall
+    real = Session.syscalls
 
-    def recording(self: Session, nr: int, *args: int, tid: int | None = None) -> int:
-        calls.append(nr)
-        return real(self, nr, *args, tid=tid)
+    def recording(
+        self: Session, batch: Sequence[tuple[int, tuple[int, ...]]], *, tid: int | None = None
+    ) -> list[int]:
+        calls.extend(nr for nr, _ in batch)
+        return real(self, batch, tid=tid)
 
-    monkeypatch.setattr(Session, "syscall", recording)
+    monkeypatch.setattr(Session, "syscalls", recording)  # every injection goes through it
     plan = diff(image, target.pid)
     assert any(s.op == "brk" for s in plan.steps)
     dry = apply(image, target.pid, dry_run=True).plan
