@@ -11,7 +11,9 @@ them again and ``restore()`` puts them back.
     python bench/bench_reset.py [--mib 1024] [--repeat 7] [--json]
 
 Cases: 1% and 10% of a 1 GiB process written, ``restore()`` with its defaults and with
-``undo=False, verify=False``.
+``undo=False, verify=False``. Each round also times the floor with its writes in two halves
+written by two threads side by side, as applier writes 2 MiB and more: the ratio against that
+one is printed beside the issue's.
 """
 
 # ruff: noqa: E402 (the repository is put on sys.path first)
@@ -19,6 +21,7 @@ Cases: 1% and 10% of a 1 GiB process written, ``restore()`` with its defaults an
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import json
 import mmap
@@ -27,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,8 +66,16 @@ class Floor:
         view = np.frombuffer(self.src, dtype=np.uint8)
         self.src_addr = np.uint64(view.__array_interface__["data"][0])
         self.tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
 
-    def run(self) -> tuple[float, int]:
+    def write(self, local: np.ndarray, remote: np.ndarray) -> None:
+        for i in range(0, len(remote), 1024):
+            n = min(1024, len(remote) - i)
+            libc.process_vm_writev(self.pid, local[i:].ctypes.data, n, remote[i:].ctypes.data, n, 0)
+
+    def run(self, threads: int = 1) -> tuple[float, int]:
+        """One raw reset; ``threads=2``: the writes in two halves side by side (as applier
+        writes 2 MiB and more), the issue's floor being one thread."""
         status = ctypes.c_int()
         t0 = time.perf_counter()
         for tid in self.tids:
@@ -79,9 +91,13 @@ class Floor:
         # the image holds the region in one run from its start: offset = address - start
         local = np.stack((self.src_addr + (found[:, 0] - np.uint64(self.start)), remote[:, 1]), 1)
         remote, local = np.ascontiguousarray(remote), np.ascontiguousarray(local)
-        for i in range(0, len(remote), 1024):
-            n = min(1024, len(remote) - i)
-            libc.process_vm_writev(self.pid, local[i:].ctypes.data, n, remote[i:].ctypes.data, n, 0)
+        if threads == 1:
+            self.write(local, remote)
+        else:  # the rows in two halves, one written by a second thread meanwhile
+            half = len(remote) // 2
+            other = self.pool.submit(self.write, local[half:], remote[half:])
+            self.write(local[:half], remote[:half])
+            other.result()
         self.scanner.scan(
             self.start, self.end,
             flags=_uffd.PM_SCAN_WP_MATCHING | _uffd.PM_SCAN_CHECK_WPASYNC,
@@ -99,7 +115,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     target = Target(build_target(), args.mib)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         with Checkpoint.take(target.proc.pid) as cp:
             pages_file = next(cp.path.glob("pages-*.img"))
@@ -111,34 +127,45 @@ def main() -> None:
                 (100, "10%, defaults", {}),
                 (100, "10%, undo=False verify=False", {"undo": False, "verify": False}),
             ):
-                floors, ours = [], []
+                floors: list[float] = []
+                floors2: list[float] = []
+                ours: list[float] = []
                 for round_ in range(args.repeat + 1):
-                    seed += 1
-                    target.dirty(permille, seed)
-                    f, written = floor.run()
-                    target.dirty(permille, seed)
-                    t0 = time.perf_counter()
-                    stats = cp.restore(**kw)  # type: ignore[arg-type]
-                    o = time.perf_counter() - t0
-                    assert stats.pages_written >= written, (stats, written)
-                    if round_:  # the first round warms both up
-                        floors.append(f)
-                        ours.append(o)
+                    for threads, into in ((1, floors), (2, floors2)):
+                        seed += 1
+                        target.dirty(permille, seed)
+                        f, written = floor.run(threads)
+                        target.dirty(permille, seed)
+                        t0 = time.perf_counter()
+                        stats = cp.restore(**kw)  # type: ignore[arg-type]
+                        o = time.perf_counter() - t0
+                        assert stats.pages_written >= written, (stats, written)
+                        if round_:  # the first round warms both up
+                            into.append(f)
+                            ours.append(o)
                 fm, om = statistics.median(floors), statistics.median(ours)
+                f2 = statistics.median(floors2)
                 record("reset", f"Checkpoint.restore() {label}, {args.mib} MiB", fm * 1e3,
                        om * 1e3, "1.5x" if "defaults" in label else "")  # fmt: skip
+                if "defaults" in label:
+                    record("reset", "  the same against a floor writing in two threads", f2 * 1e3,
+                           om * 1e3)  # fmt: skip
                 rows.append({"case": f"restore {label}", "floor_ms": fm * 1e3,
-                             "applier_ms": om * 1e3, "ratio": om / fm})  # fmt: skip
+                             "floor2_ms": f2 * 1e3, "applier_ms": om * 1e3,
+                             "ratio": om / fm})  # fmt: skip
     finally:
         target.stop()
     if args.json:
         print(json.dumps(rows))
         return
     print(f"warm resets of a {args.mib} MiB process, medians of {args.repeat}")
-    print(f"{'case':<42}{'floor ms':>10}{'applier ms':>12}{'ratio':>8}")
+    print(f"{'case':<38}{'floor ms':>9}{'applier ms':>11}{'ratio':>7}{'2-thread floor':>16}")
     for r in rows:
-        print(f"{r['case']:<42}{r['floor_ms']:>10.2f}{r['applier_ms']:>12.2f}{r['ratio']:>8.2f}x")
-    print("aims: defaults within 1.5x of the floor at 1% and 10%")
+        print(f"{r['case']:<38}{r['floor_ms']:>9.2f}{r['applier_ms']:>11.2f}{r['ratio']:>6.2f}x"
+              f"{r['floor2_ms']:>9.2f} ms {r['applier_ms'] / r['floor2_ms']:>4.2f}x")  # fmt: skip
+    print("aims: defaults within 1.5x of the floor at 1% and 10%. The floor is the issue's, one")
+    print("thread; applier writes 2 MiB and more in two halves side by side, so the ratio against")
+    print("a floor that does the same is given too")
 
 
 if __name__ == "__main__":

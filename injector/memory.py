@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import platform
@@ -291,46 +292,75 @@ class MemoryIO:
         """``write_runs`` for callers that already hold iovec arrays ((n, 2) uint64 rows of
         (address, length), equal lengths row by row, rows must not overlap in the target).
         The local memory must stay mapped for the call; refused pieces take the same
-        /proc/PID/mem and mprotect fallbacks as ``write_runs``."""
+        /proc/PID/mem and mprotect fallbacks as ``write_runs``.
+
+        From ``SPLIT_WRITE_BYTES`` on, and with a second CPU to run it, the second half of
+        the bytes is written by the worker thread while this one writes the first: two
+        ``process_vm_writev`` of different pages run side by side in the kernel (10 MiB in
+        2,621 runs: 2.7 ms against 4.1 in one thread, medians of 11, /tmp/w/par_write.py on
+        2026-12-04)."""
         local, remote = _iov_pair(local, remote)
+        halves = _halves(local, remote) if _CPUS > 1 else None
+        if halves is None:
+            refused = self._write_rows(local, remote)
+        else:
+            (first_l, first_r), (second_l, second_r) = halves
+            # Not ``_start``: this thread goes straight into its own system call, which lets
+            # the worker have the GIL (waiting for it to run first cost 0.26 ms a write).
+            future = self._pool().submit(self._write_rows, second_l, second_r)
+            try:
+                refused = self._write_rows(first_l, first_r)
+            finally:
+                # Never return (or raise) while the worker still writes from the caller's memory.
+                concurrent.futures.wait((future,))
+            refused += future.result()
+        for piece in refused:
+            self._round_trip(piece.address, piece.view, piece.err, write=True)
+
+    def _write_rows(
+        self, local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]
+    ) -> list[_Refused]:
         refused: list[_Refused] = []
         for i in range(0, len(local), _libc.IOV_MAX):
             part_l, part_r = local[i : i + _libc.IOV_MAX], remote[i : i + _libc.IOV_MAX]
             refused += self._write_batch(_Batch(part_l, part_r, None))
-        for piece in refused:
-            self._round_trip(piece.address, piece.view, piece.err, write=True)
+        return refused
 
     def _write_pipelined(self, first: _Batch, rest: Iterator[_Batch]) -> list[_Refused]:
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="injector-write"
-            )
         refused: list[_Refused] = []
-        future = self._start(first)
+        future = self._start(lambda: self._write_batch(first))
         try:
             for batch in rest:  # each next batch is built while the previous one is written
                 refused += future.result()
-                future = self._start(batch)
+                future = self._start(functools.partial(self._write_batch, batch))
         finally:
             # Never return (or raise) while the worker still writes from the caller's buffers.
             concurrent.futures.wait((future,))
         refused += future.result()
         return refused
 
-    def _start(self, batch: _Batch) -> concurrent.futures.Future[list[_Refused]]:
-        """Hand ``batch`` to the worker and return once it is inside the system call. The
-        worker needs the GIL to get there; without this wait the caller's thread keeps the GIL
-        while it builds the next batch and the two never overlap."""
-        assert self._worker is not None
+    def _start(
+        self, write: Callable[[], list[_Refused]]
+    ) -> concurrent.futures.Future[list[_Refused]]:
+        """Hand ``write`` to the worker and return once it runs. The worker needs the GIL to
+        get into its system call; without this wait the caller's thread keeps the GIL while
+        it goes on and the two never overlap."""
         started = threading.Event()
 
         def run() -> list[_Refused]:
             started.set()
-            return self._write_batch(batch)
+            return write()
 
-        future = self._worker.submit(run)
+        future = self._pool().submit(run)
         started.wait()
         return future
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="injector-write"
+            )
+        return self._worker
 
     @staticmethod
     def _iter_batches(runs: Iterable[tuple[int, Buffer]]) -> Iterator[_Batch]:
@@ -400,6 +430,39 @@ class MemoryIO:
                 raise self._translate(OSError(errno.EFAULT, "short copy"), address + n, "copy")
 
         self._protect_round_trip(address, address + size, copy)
+
+
+# A write of at least this much is split in two halves written side by side (``write_iov``):
+# below it, handing half to the worker (about 0.1 ms) costs more than it saves.
+SPLIT_WRITE_BYTES = 2 << 20
+_CPUS = len(os.sched_getaffinity(0))
+
+IovPair = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
+
+
+def _halves(
+    local: npt.NDArray[np.uint64], remote: npt.NDArray[np.uint64]
+) -> tuple[IovPair, IovPair] | None:
+    """The rows cut in two parts of equal bytes (to the page; the row across the middle is
+    cut in two), or None below ``SPLIT_WRITE_BYTES``."""
+    if not len(local):
+        return None
+    ends = np.cumsum(local[:, 1])
+    total = int(ends[-1])
+    if total < SPLIT_WRITE_BYTES:
+        return None
+    half = total // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    k = int(np.searchsorted(ends, half, side="right"))  # the row holding byte ``half``
+    cut = half - (int(ends[k - 1]) if k else 0)  # bytes of row k in the first part
+    first_l, first_r = local[: k + 1].copy(), remote[: k + 1].copy()
+    second_l, second_r = local[k:].copy(), remote[k:].copy()
+    first_l[-1, 1] = first_r[-1, 1] = cut
+    for part in (second_l, second_r):
+        part[0, 0] += np.uint64(cut)
+        part[0, 1] -= np.uint64(cut)
+    if cut == 0:  # the middle falls between rows
+        first_l, first_r = first_l[:-1], first_r[:-1]
+    return (first_l, first_r), (second_l, second_r)
 
 
 def _iov_pair(

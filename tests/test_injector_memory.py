@@ -20,7 +20,7 @@ from injector.maps import (
     parse_maps,
     parse_smaps_vmflags,
 )
-from injector.memory import aligned_buffer
+from injector.memory import SPLIT_WRITE_BYTES, _halves, aligned_buffer
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
@@ -203,6 +203,67 @@ def test_write_runs_scattered_byte_exact(target_bin: Path) -> None:
                 else:
                     want = b"\0" * PAGE
                 assert got == want, f"page {p}"
+            s.munmap(base, npages * PAGE)
+        assert_untouched(t)
+
+
+def test_halves_cut_the_rows_into_two_equal_parts_in_order() -> None:
+    """The split of a large write: the two parts hold every byte of every row once, in
+    order, the row across the middle cut in two at a page boundary; small writes are not
+    split."""
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 9, 700).astype(np.uint64) * np.uint64(PAGE)
+    sizes[350] = np.uint64(4 << 20)  # one large row, across the middle
+    remote = np.stack((np.uint64(1 << 40) + np.cumsum(sizes) * np.uint64(2), sizes), axis=1)
+    local = np.stack((np.uint64(1 << 30) + np.cumsum(sizes) - sizes, sizes), axis=1)
+    split = _halves(local, remote)
+    assert split is not None
+    (l1, r1), (l2, r2) = split
+    assert np.array_equal(l1[:, 1], r1[:, 1]) and np.array_equal(l2[:, 1], r2[:, 1])
+    total = int(sizes.sum())
+    first = int(l1[:, 1].sum())
+    assert first + int(l2[:, 1].sum()) == total and first % PAGE == 0
+    assert abs(2 * first - total) <= 2 * PAGE
+
+    def pieces(loc: np.ndarray, rem: np.ndarray) -> list[tuple[int, int, int]]:
+        return [(int(a), int(b), int(n)) for (a, n), (b, _) in zip(loc, rem, strict=True)]
+
+    def pages(rows: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        return [(a + k, b + k) for a, b, n in rows for k in range(0, n, PAGE)]
+
+    assert pages(pieces(l1, r1) + pieces(l2, r2)) == pages(pieces(local, remote))
+    small = np.array([[0, PAGE], [PAGE, PAGE]], dtype=np.uint64)
+    assert _halves(small, small) is None
+
+
+def test_a_large_write_in_two_halves_lands_byte_exact(target_bin: Path) -> None:
+    """A write_iov large enough to be split (the worker writes the second half) lands every
+    byte, a row across the middle and read-only pages in the worker's half included."""
+    with spawn(target_bin) as t:
+        ready(t)
+        with attach(t.pid) as s:
+            npages = 2048
+            base = s.mmap(0, npages * PAGE, PROT_READ | PROT_WRITE, 0x22)
+            s.mprotect(base + 1900 * PAGE, 4 * PAGE, PROT_READ)  # refused by process_vm_writev
+            rng = np.random.default_rng(11)
+            source = aligned_buffer(npages * PAGE, np.uint8)
+            source[:] = rng.integers(0, 256, npages * PAGE, dtype=np.uint8)
+            here = np.uint64(source.ctypes.data)
+            rows = (
+                [(p, 1) for p in range(0, 800, 2)]
+                + [(800, 400)]
+                + [(p, 1) for p in range(1300, npages, 3)]
+            )
+            starts = np.array([p for p, _ in rows], dtype=np.uint64) * np.uint64(PAGE)
+            sizes = np.array([n for _, n in rows], dtype=np.uint64) * np.uint64(PAGE)
+            assert int(sizes.sum()) >= SPLIT_WRITE_BYTES
+            s.write_iov(np.stack((here + starts, sizes), 1), np.stack((base + starts, sizes), 1))
+            back = np.frombuffer(s.read(base, npages * PAGE), dtype=np.uint8)
+            want = np.zeros(npages * PAGE, dtype=np.uint8)
+            for p, n in rows:
+                want[p * PAGE : (p + n) * PAGE] = source[p * PAGE : (p + n) * PAGE]
+            assert np.array_equal(back, want)
+            assert {m.start: m.prot for m in s.maps()}[base + 1900 * PAGE] == PROT_READ
             s.munmap(base, npages * PAGE)
         assert_untouched(t)
 
