@@ -20,7 +20,7 @@ from injector.maps import (
     parse_maps,
     parse_smaps_vmflags,
 )
-from injector.memory import SPLIT_WRITE_BYTES, _halves, aligned_buffer
+from injector.memory import SPLIT_BYTES, _halves, aligned_buffer
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
@@ -256,7 +256,7 @@ def test_a_large_write_in_two_halves_lands_byte_exact(target_bin: Path) -> None:
             )
             starts = np.array([p for p, _ in rows], dtype=np.uint64) * np.uint64(PAGE)
             sizes = np.array([n for _, n in rows], dtype=np.uint64) * np.uint64(PAGE)
-            assert int(sizes.sum()) >= SPLIT_WRITE_BYTES
+            assert int(sizes.sum()) >= SPLIT_BYTES
             s.write_iov(np.stack((here + starts, sizes), 1), np.stack((base + starts, sizes), 1))
             back = np.frombuffer(s.read(base, npages * PAGE), dtype=np.uint8)
             want = np.zeros(npages * PAGE, dtype=np.uint8)
@@ -264,6 +264,38 @@ def test_a_large_write_in_two_halves_lands_byte_exact(target_bin: Path) -> None:
                 want[p * PAGE : (p + n) * PAGE] = source[p * PAGE : (p + n) * PAGE]
             assert np.array_equal(back, want)
             assert {m.start: m.prot for m in s.maps()}[base + 1900 * PAGE] == PROT_READ
+            s.munmap(base, npages * PAGE)
+        assert_untouched(t)
+
+
+def test_a_large_read_in_two_halves_is_byte_exact_also_where_it_needs_ptrace(
+    target_bin: Path,
+) -> None:
+    """A read_iov large enough to be split reads every byte; PROT_NONE pages in the worker's
+    half, with forced /proc/PID/mem off, need the mprotect round trip that only the tracing
+    thread can inject: that half is read again there, and the protection is as before."""
+    with spawn(target_bin) as t:
+        ready(t)
+        with attach(t.pid) as s:
+            npages = 2048
+            base = s.mmap(0, npages * PAGE, PROT_READ | PROT_WRITE, 0x22)
+            rng = np.random.default_rng(5)
+            pattern = rng.integers(0, 256, npages * PAGE, dtype=np.uint8)
+            s.write(base, pattern.tobytes())
+            s.mprotect(base + 1800 * PAGE, 8 * PAGE, 0)
+            s.memory.force_via_proc_mem = False
+            into = aligned_buffer(npages * PAGE, np.uint8)
+            here = np.uint64(into.ctypes.data)
+            starts = np.arange(0, npages, 2, dtype=np.uint64) * np.uint64(PAGE)
+            sizes = np.full(len(starts), PAGE, dtype=np.uint64)
+            assert int(sizes.sum()) >= SPLIT_BYTES
+            s.read_iov(np.stack((here + starts, sizes), 1), np.stack((base + starts, sizes), 1))
+            for p in range(0, npages, 2):
+                assert np.array_equal(
+                    into[p * PAGE : (p + 1) * PAGE], pattern[p * PAGE : (p + 1) * PAGE]
+                ), p
+            assert not into[PAGE : 2 * PAGE].any()  # the pages between were not read
+            assert {m.start: m.prot for m in s.maps()}[base + 1800 * PAGE] == 0
             s.munmap(base, npages * PAGE)
         assert_untouched(t)
 
