@@ -83,6 +83,22 @@ def test_identical_layout_needs_only_page_writes_and_registers() -> None:
     assert plan.pages_to_write == 3
 
 
+def test_plans_of_images_one_after_the_other_each_write_their_own_pages() -> None:
+    """What the planner keeps of the last image (its regions merged, its saved pages
+    clipped) is never used for another image, one made from the last included."""
+    a = image(saved=[SavedPages(0x600000, 2, None)])
+    b = image(saved=[SavedPages(0x7F0000000000, 3, None)])
+
+    def written(img: ImageTask) -> list[tuple[int, int]]:
+        (step,) = make_plan(img, live()).of(WritePages)
+        return list(zip(step.runs.vaddr.tolist(), step.runs.npages.tolist(), strict=True))
+
+    assert written(a) == [(0x600000, 2)]
+    assert written(b) == [(0x7F0000000000, 3)]
+    assert written(a) == [(0x600000, 2)]
+    assert written(attrs.evolve(a, saved=[SavedPages(0x600000, 1, None)])) == [(0x600000, 1)]
+
+
 def test_present_pages_the_image_omits_are_zeroed_in_anon_and_reread_in_file() -> None:
     """Anonymous pages not in the image -> zero; copied file pages not in the image -> file."""
     saved = [SavedPages(0x600000, 1, None)]
