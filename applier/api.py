@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -170,26 +170,34 @@ class _Image:
         process: Process,
         *,
         leave_shared: bool,
-        dirty: npt.NDArray[np.uint64] | None,
+        dirty: _Later,
         read_only: bool = False,
         tracker: DirtyTracker | None = None,
-    ) -> tuple[Plan, LiveTask]:
+    ) -> tuple[Plan, LiveTask, U64 | None]:
+        """The plan, the live state it was made from and the written pages (None: no
+        tracker). What does not depend on the written pages is read first, while the
+        tracker may still be scanning (``_resume_later``)."""
         signals = self.task.signals if Part.SIGNALS in self.parts else None
-        live = live_task(
-            process, self.task.page_size, dirty=dirty, read_only=read_only, signals=signals
-        )
+        table = None
         if Part.FDS in self.parts and self.task.fds is not None:
             table = process.descriptors(sock_diag=False, only_sockets=True)
+        live = live_task(
+            process, self.task.page_size, dirty=dirty.result, read_only=read_only, signals=signals
+        )
+        written = dirty.result()
+        if table is not None:
             live = attrs.evolve(live, fds=live_fds(table))
+        if written is None:
+            tracker = None
         keep = set(self.keep_fds)
         if tracker is not None:  # the tracker's userfaultfd, opened after the checkpoint
             keep.add(tracker.state().remote_fd)
         ranges = None if self.scope is None else self.scope.ranges
         plan = make_plan(
-            self.task, live, self.parts, dirty=dirty, leave_shared=leave_shared, scope=ranges,
+            self.task, live, self.parts, dirty=written, leave_shared=leave_shared, scope=ranges,
             keep_fds=keep,
         )  # fmt: skip
-        return _unshared(process, plan), live
+        return _unshared(process, plan), live, written
 
 
 @contextlib.contextmanager
@@ -287,7 +295,9 @@ def diff(
         attach(pid) as process,
     ):
         image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
-        plan, _ = image.plan(process, leave_shared=leave_shared, dirty=None, read_only=True)
+        plan, _, _ = image.plan(
+            process, leave_shared=leave_shared, dirty=_Later.ready(None), read_only=True
+        )
         cores = image.cores(plan)
         Executor(process, plan, cores, UndoLog.disabled()).validate()
         return _narrowed(process, plan, cores)
@@ -377,7 +387,7 @@ def apply_in_session(
         log = UndoLog.create()
         try:
             return _apply_held(
-                image, process, log, None, np.asarray(dirty, dtype=np.uint64),
+                image, process, log, None, _Later.ready(np.asarray(dirty, dtype=np.uint64)),
                 leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
                 undo_path=None, progress=False, write_code=False,
             )  # fmt: skip
@@ -391,6 +401,42 @@ class _Tracking(Protocol):
 
     def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]: ...
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None: ...
+
+
+class _Later:
+    """The written pages, once the tracker's scan (maybe on another thread) is done:
+    ``result()`` (None: there is no tracker, or it was lost), ``wait()`` (only waits)."""
+
+    def __init__(
+        self, get: Callable[[], U64 | None], wait: Callable[[], None] | None = None
+    ) -> None:
+        self._get, self._wait = get, wait
+        self._done = False
+        self._value: U64 | None = None
+
+    @classmethod
+    def ready(cls, value: U64 | None) -> _Later:
+        return cls(lambda: value)
+
+    def result(self) -> U64 | None:
+        if not self._done:
+            self._value, self._done = self._get(), True
+        return self._value
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+
+
+def _resume_later(
+    tracking: _Tracking | None, process: Process
+) -> tuple[DirtyTracker | None, _Later]:
+    """The tracker and its written pages; a tracker kept between applies scans on a worker
+    thread meanwhile (``DirtyTracker.dirty_pages_later``)."""
+    if isinstance(tracking, _KeptTracker):
+        return tracking.resume_later(process)
+    tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
+    return tracker, _Later.ready(dirty)
 
 
 @attrs.define
@@ -486,20 +532,41 @@ class _KeptTracker:
     written: TrackerState | None = None  # the state last saved in the image directory
 
     def resume(self, process: Process) -> tuple[DirtyTracker | None, U64 | None]:
+        tracker, later = self.resume_later(process)
+        return tracker, later.result()
+
+    def resume_later(self, process: Process) -> tuple[DirtyTracker | None, _Later]:
+        """The tracker and its written pages, found on the scan worker while the caller reads
+        the rest of the stopped target (1 GiB with 1% written: a 0.3-0.6 ms walk)."""
         if self.tracker is None:
             self.tracker, dirty = self.saved.resume(process)
-            return self.tracker, dirty
+            return self.tracker, _Later.ready(dirty)
+        tracker = self.tracker
         try:
-            self.tracker.rebind(process)
-            return self.tracker, self.tracker.dirty_pages()
+            tracker.rebind(process)
+            pending = tracker.dirty_pages_later()
         except TrackingError as exc:
-            logger.warning(
-                "dirty tracking of pid %d lost (%s): comparing page contents", process.pid, exc
-            )
-            self.tracker = None
-            return None, None
+            self._lost(process, exc)
+            return None, _Later.ready(None)
+
+        def get() -> U64 | None:
+            try:
+                return pending.result()
+            except TrackingError as exc:
+                self._lost(process, exc)
+                return None
+
+        return tracker, _Later(get, pending.wait)
+
+    def _lost(self, process: Process, exc: TrackingError) -> None:
+        logger.warning(
+            "dirty tracking of pid %d lost (%s): comparing page contents", process.pid, exc
+        )
+        self.tracker = None
 
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None:
+        if tracker is not self.tracker:
+            return  # lost during the apply (``_lost``)
         if applied:
             tracker.reset()
             state = tracker.state()
@@ -637,9 +704,10 @@ def _apply_image(
                     process.hold()
                     journal.mark_held()
                     process.resume_on_detach = not was_stopped
-            tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
+            tracker, later = _resume_later(tracking, process)
+            stack.callback(later.wait)  # never leave a scan running past the session
             result = _apply_held(
-                image, process, log, tracker, dirty,
+                image, process, log, tracker, later,
                 leave_shared=leave_shared, only_dirty=only_dirty, verify=verify,
                 dry_run=dry_run, undo_path=undo_path, progress=progress,
                 write_code=write_code, keep_mapped=keep_mapped,
@@ -671,7 +739,7 @@ def _apply_held(
     process: Process,
     log: UndoLog,
     tracker: DirtyTracker | None,
-    dirty: npt.NDArray[np.uint64] | None,
+    later: _Later,
     *,
     leave_shared: bool,
     only_dirty: bool,
@@ -683,9 +751,11 @@ def _apply_held(
     keep_mapped: bool = False,
 ) -> ApplyResult:
     """Plan and carry out the apply on the stopped (and, unless a dry run, held) target."""
-    plan, live = image.plan(
-        process, leave_shared=leave_shared, dirty=dirty, read_only=dry_run, tracker=tracker
+    plan, live, dirty = image.plan(
+        process, leave_shared=leave_shared, dirty=later, read_only=dry_run, tracker=tracker
     )
+    if dirty is None:
+        tracker = None  # none, or lost while it scanned
     logger.info(
         "pid %d: %d steps planned (%d pages to write, %d layout changes)",
         plan.pid,

@@ -10,7 +10,7 @@ program break, and per thread the general-purpose, FPU/xsave and rseq registers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import numpy as np
@@ -144,7 +144,7 @@ def live_task(
     page: int,
     *,
     read_only: bool = False,
-    dirty: npt.NDArray[np.uint64] | None = None,
+    dirty: npt.NDArray[np.uint64] | Callable[[], npt.NDArray[np.uint64] | None] | None = None,
     signals: SignalState | None = None,
 ) -> LiveTask:
     """The planner's view of the stopped ``process``.
@@ -154,20 +154,30 @@ def live_task(
 
     With ``dirty`` (every page written since the target equalled the image) the pagemap is
     not read: only dirty pages can need discarding, and discarding a page that turns out not
-    to be present, or to be the file's own page, changes nothing.
+    to be present, or to be the file's own page, changes nothing. ``dirty`` may be a function
+    that waits for them (a tracker scanning on another thread): it is called once what does
+    not depend on them (threads, registers, the mm fields, children) has been read.
 
     ``signals``: the image's signal state, to read the live one against (``live_signals``);
     None leaves the signal state unread.
     """
     pid = process.pid
     regions = sorted((region_from_mapping(m) for m in process.maps()), key=lambda r: r.start)
+    exe = process.exe()
+    threads = list(process.tids)
+    thread_ip_sp = {tid: _ip_sp(process.get_regs(tid)) for tid in threads}
+    mm = mm_fields(process)
+    children = tuple(
+        (child, comm, ticks * 1_000_000 // _CLK_TCK) for child, comm, ticks in process.children()
+    )
+    if callable(dirty):
+        dirty = dirty()
     lent = None
     if dirty is None:
         present, anon = present_pages(process, regions, page)
     else:
         present = anon = np.asarray(dirty, dtype=np.uint64)
         lent = _lendable(regions, present)
-    exe = process.exe()
     brk = None if read_only else process.brk(0)
     with process.lending(lent):
         signal_state = (
@@ -176,17 +186,14 @@ def live_task(
     return LiveTask(
         pid=pid,
         regions=regions,
-        threads=list(process.tids),
-        thread_ip_sp={tid: _ip_sp(process.get_regs(tid)) for tid in process.tids},
+        threads=threads,
+        thread_ip_sp=thread_ip_sp,
         exe=exe,
         present=present,
         anon=anon,
         brk=brk,
-        mm_fields=mm_fields(process),
-        children=tuple(
-            (child, comm, ticks * 1_000_000 // _CLK_TCK)
-            for child, comm, ticks in process.children()
-        ),
+        mm_fields=mm,
+        children=children,
         signals=signal_state,
     )
 

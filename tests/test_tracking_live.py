@@ -171,6 +171,35 @@ def test_uffd_replaced_moved_and_dropped_memory(target: Target) -> None:
         tracker.close()
 
 
+def test_uffd_pages_found_on_the_worker_equal_those_found_here(target: Target) -> None:
+    """``dirty_pages_later`` (the scans on a worker thread while this one reads the target)
+    finds what ``dirty_pages`` finds, a mapping made since (fresh, written in full) included,
+    and registers that mapping just the same: after a reset neither reports anything."""
+    _skip_unless_available("uffd-wp")
+    base = _map(target, 64)
+    _, state = _open(target, "uffd-wp")
+    assert state is not None
+    _cmd(target, "touch " + " ".join(f"{base + p * PAGE:#x}" for p in (1, 9, 33)))
+    fresh = _map(target, 4)  # mapped after tracking began
+    with attach(target.pid) as s:
+        tracker = resume_tracker(s, state)
+        pending = tracker.dirty_pages_later()
+        assert s.get_regs(target.pid).ip  # the session goes on meanwhile
+        later = pending.result()
+        assert _offsets(later[(later >= base) & (later < base + 64 * PAGE)], base) == [1, 9, 33]
+        assert _offsets(later[(later >= fresh) & (later < fresh + 4 * PAGE)], fresh) == [0, 1, 2, 3]
+        assert np.array_equal(later, tracker.dirty_pages())
+        tracker.reset()
+        assert tracker.dirty_pages_later().result().tolist() == []
+        state = tracker.release()
+    _cmd(target, f"touch {fresh + 2 * PAGE:#x}")
+    with attach(target.pid) as s:
+        tracker = resume_tracker(s, state)
+        later = tracker.dirty_pages_later().result()
+        assert _offsets(later[(later >= fresh) & (later < fresh + 4 * PAGE)], fresh) == [2]
+        tracker.close()
+
+
 def test_uffd_tracer_writes_count_as_written(target: Target) -> None:
     """Pages written by the tracer itself are reported (reset after restoring pages)."""
     _skip_unless_available("uffd-wp")

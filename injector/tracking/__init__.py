@@ -27,6 +27,7 @@ from injector.process import Process
 from injector.tracking.base import (
     DirtyTracker,
     PageArray,
+    PendingPages,
     Range,
     TrackerLost,
     TrackerState,
@@ -42,6 +43,7 @@ __all__ = [
     "ContentTracker",
     "DirtyTracker",
     "PageArray",
+    "PendingPages",
     "Range",
     "SoftDirtyTracker",
     "TrackerLost",

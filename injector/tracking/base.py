@@ -11,8 +11,10 @@ are numpy ``uint64`` arrays of page start addresses, sorted.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -26,6 +28,7 @@ __all__ = [
     "PAGE_SIZE",
     "DirtyTracker",
     "PageArray",
+    "PendingPages",
     "Range",
     "TrackerLost",
     "TrackerState",
@@ -196,6 +199,31 @@ class TrackerState:
             raise ValueError(f"bad tracker state: {exc}") from exc
 
 
+class PendingPages:
+    """Written pages being found (:meth:`DirtyTracker.dirty_pages_later`): ``result()`` waits
+    for them (and raises what finding them raised), ``wait()`` only waits."""
+
+    def __init__(
+        self, finish: Callable[[], PageArray], future: concurrent.futures.Future[Any] | None = None
+    ) -> None:
+        self._finish = finish
+        self._future = future
+        self._result: PageArray | None = None
+
+    @classmethod
+    def ready(cls, pages: PageArray) -> PendingPages:
+        return cls(lambda: pages)
+
+    def result(self) -> PageArray:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+    def wait(self) -> None:
+        if self._future is not None:
+            concurrent.futures.wait((self._future,))
+
+
 class DirtyTracker(abc.ABC):
     """Which pages were written since the last :meth:`reset` (one interface, several backends).
 
@@ -214,6 +242,12 @@ class DirtyTracker(abc.ABC):
     @abc.abstractmethod
     def dirty_pages(self, ranges: Iterable[Range] | None = None) -> PageArray:
         """Sorted page start addresses written since the last reset (inside ``ranges``)."""
+
+    def dirty_pages_later(self) -> PendingPages:
+        """``dirty_pages()``, with what can run on another thread started there (the page
+        tables' walk, for a backend that has one) while the caller's thread goes on reading
+        the stopped target; nothing may change its layout until ``result()`` returned."""
+        return PendingPages.ready(self.dirty_pages())
 
     @abc.abstractmethod
     def reset(self) -> None:
