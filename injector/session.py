@@ -48,7 +48,7 @@ from injector.maps import (
 from injector.memory import MemoryIO
 from injector.process import IovIO
 from injector.procfs import read_stat
-from injector.regs import X86Regs
+from injector.regs import UserRegsStruct, X86Regs
 from injector.signals import parse_status_signals
 from injector.syscalls import NR, syscall_name
 from injector.threads import (
@@ -115,6 +115,7 @@ class Session(Tracer, NamedCalls):
         self._insn: int | None = None
         self._maps: list[Mapping] | None = None  # until something runs in the target
         self._epoch = 0  # layout_epoch
+        self._regs: dict[int, X86Regs] = {}  # get_regs, until a thread runs or is set
 
     def _close_fds(self) -> None:
         if self._memory is not None:
@@ -305,8 +306,18 @@ class Session(Tracer, NamedCalls):
     # ---- registers ---------------------------------------------------------------------
 
     def get_regs(self, tid: int) -> X86Regs:
-        """General-purpose registers of a stopped thread (NT_PRSTATUS)."""
-        return X86Regs.from_struct(self.raw_regs(self.check(tid)))
+        """General-purpose registers of a stopped thread (NT_PRSTATUS). Kept until that
+        thread runs (an injected call) or its registers are set: an apply reads each thread's
+        for the plan and again for its register step."""
+        tid = self.check(tid)
+        regs = self._regs.get(tid)
+        if regs is None:
+            regs = self._regs[tid] = X86Regs.from_struct(self.raw_regs(tid))
+        return regs
+
+    def set_raw_regs(self, tid: int, regs: UserRegsStruct) -> None:
+        self._regs.pop(tid, None)
+        super().set_raw_regs(tid, regs)
 
     def set_regs(self, tid: int, regs: X86Regs) -> None:
         """Replace the general-purpose registers of a stopped thread."""
@@ -477,6 +488,7 @@ class Session(Tracer, NamedCalls):
         if request in _RESUMING:  # the target runs: the cached layout may go stale
             self._maps = None
             self._epoch += 1
+            self._regs.pop(tid, None)  # the others stay stopped: theirs cannot change
         return super().request(request, tid, addr, data)
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
