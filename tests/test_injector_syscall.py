@@ -13,6 +13,7 @@ import pytest
 from injector import InjectedSyscallError, attach
 from injector.maps import PROT_READ, PROT_WRITE
 from injector.regs import REG_NAMES, X86Regs
+from injector.session import Session
 from tests.procs import Target, assert_untouched, build_c, spawn
 
 pytestmark = pytest.mark.live
@@ -52,6 +53,11 @@ def wait_in_syscall(pid: int, nr: int) -> list[int]:
         time.sleep(0.005)
 
 
+def registers(s: Session) -> dict[int, tuple[X86Regs, bytes]]:
+    """Every thread's general-purpose registers and XSAVE area."""
+    return {tid: (s.get_regs(tid), s.get_xstate(tid)) for tid in s.tids}
+
+
 def no_eintr(target: Target) -> None:
     """Nothing in the target saw EINTR (it reports any it sees on stdout)."""
     target.send("ping")
@@ -87,12 +93,10 @@ def test_registers_identical_after_injection(target_bin: Path) -> None:
     with spawn(target_bin, "busy", "1", "read", "1", "sleep", "1", "futex", "1") as t:
         ready(t)
         with attach(t.pid) as s:
-            before = {tid: s.get_regs(tid) for tid in s.tids}
-            xstate = {tid: s.get_xstate(tid) for tid in s.tids}
+            before = registers(s)
             for tid in s.tids:
                 s.syscall(SYS_GETPID, tid=tid)
-            assert {tid: s.get_regs(tid) for tid in s.tids} == before
-            assert {tid: s.get_xstate(tid) for tid in s.tids} == xstate
+            assert registers(s) == before
         assert_untouched(t)
 
 
@@ -103,8 +107,7 @@ def test_chained_calls_run_each_once_and_leave_every_register(target_bin: Path) 
     with spawn(target_bin, "busy", "1", "read", "1", "sleep", "1", "futex", "1") as t:
         ready(t)
         with attach(t.pid) as s:
-            before = {tid: s.get_regs(tid) for tid in s.tids}
-            xstate = {tid: s.get_xstate(tid) for tid in s.tids}
+            before = registers(s)
             for tid in s.tids:
                 got = s.syscalls([(SYS_GETTID, ()), (SYS_GETPID, ()), (SYS_GETTID, ())], tid=tid)
                 assert got == [tid, t.pid, tid]
@@ -115,8 +118,7 @@ def test_chained_calls_run_each_once_and_leave_every_register(target_bin: Path) 
             assert info.value.syscall == "munmap" and info.value.errno == errno.EINVAL
             assert next(m for m in s.maps() if m.start == page).writable is False
             s.munmap(page, PAGE)
-            assert {tid: s.get_regs(tid) for tid in s.tids} == before
-            assert {tid: s.get_xstate(tid) for tid in s.tids} == xstate
+            assert registers(s) == before
         assert_untouched(t)
         no_eintr(t)
 
