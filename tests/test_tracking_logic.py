@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from injector.tracking import (
     TrackingError,
     resume_tracker,
 )
+from injector.tracking import uffd as uffd_module
 from injector.tracking.base import (
     intersect,
     merge,
@@ -217,3 +219,18 @@ def test_rebind_accepts_only_the_same_process() -> None:
     assert tracker.dirty_pages().tolist() == [0x10000]
     with pytest.raises(TrackingError):
         tracker.rebind(fake(2, {0x10000: 1}))
+
+
+def test_the_scan_worker_works_in_a_forked_child() -> None:
+    """A child forked after the scan worker started has none of its threads: it makes its
+    own pool instead of waiting forever on its parent's."""
+    assert uffd_module._worker().submit(lambda: 1).result(timeout=5) == 1
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit status
+        try:
+            ok = uffd_module._worker().submit(lambda: 2).result(timeout=5) == 2
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

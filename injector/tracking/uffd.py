@@ -77,6 +77,11 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
     return _workers[0]
 
 
+# A forked child has none of its parent's threads (a task given to the parent's pool would
+# wait forever there): it makes a pool of its own on first use.
+os.register_at_fork(after_in_child=_workers.clear)
+
+
 _FDINFO_API = re.compile(rb"^API:\s*([0-9a-f]+):([0-9a-f]+):", re.MULTILINE)
 
 _probe_cache: list[str | None] = []
