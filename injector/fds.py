@@ -162,8 +162,10 @@ def _parsed(
     return descriptor
 
 
-def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
-    """One descriptor, or ``None`` if it was closed while being read."""
+def _read_one(pid: int, procfs: Path, fd: int, *, stat_all: bool = True) -> Descriptor | None:
+    """One descriptor, or ``None`` if it was closed while being read. Without ``stat_all``
+    only path-named files are stat'ed (what planning compares of a pipe, socket or anonymous
+    inode is in its link and fdinfo; memcached's 23 descriptors, most of them such)."""
     base = f"{procfs}/{pid}"  # strings, not Paths: a table of many descriptors is read often
     fd_path = os.fsencode(f"{base}/fd/{fd}")
     info_path = f"{base}/fdinfo/{fd}"
@@ -173,10 +175,11 @@ def _read_one(pid: int, procfs: Path, fd: int) -> Descriptor | None:
             text = _read_small(info_path)
         except FileNotFoundError:
             return None
-        try:
-            st: FileStat | None = FileStat.of(os.stat(fd_path))
-        except FileNotFoundError:
-            st = None  # closed meanwhile, or a saved tree whose link leads nowhere
+        st: FileStat | None = None
+        if stat_all or link.startswith(b"/"):
+            # FileNotFoundError: closed meanwhile, or a saved tree whose link leads nowhere
+            with contextlib.suppress(FileNotFoundError):
+                st = FileStat.of(os.stat(fd_path))
         try:
             if os.readlink(fd_path) != link:
                 continue  # closed and reopened as something else: read it again
@@ -374,7 +377,8 @@ def read_fds(
     module docstring; silently skipped where ``pidfd_getfd`` is not permitted);
     ``only_sockets``: of sockets only (their family and options), not of pipes, memfds and
     anonymous inodes (queued bytes, seals, the owner: what a dump records, not what planning
-    an apply compares; memcached's 23 descriptors: 1.6-1.7 -> 1.3-1.4 ms). ``sock_diag``:
+    an apply compares; memcached's 23 descriptors: 1.6-1.7 -> 1.3-1.4 ms), and a stat of
+    path-named files only (``Descriptor.stat`` is None for the others). ``sock_diag``:
     ask sock_diag about the sockets, in the target's network namespace and in any other one a
     socket's duplicate says it lives in (a socket made before a ``setns``). Pass
     ``duplicates=False, sock_diag=False`` to read a saved procfs tree.
@@ -390,7 +394,7 @@ def read_fds(
     table = []
     for fd in sorted(int(name) for name in names if name.isdigit()):
         try:
-            descriptor = _read_one(pid, procfs, fd)
+            descriptor = _read_one(pid, procfs, fd, stat_all=not only_sockets)
         except PermissionError as exc:
             raise _proc_error(pid, exc, f"/proc/PID/fd/{fd}") from exc
         except ProcessLookupError as exc:
