@@ -26,7 +26,6 @@ stream state or socket queues: an image written here is for ``applier apply``, n
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import shutil
@@ -110,19 +109,28 @@ class DumpStats:
         return attrs.asdict(self)
 
 
-def _runs(
-    sel: npt.NDArray[np.bool_], hole: npt.NDArray[np.bool_]
-) -> Iterator[tuple[int, int, bool]]:
+def _runs(sel: npt.NDArray[np.bool_], hole: npt.NDArray[np.bool_]) -> list[tuple[int, int, bool]]:
     """(first index, count, is a hole) of the selected pages, in order: consecutive selected
-    pages of the same kind (hole or data) form one run."""
+    pages of the same kind (hole or data) form one run. Found with numpy alone (1M pages
+    with 2,621 written among parent holes: 1.0 ms, against 9.0 for a loop over the edges)."""
     kind = sel.astype(np.int8)
     kind += sel & hole
     if not kind.any():
-        return
-    edges = np.nonzero(np.diff(np.concatenate(([0], kind, [0]))))[0]
-    for a, b in itertools.pairwise(edges):
-        if kind[a]:
-            yield int(a), int(b - a), bool(kind[a] == 2)
+        return []
+    padded = np.zeros(len(kind) + 2, dtype=np.int8)
+    padded[1:-1] = kind
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, counts = edges[:-1], np.diff(edges)
+    kinds = kind[starts]
+    keep = kinds != 0
+    return list(
+        zip(
+            starts[keep].tolist(),
+            counts[keep].tolist(),
+            (kinds[keep] == 2).tolist(),
+            strict=True,
+        )
+    )
 
 
 def dump(
@@ -471,7 +479,7 @@ def _select(
             changed, p_starts, p_ends = holes
             in_parent = sel & _in_ranges(m, p_starts, p_ends, page)
             in_parent[_indices(m, changed, page)] = False
-        runs = list(_runs(sel, in_parent))
+        runs = _runs(sel, in_parent)
         data += sum(count for _, count, hole in runs if not hole)
         out.append((m.start, runs, lazy))
     return _Selection(out, data, page)
