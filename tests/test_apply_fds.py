@@ -32,6 +32,7 @@ from formats.files import FileEntry
 from formats.imagedir import ImageDir
 from formats.imagefile import load_image
 from injector.fds import read_fds
+from injector.session import attach
 from tests.conftest import DATA
 from tests.procs import Target, assert_untouched, build_c, run_applier, spawn
 
@@ -755,3 +756,33 @@ def test_a_log_file_shared_with_the_parent_keeps_its_position(tmp_path: Path) ->
             proc.kill()
             proc.wait()
     assert log.read_bytes().endswith(b"written by the parent after the checkpoint\n")
+
+
+def test_the_process_sharing_a_file_is_found_again_and_forgotten_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    """``file_shared_with`` names this process for the target's stdout, again at the next
+    session (from what it found before, confirmed by kcmp), and no longer once this
+    process's descriptor names another file."""
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(build_c("apply_target.c"))], stdin=subprocess.PIPE, stdout=out,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while b"ready" not in log.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for _ in range(2):
+                with attach(proc.pid) as s:
+                    assert s.file_shared_with(1) == os.getpid()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, out.fileno())  # this process's only copy now names /dev/null
+            os.close(null)
+            with attach(proc.pid) as s:
+                assert s.file_shared_with(1) is None
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()
