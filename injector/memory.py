@@ -211,7 +211,7 @@ class MemoryIO:
             self._read_rows(local, remote)
             return
         # As ``write_iov``: the second half on the worker meanwhile (10 MiB in 2,621 runs:
-        # 1.5 ms against 2.6, medians of 11, /tmp/w/par_read.py on 2026-12-04).
+        # 1.5 ms against 2.6, medians of 11, a throwaway timing on 2026-12-04).
         (first_l, first_r), (second_l, second_r) = halves
         future = self._pool().submit(self._read_rows, second_l, second_r)
         try:
@@ -315,8 +315,8 @@ class MemoryIO:
         From ``SPLIT_BYTES`` on, and with a second CPU to run it, the second half of
         the bytes is written by the worker thread while this one writes the first: two
         ``process_vm_writev`` of different pages run side by side in the kernel (10 MiB in
-        2,621 runs: 2.7 ms against 4.1 in one thread, medians of 11, /tmp/w/par_write.py on
-        2026-12-04)."""
+        2,621 runs: 2.7 ms against 4.1 in one thread, medians of 11, on 2026-12-04;
+        bench/bench_reset.py times both ways as its floors)."""
         local, remote = _iov_pair(local, remote)
         halves = _halves(local, remote) if _CPUS > 1 else None
         if halves is None:

@@ -402,7 +402,8 @@ class UffdWpTracker(DirtyTracker):
         walking the page tables of registered ones; the second (skipped without ``written``)
         asks for written pages in the rest and nothing else, the one query the kernel has a
         fast path for (``pagemap_scan_pmd_entry``: a 1 GiB range in 0.30 ms here, against
-        0.71 ms for one query asking both questions, /tmp/w/scan_cmp.py on 2026-12-04).
+        0.71 ms for one query asking both questions, on 2026-12-04; bench/bench_tracking.py
+        times the bare fast-path query).
         """
         layout = self._layout(wanted)
         unregistered, found = self._scan(layout[3], written=written)
