@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import pytest
@@ -726,11 +726,10 @@ def test_duplicated_descriptors_share_one_file_entry(server: Server, tmp_path: P
     assert sorted(by_fd) == sorted(server.fds())
 
 
-def test_a_log_file_shared_with_the_parent_keeps_its_position(tmp_path: Path) -> None:
-    """The target's stdout is this test's own file (an inherited log, as under pytest's
-    capture): its position belongs to the shared open file, so the apply leaves it and says
-    so, instead of rewinding this process's writes."""
-    log = tmp_path / "log"
+@contextlib.contextmanager
+def _logging_to(log: Path) -> Iterator[tuple[subprocess.Popen[bytes], BinaryIO]]:
+    """apply_target with its stdout on ``log``, an open file this test shares with it: the
+    process (ready) and this test's copy of the file."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(build_c("apply_target.c"))], stdin=subprocess.PIPE, stdout=out,
@@ -740,21 +739,30 @@ def test_a_log_file_shared_with_the_parent_keeps_its_position(tmp_path: Path) ->
             deadline = time.monotonic() + 10
             while b"ready" not in log.read_bytes() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            dump(proc.pid, tmp_path / "img")
-            out.write(b"written by the parent after the checkpoint\n")
-            out.flush()
-            ours = os.lseek(out.fileno(), 0, os.SEEK_CUR)
-            result = apply(tmp_path / "img", proc.pid)
-            assert os.lseek(out.fileno(), 0, os.SEEK_CUR) == ours  # not rewound
-            assert not [s for s in result.plan.of(ResetFd) if s.fd == 1 and s.pos is not None]
-            assert any(
-                f"fd 1 ({log}): its open file is shared with pid {os.getpid()}" in note
-                for note in result.plan.notes
-            ), result.plan.notes
+            yield proc, out
             assert proc.poll() is None
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_log_file_shared_with_the_parent_keeps_its_position(tmp_path: Path) -> None:
+    """The target's stdout is this test's own file (an inherited log, as under pytest's
+    capture): its position belongs to the shared open file, so the apply leaves it and says
+    so, instead of rewinding this process's writes."""
+    log = tmp_path / "log"
+    with _logging_to(log) as (proc, out):
+        dump(proc.pid, tmp_path / "img")
+        out.write(b"written by the parent after the checkpoint\n")
+        out.flush()
+        ours = os.lseek(out.fileno(), 0, os.SEEK_CUR)
+        result = apply(tmp_path / "img", proc.pid)
+        assert os.lseek(out.fileno(), 0, os.SEEK_CUR) == ours  # not rewound
+        assert not [s for s in result.plan.of(ResetFd) if s.fd == 1 and s.pos is not None]
+        assert any(
+            f"fd 1 ({log}): its open file is shared with pid {os.getpid()}" in note
+            for note in result.plan.notes
+        ), result.plan.notes
     assert log.read_bytes().endswith(b"written by the parent after the checkpoint\n")
 
 
@@ -764,25 +772,12 @@ def test_the_process_sharing_a_file_is_found_again_and_forgotten_when_it_stops(
     """``file_shared_with`` names this process for the target's stdout, again at the next
     session (from what it found before, confirmed by kcmp), and no longer once this
     process's descriptor names another file."""
-    log = tmp_path / "log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(build_c("apply_target.c"))], stdin=subprocess.PIPE, stdout=out,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 10
-            while b"ready" not in log.read_bytes() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            for _ in range(2):
-                with attach(proc.pid) as s:
-                    assert s.file_shared_with(1) == os.getpid()
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, out.fileno())  # this process's only copy now names /dev/null
-            os.close(null)
+    with _logging_to(tmp_path / "log") as (proc, out):
+        for _ in range(2):
             with attach(proc.pid) as s:
-                assert s.file_shared_with(1) is None
-            assert proc.poll() is None
-        finally:
-            proc.kill()
-            proc.wait()
+                assert s.file_shared_with(1) == os.getpid()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, out.fileno())  # this process's only copy now names /dev/null
+        os.close(null)
+        with attach(proc.pid) as s:
+            assert s.file_shared_with(1) is None
