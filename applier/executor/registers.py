@@ -20,6 +20,16 @@ __all__ = ["image_regs", "set_regs", "validate_regs", "verify_regs"]
 
 _SELECTORS = frozenset({"fs", "gs", "ds", "es", "cs", "ss"})  # the kernel may normalise them
 
+# What an image's registers come to, kept from one apply to the next (the images' cores are
+# parsed once and kept, so the same objects come back; each entry holds its object, checked
+# by identity): the restart-adjusted registers of a ``gpregs`` (12 us a thread), and the
+# XSAVE buffer a thread's live one becomes with the image's FP state (23 us a thread; an idle
+# thread's live buffer is the same at every reset). A warm reset of memcached (ten threads):
+# 7.10 against 7.21 ms and 5.90 against 5.94 without, alternating rounds, medians of 40, two
+# runs. Cleared past 1024 and 64 entries (the second holds two XSAVE buffers each).
+_ADJUSTED: dict[int, tuple[object, dict[str, int], bool]] = {}
+_XSTATES: dict[tuple[int, bytes], tuple[object, bytes]] = {}
+
 
 def _thread_info(ctx: Context, step: SetRegs) -> ThreadInfoX86:
     core: CoreEntry | None = ctx.cores.get(step.image_tid)
@@ -34,11 +44,19 @@ def image_regs(ctx: Context, step: SetRegs) -> tuple[dict[str, int], bool]:
     done = ctx.image_regs.get(step.image_tid)
     if done is not None:
         return dict(done[0]), done[1]
-    try:
-        values = regmod.gpregs_values(_thread_info(ctx, step).gpregs)
-    except ValueError as exc:
-        raise MismatchError(f"core-{step.image_tid}.img: {exc}") from exc
-    adjusted, rewound = regmod.restart_adjusted(values)
+    gpregs = _thread_info(ctx, step).gpregs
+    kept = _ADJUSTED.get(id(gpregs))
+    if kept is not None and kept[0] is gpregs:
+        adjusted, rewound = kept[1], kept[2]
+    else:
+        try:
+            values = regmod.gpregs_values(gpregs)
+        except ValueError as exc:
+            raise MismatchError(f"core-{step.image_tid}.img: {exc}") from exc
+        adjusted, rewound = regmod.restart_adjusted(values)
+        if len(_ADJUSTED) >= 1024:
+            _ADJUSTED.clear()
+        _ADJUSTED[id(gpregs)] = (gpregs, adjusted, rewound)
     if rewound and ctx.process.read(adjusted["ip"], 2) != regmod.SYSCALL_INSN:
         raise MismatchError(
             f"thread {step.tid}: saved inside a syscall, but no syscall instruction "
@@ -84,10 +102,18 @@ def _image_xstate(ctx: Context, step: SetRegs) -> tuple[bytes, bytes] | None:
     found = ctx.xstates.get(step.tid)
     if found is None:
         live = ctx.process.get_xstate(step.tid)
-        try:
-            found = live, xsave.fpregs_into_xstate(fpregs, live)
-        except ValueError as exc:
-            raise MismatchError(f"thread {step.tid}: {exc}") from exc
+        key = (id(fpregs), live)
+        kept = _XSTATES.get(key)
+        if kept is not None and kept[0] is fpregs:
+            found = live, kept[1]
+        else:
+            try:
+                found = live, xsave.fpregs_into_xstate(fpregs, live)
+            except ValueError as exc:
+                raise MismatchError(f"thread {step.tid}: {exc}") from exc
+            if len(_XSTATES) >= 64:
+                _XSTATES.clear()
+            _XSTATES[key] = (fpregs, found[1])
         ctx.xstates[step.tid] = found
     return found
 
