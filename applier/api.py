@@ -674,7 +674,10 @@ def _apply_image(
         # with --undo, the spool is a (nameless) file in DIR
         log = UndoLog.create(undo_path) if undo else UndoLog.disabled()
         stack.callback(log.close)
-        started = None if dry_run else read_start_time(pid)
+        started = None
+        if not dry_run:
+            with contextlib.suppress(OSError):  # gone: attach says so, as it says everything
+                started = read_start_time(pid)
         stale = None if started is None else Journal.find(pid, started)  # left by one that died
         journal: Journal | None = None
         finished = False  # the journal goes once the target is detached and continued

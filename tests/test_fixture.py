@@ -15,7 +15,7 @@ from applier.errors import MismatchError, RollbackFailed
 from applier.fixture import Checkpoint
 from applier.journal import Journal
 from applier.plan.steps import SetRegs, Step
-from injector import attach
+from injector import NoSuchProcess, attach
 from tests.live_state import assert_same, command, snapshot
 from tests.procs import Target, assert_untouched
 
@@ -157,3 +157,18 @@ def test_restores_put_the_sse_registers_back_every_time(target: Target) -> None:
             assert got[:32] == saved[:32]  # control and status words, MXCSR
     assert_untouched(target)
     assert command(target, "sum", "sum")
+
+
+def test_a_restore_of_a_target_that_died_says_so(target: Target) -> None:
+    """The target killed after its checkpoint: a restore raises NoSuchProcess, one line that
+    names the pid (no traceback of a /proc read), and closing the checkpoint still works."""
+    cp = Checkpoint.take(target.pid)
+    try:
+        command(target, "scribble", "done")
+        target.kill()
+        with pytest.raises(NoSuchProcess) as info:
+            cp.restore()
+        assert f"pid {target.pid}" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        cp.close()
+    assert not cp.path.exists()
