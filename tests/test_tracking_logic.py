@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given
 
 from injector.maps import PROT_READ, PROT_WRITE, Mapping
+from injector.memory import MemoryIO
 from injector.testing import FakeProcess
 from injector.tracking import (
     ContentTracker,
@@ -221,14 +223,19 @@ def test_rebind_accepts_only_the_same_process() -> None:
         tracker.rebind(fake(2, {0x10000: 1}))
 
 
-def test_the_scan_worker_works_in_a_forked_child() -> None:
-    """A child forked after the scan worker started has none of its threads: it makes its
+@pytest.mark.parametrize(
+    "pool", [uffd_module._worker, MemoryIO._pool], ids=["scan worker", "copy worker"]
+)
+def test_the_process_wide_workers_work_in_a_forked_child(
+    pool: Callable[[], concurrent.futures.ThreadPoolExecutor],
+) -> None:
+    """A child forked after a worker thread started has none of its threads: it makes its
     own pool instead of waiting forever on its parent's."""
-    assert uffd_module._worker().submit(lambda: 1).result(timeout=5) == 1
+    assert pool().submit(lambda: 1).result(timeout=5) == 1
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's outcome is its exit status
         try:
-            ok = uffd_module._worker().submit(lambda: 2).result(timeout=5) == 2
+            ok = pool().submit(lambda: 2).result(timeout=5) == 2
         except BaseException:
             ok = False
         os._exit(0 if ok else 1)
