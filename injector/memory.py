@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from injector import _libc
+from injector.workers import worker
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -372,14 +373,8 @@ class MemoryIO:
 
     @staticmethod
     def _pool() -> concurrent.futures.ThreadPoolExecutor:
-        """The worker thread, one per process for every session: making one, its first task
-        and joining it cost 242 us here against 37 us for a task on a kept one (timeit,
-        medians of 200), at every reset."""
-        if not _WORKERS:
-            _WORKERS.append(
-                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="injector-copy")
-            )
-        return _WORKERS[0]
+        """The copy worker thread (``injector.workers``: one per process, kept)."""
+        return worker("copy")
 
     @staticmethod
     def _iter_batches(runs: Iterable[tuple[int, Buffer]]) -> Iterator[_Batch]:
@@ -450,11 +445,6 @@ class MemoryIO:
 
         self._protect_round_trip(address, address + size, copy)
 
-
-_WORKERS: list[concurrent.futures.ThreadPoolExecutor] = []  # ``MemoryIO._pool``
-# A forked child has none of its parent's threads (a task given to the parent's pool would
-# wait forever there): it makes a pool of its own on first use.
-os.register_at_fork(after_in_child=_WORKERS.clear)
 
 # A read or write of at least this much is cut in two halves copied side by side
 # (``read_iov``, ``write_iov``): below it, handing half to the worker (about 0.1 ms) costs more

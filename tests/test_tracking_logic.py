@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -15,7 +14,6 @@ import pytest
 from hypothesis import given
 
 from injector.maps import PROT_READ, PROT_WRITE, Mapping
-from injector.memory import MemoryIO
 from injector.testing import FakeProcess
 from injector.tracking import (
     ContentTracker,
@@ -25,7 +23,6 @@ from injector.tracking import (
     TrackingError,
     resume_tracker,
 )
-from injector.tracking import uffd as uffd_module
 from injector.tracking.base import (
     intersect,
     merge,
@@ -34,6 +31,7 @@ from injector.tracking.base import (
     subtract,
     tracked_ranges,
 )
+from injector.workers import worker
 
 PAGE = 4096
 RW = PROT_READ | PROT_WRITE
@@ -223,19 +221,15 @@ def test_rebind_accepts_only_the_same_process() -> None:
         tracker.rebind(fake(2, {0x10000: 1}))
 
 
-@pytest.mark.parametrize(
-    "pool", [uffd_module._worker, MemoryIO._pool], ids=["scan worker", "copy worker"]
-)
-def test_the_process_wide_workers_work_in_a_forked_child(
-    pool: Callable[[], concurrent.futures.ThreadPoolExecutor],
-) -> None:
+def test_the_process_wide_workers_work_in_a_forked_child() -> None:
     """A child forked after a worker thread started has none of its threads: it makes its
-    own pool instead of waiting forever on its parent's."""
-    assert pool().submit(lambda: 1).result(timeout=5) == 1
+    own pool instead of waiting forever on its parent's (``injector.workers``)."""
+    assert worker("scan").submit(lambda: 1).result(timeout=5) == 1
+    assert worker("scan") is worker("scan") is not worker("copy")
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's outcome is its exit status
         try:
-            ok = pool().submit(lambda: 2).result(timeout=5) == 2
+            ok = worker("scan").submit(lambda: 2).result(timeout=5) == 2
         except BaseException:
             ok = False
         os._exit(0 if ok else 1)

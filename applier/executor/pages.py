@@ -28,6 +28,7 @@ from injector._libc import first_unequal, memequal_rows
 from injector.arrays import sorted_unique
 from injector.memory import aligned_buffer, buffer_address
 from injector.process import IovIO, Process
+from injector.workers import worker
 
 __all__ = [
     "Pieces",
@@ -279,9 +280,9 @@ def read_ahead(
             yield i, j, read(i, j, 0, ctx.process.read_iov)
         return
     ctx.scratch(1)  # both slots exist before the worker uses one
-    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="applier-read")
+    pool = worker("read-ahead")  # not the copy worker: its reads hand half to that one
+    future = pool.submit(read, *bounds[0], 0, offload)
     try:
-        future = worker.submit(read, *bounds[0], 0, offload)
         for n, (i, j) in enumerate(bounds):
             pieces.prefetch(i, j)
             try:
@@ -289,10 +290,10 @@ def read_ahead(
             except Exception:
                 got = read(i, j, n % 2, ctx.process.read_iov)
             if n + 1 < len(bounds):
-                future = worker.submit(read, *bounds[n + 1], (n + 1) % 2, offload)
+                future = pool.submit(read, *bounds[n + 1], (n + 1) % 2, offload)
             yield i, j, got
     finally:
-        worker.shutdown(wait=True)  # never leave it writing into a buffer
+        concurrent.futures.wait((future,))  # never leave it writing into a buffer
 
 
 def write_pages(ctx: Context, step: WritePages) -> None:

@@ -57,6 +57,7 @@ from injector.tracking.base import (
     subtract,
     tracked_ranges,
 )
+from injector.workers import worker
 
 __all__ = ["UffdWpTracker", "probe_uffd_wp"]
 
@@ -67,19 +68,6 @@ WPALLOWED = _uffd.PAGE_IS_WPALLOWED
 
 # (maps, writable ranges, tracked ranges, ranges to scan) of one refresh
 _Layout = tuple[Sequence[Mapping], list[Range], list[Range], list[Range]]
-_workers: list[concurrent.futures.ThreadPoolExecutor] = []
-
-
-def _worker() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread ``dirty_pages_later`` scans on (one per process, made on first use)."""
-    if not _workers:
-        _workers.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="applier-scan"))
-    return _workers[0]
-
-
-# A forked child has none of its parent's threads (a task given to the parent's pool would
-# wait forever there): it makes a pool of its own on first use.
-os.register_at_fork(after_in_child=_workers.clear)
 
 
 _FDINFO_API = re.compile(rb"^API:\s*([0-9a-f]+):([0-9a-f]+):", re.MULTILINE)
@@ -338,7 +326,7 @@ class UffdWpTracker(DirtyTracker):
         self._check_open()
         self._join()
         layout = self._layout(None)
-        future = _worker().submit(self._scan, layout[3], written=True)
+        future = worker("scan").submit(self._scan, layout[3], written=True)
         self._pending = future
 
         def finish() -> PageArray:
