@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,7 +72,13 @@ from injector.process import Process
 from injector.procfs import read_start_time
 from injector.session import attach
 from injector.tracer import signals_deferred
-from injector.tracking import DirtyTracker, TrackerState, TrackingError, resume_tracker
+from injector.tracking import (
+    DirtyTracker,
+    Pending,
+    TrackerState,
+    TrackingError,
+    resume_tracker,
+)
 
 __all__ = [
     "ApplyResult",
@@ -296,7 +302,7 @@ def diff(
     ):
         image = attrs.evolve(opened, keep_fds=frozenset(keep_fds))
         plan, _, _ = image.plan(
-            process, leave_shared=leave_shared, dirty=_Later.ready(None), read_only=True
+            process, leave_shared=leave_shared, dirty=Pending.ready(None), read_only=True
         )
         cores = image.cores(plan)
         Executor(process, plan, cores, UndoLog.disabled()).validate()
@@ -387,7 +393,7 @@ def apply_in_session(
         log = UndoLog.create()
         try:
             return _apply_held(
-                image, process, log, None, _Later.ready(np.asarray(dirty, dtype=np.uint64)),
+                image, process, log, None, Pending.ready(np.asarray(dirty, dtype=np.uint64)),
                 leave_shared=False, only_dirty=True, verify=verify, dry_run=False,
                 undo_path=None, progress=False, write_code=False,
             )  # fmt: skip
@@ -403,29 +409,9 @@ class _Tracking(Protocol):
     def done(self, tracker: DirtyTracker, *, applied: bool) -> None: ...
 
 
-class _Later:
-    """The written pages, once the tracker's scan (maybe on another thread) is done:
-    ``result()`` (None: there is no tracker, or it was lost), ``wait()`` (only waits)."""
-
-    def __init__(
-        self, get: Callable[[], U64 | None], wait: Callable[[], None] | None = None
-    ) -> None:
-        self._get, self._wait = get, wait
-        self._done = False
-        self._value: U64 | None = None
-
-    @classmethod
-    def ready(cls, value: U64 | None) -> _Later:
-        return cls(lambda: value)
-
-    def result(self) -> U64 | None:
-        if not self._done:
-            self._value, self._done = self._get(), True
-        return self._value
-
-    def wait(self) -> None:
-        if self._wait is not None:
-            self._wait()
+# The written pages an apply goes by, once the tracker's scan is done (None: no tracker, or
+# it was lost).
+_Later = Pending[U64 | None]
 
 
 def _resume_later(
@@ -436,7 +422,7 @@ def _resume_later(
     if isinstance(tracking, _KeptTracker):
         return tracking.resume_later(process)
     tracker, dirty = tracking.resume(process) if tracking is not None else (None, None)
-    return tracker, _Later.ready(dirty)
+    return tracker, Pending.ready(dirty)
 
 
 @attrs.define
@@ -540,14 +526,14 @@ class _KeptTracker:
         the rest of the stopped target (1 GiB with 1% written: a 0.3-0.6 ms walk)."""
         if self.tracker is None:
             self.tracker, dirty = self.saved.resume(process)
-            return self.tracker, _Later.ready(dirty)
+            return self.tracker, Pending.ready(dirty)
         tracker = self.tracker
         try:
             tracker.rebind(process)
             pending = tracker.dirty_pages_later()
         except TrackingError as exc:
             self._lost(process, exc)
-            return None, _Later.ready(None)
+            return None, Pending.ready(None)
 
         def get() -> U64 | None:
             try:
@@ -556,7 +542,7 @@ class _KeptTracker:
                 self._lost(process, exc)
                 return None
 
-        return tracker, _Later(get, pending.wait)
+        return tracker, Pending(get, pending.future)
 
     def _lost(self, process: Process, exc: TrackingError) -> None:
         logger.warning(

@@ -46,7 +46,7 @@ PHASES = (
     ("applier.api", "_unshared"),
     ("applier.api", "_KeptTracker.resume_later"),
     ("applier.api", "_KeptTracker.done"),
-    ("applier.api", "_Later.result"),
+    ("injector.tracking.base", "Pending.result"),
     ("applier.api", "attach"),
     ("applier.capture", "live_signals"),
     ("applier.capture", "mm_fields"),

@@ -27,7 +27,7 @@ from injector.process import Process
 from injector.tracking.base import (
     DirtyTracker,
     PageArray,
-    PendingPages,
+    Pending,
     Range,
     TrackerLost,
     TrackerState,
@@ -43,7 +43,7 @@ __all__ = [
     "ContentTracker",
     "DirtyTracker",
     "PageArray",
-    "PendingPages",
+    "Pending",
     "Range",
     "SoftDirtyTracker",
     "TrackerLost",

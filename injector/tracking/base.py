@@ -14,7 +14,7 @@ import abc
 import concurrent.futures
 import json
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import numpy as np
@@ -28,7 +28,7 @@ __all__ = [
     "PAGE_SIZE",
     "DirtyTracker",
     "PageArray",
-    "PendingPages",
+    "Pending",
     "Range",
     "TrackerLost",
     "TrackerState",
@@ -199,29 +199,34 @@ class TrackerState:
             raise ValueError(f"bad tracker state: {exc}") from exc
 
 
-class PendingPages:
-    """Written pages being found (:meth:`DirtyTracker.dirty_pages_later`): ``result()`` waits
-    for them (and raises what finding them raised), ``wait()`` only waits."""
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """Work started on a worker thread (``DirtyTracker.dirty_pages_later``): ``result()``
+    waits for it, finishes it on the caller's thread once and keeps what that gave (raising
+    what it raised); ``wait()`` only waits for ``future``, the part on the worker."""
 
     def __init__(
-        self, finish: Callable[[], PageArray], future: concurrent.futures.Future[Any] | None = None
+        self, finish: Callable[[], T], future: concurrent.futures.Future[Any] | None = None
     ) -> None:
         self._finish = finish
-        self._future = future
-        self._result: PageArray | None = None
+        self.future = future
+        self._done = False
+        self._value: T | None = None
 
     @classmethod
-    def ready(cls, pages: PageArray) -> PendingPages:
-        return cls(lambda: pages)
+    def ready(cls, value: T) -> Pending[T]:
+        return cls(lambda: value)
 
-    def result(self) -> PageArray:
-        if self._result is None:
-            self._result = self._finish()
-        return self._result
+    def result(self) -> T:
+        if not self._done:
+            self._value, self._done = self._finish(), True
+        return self._value  # type: ignore[return-value]  # T itself may be Optional
 
     def wait(self) -> None:
-        if self._future is not None:
-            concurrent.futures.wait((self._future,))
+        if self.future is not None:
+            concurrent.futures.wait((self.future,))
 
 
 class DirtyTracker(abc.ABC):
@@ -243,11 +248,11 @@ class DirtyTracker(abc.ABC):
     def dirty_pages(self, ranges: Iterable[Range] | None = None) -> PageArray:
         """Sorted page start addresses written since the last reset (inside ``ranges``)."""
 
-    def dirty_pages_later(self) -> PendingPages:
+    def dirty_pages_later(self) -> Pending[PageArray]:
         """``dirty_pages()``, with what can run on another thread started there (the page
         tables' walk, for a backend that has one) while the caller's thread goes on reading
         the stopped target; nothing may change its layout until ``result()`` returned."""
-        return PendingPages.ready(self.dirty_pages())
+        return Pending.ready(self.dirty_pages())
 
     @abc.abstractmethod
     def reset(self) -> None:

@@ -44,7 +44,7 @@ from injector.procfs import read_start_time
 from injector.tracking.base import (
     DirtyTracker,
     PageArray,
-    PendingPages,
+    Pending,
     Range,
     TrackerLost,
     TrackerState,
@@ -319,7 +319,7 @@ class UffdWpTracker(DirtyTracker):
         tracked, written = self._refresh(wanted)
         return self._with_fresh(tracked, written, wanted)
 
-    def dirty_pages_later(self) -> PendingPages:
+    def dirty_pages_later(self) -> Pending[PageArray]:
         """The scans run on a worker thread (the ioctl releases the GIL): the layout is read
         here, the returned object's ``result()`` registers what is new and adds the fresh
         ranges, on the caller's thread."""
@@ -337,7 +337,7 @@ class UffdWpTracker(DirtyTracker):
             tracked, written = self._settle(layout, unregistered, found, None)
             return self._with_fresh(tracked, written, None)
 
-        return PendingPages(finish, future)
+        return Pending(finish, future)
 
     def _with_fresh(
         self, tracked: list[Range], written: PageArray, wanted: list[Range] | None
