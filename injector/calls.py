@@ -144,15 +144,14 @@ class NamedCalls:
         out: dict[int, tuple[int, int, int, int]] = {}
         if not wanted:
             return out
-        nr = self.nr("rt_sigaction")
-        with self.scratch(bytes(_SIGACTION.size * len(wanted))) as where:
-            size = _SIGACTION.size
+        nr, size = self.nr("rt_sigaction"), _SIGACTION.size
+        with self.scratch(bytes(size * len(wanted))) as where:
             self.syscalls(
                 [(nr, (sig, 0, where + i * size, SIGSET_SIZE)) for i, sig in enumerate(wanted)]
             )
-            data = self.read(where, _SIGACTION.size * len(wanted))
+            data = self.read(where, size * len(wanted))
         for i, sig in enumerate(wanted):
-            out[sig] = _SIGACTION.unpack_from(data, i * _SIGACTION.size)
+            out[sig] = _SIGACTION.unpack_from(data, i * size)
         return out
 
     def set_sigactions(self, actions: dict[int, tuple[int, int, int, int]]) -> None:

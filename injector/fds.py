@@ -56,6 +56,7 @@ from injector.fdinfo import (
     Socket,
     parse_fdinfo,
 )
+from injector.memo import remember
 from injector.sockdiag import InetSocket, find_sockets, netns_inode, open_socket_netns
 from injector.sockopts import read_socket_options
 
@@ -156,9 +157,7 @@ def _parsed(
     descriptor = _PARSED.get(key)
     if descriptor is None:
         descriptor = parse_fdinfo(fd, link, text, st, real_name=real_name, memfd=memfd)
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()
-        _PARSED[key] = descriptor
+        remember(_PARSED, key, descriptor, _PARSED_MAX)
     return descriptor
 
 

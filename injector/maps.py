@@ -20,6 +20,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from injector.memo import remember
+
 __all__ = [
     "PAGEMAP_EXCLUSIVE",
     "PAGEMAP_FILE",
@@ -174,10 +176,7 @@ def parse_maps(data: bytes) -> list[Mapping]:
             continue
         mapping = parsed.get(line)
         if mapping is None:
-            mapping = _parse_line(line)
-            if len(parsed) >= _PARSED_MAX:
-                parsed.clear()
-            parsed[line] = mapping
+            mapping = remember(parsed, line, _parse_line(line), _PARSED_MAX)
         result.append(mapping)
     return result
 

@@ -45,6 +45,7 @@ from injector.maps import (
     read_page_flags,
     read_vmflags,
 )
+from injector.memo import remember
 from injector.memory import MemoryIO
 from injector.process import IovIO
 from injector.procfs import read_stat
@@ -736,9 +737,7 @@ class Session(Tracer, NamedCalls):
                     if os.readlink(f"{_PROC}/{other}/fd/{name}") != link:
                         continue
                     if _libc.kcmp_files(self.pid, fd, int(name), other) == 0:
-                        if len(_SHARED_WITH) >= 1024:
-                            _SHARED_WITH.clear()
-                        _SHARED_WITH[(self.pid, fd)] = (other, int(name))
+                        remember(_SHARED_WITH, (self.pid, fd), (other, int(name)), 1024)
                         return other
                 except OSError:
                     continue

@@ -15,6 +15,7 @@ from applier.executor.context import Context
 from applier.plan import SetRegs
 from applier.undo.log import UndoRegs
 from formats.core import CoreEntry, ThreadInfoX86
+from injector.memo import remember
 
 __all__ = ["image_regs", "set_regs", "validate_regs", "verify_regs"]
 
@@ -54,9 +55,7 @@ def image_regs(ctx: Context, step: SetRegs) -> tuple[dict[str, int], bool]:
         except ValueError as exc:
             raise MismatchError(f"core-{step.image_tid}.img: {exc}") from exc
         adjusted, rewound = regmod.restart_adjusted(values)
-        if len(_ADJUSTED) >= 1024:
-            _ADJUSTED.clear()
-        _ADJUSTED[id(gpregs)] = (gpregs, adjusted, rewound)
+        remember(_ADJUSTED, id(gpregs), (gpregs, adjusted, rewound), 1024)
     if rewound and ctx.process.read(adjusted["ip"], 2) != regmod.SYSCALL_INSN:
         raise MismatchError(
             f"thread {step.tid}: saved inside a syscall, but no syscall instruction "
@@ -111,9 +110,7 @@ def _image_xstate(ctx: Context, step: SetRegs) -> tuple[bytes, bytes] | None:
                 found = live, xsave.fpregs_into_xstate(fpregs, live)
             except ValueError as exc:
                 raise MismatchError(f"thread {step.tid}: {exc}") from exc
-            if len(_XSTATES) >= 64:
-                _XSTATES.clear()
-            _XSTATES[key] = (fpregs, found[1])
+            remember(_XSTATES, key, (fpregs, found[1]), 64)
         ctx.xstates[step.tid] = found
     return found
 
